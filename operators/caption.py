@@ -1,0 +1,137 @@
+"""caption: an image-to-text model writes a caption for each image, next to its alt-text.
+
+Any Hugging Face image-to-text model that loads through `AutoModelForImageTextToText` and
+`AutoProcessor`: a BLIP-style captioner (optional text prefix as the prompt), or an instruction VLM
+whose processor has a chat template ("Describe this image in detail.", as VeCap prompts).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import pyarrow as pa
+from PIL import Image
+from pydantic import Field
+
+from operators.base import (
+    StageConfig, StageTimer, as_table, image_from_row, mark_rejects, pending_rows, put_column,
+    resolve_device, resolve_dtype, run_isolating_rows,
+)
+
+STAGE = "caption"
+
+
+class CaptionConfig(StageConfig):
+    model: str = Field(
+        default="Salesforce/blip-image-captioning-large",
+        description="Hub id or local path of an image-to-text model (AutoModelForImageTextToText).",
+    )
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin.")
+    trust_remote_code: bool = Field(default=False, description="Allow the model repo's own Python code.")
+    prompt_style: Literal["prefix", "chat"] = Field(
+        default="prefix",
+        description="'prefix': PROMPT is a caption prefix (BLIP). 'chat': PROMPT is a user turn "
+        "rendered with the processor's chat template (instruction VLMs).",
+    )
+    prompt: str = Field(default="", description="Prefix or instruction; empty means unconditional captioning.")
+    max_new_tokens: int = Field(default=60, ge=1, description="Longest caption, in generated tokens.")
+    min_new_tokens: int = Field(default=0, ge=0)
+    num_beams: int = Field(default=3, ge=1, description="Beam search width (1 = greedy).")
+    repetition_penalty: float = Field(default=1.2, gt=0)
+    batch_size: int = Field(default=16, ge=1, description="Images per generate() call.")
+    device: str = Field(default="auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_caption_chars: int = Field(default=2000, ge=1, description="Captions are cut to this many characters.")
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def clean_caption(text: str, prompt: str, limit: int) -> str:
+    """Collapse whitespace, drop an echoed prompt prefix, cut to LIMIT characters."""
+    text = _SPACE.sub(" ", text).strip()
+    if prompt and text.lower().startswith(prompt.lower()) and len(text) > len(prompt):
+        text = text[len(prompt):].strip()
+    return text[:limit]
+
+
+class CaptionImages:
+    """Callable stage: adds `caption`; loads its model once."""
+
+    def __init__(self, config: CaptionConfig | None = None) -> None:
+        import torch
+        from transformers import AutoModelForImageTextToText
+
+        from vesl.models import load_pretrained, load_processor, provenance
+
+        self.config = config or CaptionConfig()
+        self.device = resolve_device(self.config.device)
+        self.dtype = resolve_dtype(self.config.dtype, self.device)
+        self.processor = load_processor(
+            self.config.model, revision=self.config.revision, trust_remote_code=self.config.trust_remote_code
+        )
+        self.model = load_pretrained(
+            AutoModelForImageTextToText, self.config.model, revision=self.config.revision,
+            trust_remote_code=self.config.trust_remote_code, device=self.device, dtype=self.dtype,
+        )
+        self.provenance = provenance(self.model, self.config.model, self.config.revision)
+        self._torch = torch
+        self.timer = StageTimer()
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if tokenizer is not None and self.config.prompt_style == "chat":
+            tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
+
+    def _prompt_texts(self, n: int) -> list[str] | None:
+        if self.config.prompt_style == "chat":
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.config.prompt}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+            return [text] * n
+        return [self.config.prompt] * n if self.config.prompt else None
+
+    def caption_images(self, images: list[Image.Image]) -> list[str]:
+        """Captions for IMAGES, in order (one batched generate call)."""
+        texts = self._prompt_texts(len(images))
+        kwargs: dict[str, Any] = {"images": images, "return_tensors": "pt"}
+        if texts is not None:
+            kwargs.update(text=texts, padding=True)
+        inputs = self.processor(**kwargs).to(self.device)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        with self._torch.inference_mode():
+            out = self.model.generate(
+                **inputs, max_new_tokens=self.config.max_new_tokens, min_new_tokens=self.config.min_new_tokens,
+                num_beams=self.config.num_beams, repetition_penalty=self.config.repetition_penalty, do_sample=False,
+            )
+        prompt_ids = inputs.get("input_ids")
+        if (prompt_ids is not None and out.shape[1] > prompt_ids.shape[1]
+                and self._torch.equal(out[:, : prompt_ids.shape[1]], prompt_ids)):
+            out = out[:, prompt_ids.shape[1]:]  # decoder-only models echo the prompt
+        decoded = self.processor.batch_decode(out, skip_special_tokens=True)
+        prompt = self.config.prompt if self.config.prompt_style == "prefix" else ""
+        return [clean_caption(t, prompt, self.config.max_caption_chars) for t in decoded]
+
+    def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table:
+        with self.timer:
+            table = as_table(batch)
+            rows = pending_rows(table)
+
+            def run(chunk):
+                images = [Image.fromarray(image_from_row(table, r)) for r in chunk]
+                return dict(zip(chunk, self.caption_images(images)))
+
+            captions: dict[int, str] = {}
+            rejects: dict[int, tuple[str, str]] = {}
+            for start in range(0, len(rows), self.config.batch_size):
+                done, failed = run_isolating_rows(rows[start:start + self.config.batch_size], run)
+                captions.update(done)
+                rejects.update(failed)
+            for r, text in captions.items():
+                if not text:
+                    rejects[r] = ("empty_caption", "the captioner produced no text for this image")
+            values = [captions.get(i) for i in range(table.num_rows)]
+            table = put_column(table, "caption", values, pa.string())
+            self.timer.rows += table.num_rows
+            return mark_rejects(table, STAGE, rejects)
+

@@ -1,0 +1,191 @@
+"""The annotate job: inputs -> decode -> caption -> phrases -> detect -> region-text shards.
+
+Wires stages and I/O on Ray Data; holds no model logic. Run it as
+    python pipelines/annotate.py INPUT OUTPUT [--config FILE.yaml] [--preset tiny] [--set k=v ...]
+or `vesl annotate ...`, or under `ray job submit --working-dir . -- python pipelines/annotate.py ...`
+(inside a Ray job RAY_ADDRESS is set and the job joins that cluster; otherwise it starts a local one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from operators.caption import CaptionImages  # noqa: E402
+from operators.decode import decode_images  # noqa: E402
+from operators.detect import DetectRegions  # noqa: E402
+from operators.phrases import ExtractPhrases  # noqa: E402
+from schemas.region_text import META_PREFIX, META_SCHEMA_VERSION, SCHEMA_VERSION  # noqa: E402
+from vesl import __version__  # noqa: E402
+from vesl.config import AnnotateConfig, load_config  # noqa: E402
+from vesl.inputs import read_inputs  # noqa: E402
+from vesl.resources import plan_pools  # noqa: E402
+from vesl.storage import filesystem  # noqa: E402
+from vesl.writer import MANIFEST, make_datasink, merge_counts, write_manifest  # noqa: E402
+
+log = logging.getLogger("vesl.annotate")
+
+
+class OutputExistsError(RuntimeError):
+    pass
+
+
+def prepare_output(output: str, config: AnnotateConfig, storage_options: dict) -> None:
+    fs, path = filesystem(output, storage_options)
+    if fs.exists(path) and fs.ls(path):
+        if config.output.on_existing == "error":
+            raise OutputExistsError(
+                f"output {output} is not empty; pass --overwrite (output.on_existing=overwrite) to replace it"
+            )
+        fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+
+
+def footer_metadata(config: AnnotateConfig, models: dict[str, Any]) -> dict[str, str]:
+    return {
+        META_SCHEMA_VERSION: SCHEMA_VERSION,
+        f"{META_PREFIX}version": __version__,
+        f"{META_PREFIX}models": json.dumps(models, sort_keys=True),
+        f"{META_PREFIX}thresholds": json.dumps(
+            {"detect_threshold": config.detect.threshold, "nms_iou": config.detect.nms_iou,
+             "top_k": config.detect.top_k, "min_box_pixels": config.detect.min_box_pixels,
+             "max_phrases": config.phrases.max_phrases}, sort_keys=True),
+        f"{META_PREFIX}config_hash": config.label_hash(),
+    }
+
+
+def model_provenance(config: AnnotateConfig) -> dict[str, Any]:
+    """What the footer records about the models, read from their configs without loading weights."""
+    from transformers import AutoConfig
+
+    out = {}
+    for stage, cfg in (("captioner", config.caption), ("detector", config.detect)):
+        hf = AutoConfig.from_pretrained(cfg.model, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        out[stage] = {"id": cfg.model, "revision": getattr(hf, "_commit_hash", None) or cfg.revision or "local",
+                      "class": (hf.architectures or [type(hf).__name__])[0]}
+    out["spacy"] = {"id": config.phrases.spacy_model}
+    return out
+
+
+def init_ray(log_to_driver: bool = True) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=log_to_driver)  # inside `ray job submit`, or pointed at a cluster
+    else:
+        ray.init(include_dashboard=False, log_to_driver=log_to_driver)
+
+
+def build(ds, config: AnnotateConfig, storage_options: dict, use_gpu: bool):
+    """Chain the stages onto DS (a Dataset of input rows)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    pools = plan_pools(resources.get("CPU", 1.0), resources.get("GPU", 0.0), config.ray, use_gpu=use_gpu)
+    log.info("actor pools: %s", {k: vars(v) for k, v in pools.items()})
+    common = dict(batch_format="pyarrow", udf_modifying_row_count=False)
+    ds = ds.map_batches(decode_images, fn_kwargs={"config": config.decode, "storage_options": storage_options},
+                        batch_size=config.decode.batch_size, num_cpus=config.ray.decode_num_cpus, **common)
+    for stage, cls, cfg in (("caption", CaptionImages, config.caption), ("phrase", ExtractPhrases, config.phrases),
+                            ("detect", DetectRegions, config.detect)):
+        pool = pools[stage]
+        gpu_args = {"num_gpus": pool.num_gpus} if pool.num_gpus > 0 else {}
+        ds = ds.map_batches(cls, fn_constructor_kwargs={"config": cfg}, batch_size=cfg.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=pool.size), num_cpus=pool.num_cpus,
+                            **gpu_args, **common)
+    return ds, pools
+
+
+def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dict[str, Any]:
+    """Run the whole job; returns the run manifest (also written to OUTPUT/manifest.json)."""
+    import ray
+    import torch
+
+    started = time.perf_counter()
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat()
+    storage_options = config.storage.options()
+    prepare_output(output_uri, config, storage_options)
+    init_ray()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_no_progress_timeout_s = config.ray.no_progress_timeout_s
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and "cpu" not in (config.caption.device, config.detect.device)
+    models = model_provenance(config)
+    run_id = uuid.uuid4().hex[:8]
+    inputs, kind = read_inputs(input_uri, config.input, storage_options)
+    ds, pools = build(inputs, config, storage_options, use_gpu)
+    sink = make_datasink(output_uri, run_id, footer_metadata(config, models), storage_options,
+                         config.output.rows_per_shard, config.output.compression)
+    setup_s = time.perf_counter() - started
+    ds.write_datasink(sink)
+    execute_s = time.perf_counter() - started - setup_s
+    counts = merge_counts(sink.results)
+    counted_inputs = inputs.count()  # read again on its own: an independent check of the accounting
+    files = sorted(f for r in sink.results for f in r.get("files", []))
+    manifest = {
+        "vesl_version": __version__,
+        "schema_version": SCHEMA_VERSION,
+        "run_id": run_id,
+        "input": input_uri,
+        "input_format": kind,
+        "output": output_uri,
+        "started_at": started_at,
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "timings_s": {"setup": round(setup_s, 3), "execute": round(execute_s, 3),
+                      "total": round(time.perf_counter() - started, 3)},
+        "counts": {**counts, "inputs_read": counted_inputs,
+                   "accounted": counts["rows"] + counts["rejects"] == counted_inputs},
+        "models": models,
+        "resources": {"cluster": ray.cluster_resources(), "pools": {k: vars(v) for k, v in pools.items()},
+                      "torch": torch.__version__},
+        "config_hash": config.label_hash(),
+        "config": config.public_dict(),
+        "files": files,
+    }
+    write_manifest(manifest, output_uri, storage_options)
+    return manifest
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vesl annotate", description=__doc__.split("\n\n")[0])
+    p.add_argument("input", help="manifest (.parquet/.jsonl/.csv), WebDataset .tar shard(s), or an image folder")
+    p.add_argument("output", help="output folder (local path or s3://...)")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--preset", choices=["tiny"], help="tiny: offline random-weight models (demo and tests)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value, e.g. --set detect.threshold=0.2 (repeatable)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides = args.overrides + (["output.on_existing=overwrite"] if args.overwrite else [])
+    try:
+        config = load_config(args.config, args.preset, overrides)
+        manifest = run_annotate(args.input, args.output, config)
+    except (OutputExistsError, FileNotFoundError, ValueError) as e:
+        print(f"vesl annotate: error: {e}", file=sys.stderr)
+        return 2
+    c = manifest["counts"]
+    print(f"vesl annotate: {c['inputs_read']} inputs -> {c['rows']} rows ({c['regions']} regions), "
+          f"{c['rejects']} rejects {c['by_reason'] or ''} in {manifest['timings_s']['total']} s; "
+          f"manifest: {args.output.rstrip('/')}/{MANIFEST}")
+    return 0 if c["accounted"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""`vesl` command line: annotate, models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "annotate":
+        from pipelines.annotate import main as annotate_main
+
+        return annotate_main(argv[1:])
+    p = argparse.ArgumentParser(prog="vesl", description="region-text training data: annotate, models")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("annotate", help="run the annotate pipeline (see `vesl annotate --help`)")
+    models = sub.add_parser("models", help="model utilities")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    tiny = msub.add_parser("tiny", help="build the tiny offline random-weight models into DIR")
+    tiny.add_argument("dir")
+    tiny.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    if args.command == "models" and args.models_command == "tiny":
+        from vesl.tiny import build_tiny_models
+
+        for name, path in build_tiny_models(args.dir, overwrite=args.overwrite).items():
+            print(f"{name}: {path}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The annotate job's configuration: one pydantic model composed of each stage's own config.
+
+Sources, later ones winning: defaults (real models, real thresholds) < preset (`--preset tiny`) <
+YAML file (`--config`) < `--set section.key=value` overrides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field
+
+from operators.base import StageConfig
+from operators.caption import CaptionConfig
+from operators.decode import DecodeConfig
+from operators.detect import DetectConfig
+from operators.phrases import PhraseConfig
+from vesl.inputs import InputConfig
+from vesl.storage import StorageConfig
+
+
+class PoolConfig(StageConfig):
+    size: int | None = Field(default=None, ge=1, description="Actors in the pool; None sizes it from the cluster.")
+    num_cpus: float | None = Field(default=None, gt=0, description="CPUs per actor; None sizes it from the cluster.")
+    num_gpus: float | None = Field(
+        default=None, ge=0,
+        description="GPUs per actor; None: a share of the cluster's GPUs when it has any, else 0.",
+    )
+
+
+class RayConfig(StageConfig):
+    no_progress_timeout_s: float = Field(
+        default=900.0, gt=0, description="Fail the run with a message if no batch finishes for this long."
+    )
+    task_cpu_fraction: float = Field(
+        default=0.25, gt=0, lt=1,
+        description="Share of the cluster's CPUs left to read/decode/write tasks when sizing the model pools "
+        "(at least one CPU): an actor pool that takes every CPU starves the readers and hangs.",
+    )
+    caption_pool: PoolConfig = PoolConfig()
+    phrase_pool: PoolConfig = PoolConfig()
+    detect_pool: PoolConfig = PoolConfig()
+    decode_num_cpus: float = Field(default=1.0, gt=0, description="CPUs per decode task.")
+
+
+class OutputConfig(StageConfig):
+    on_existing: Literal["error", "overwrite"] = Field(
+        default="error", description="When OUTPUT already holds files: refuse ('error') or delete them first."
+    )
+    rows_per_shard: int = Field(default=2000, ge=1, description="Target rows per Parquet shard.")
+    compression: str = Field(default="zstd", description="Parquet compression codec.")
+
+
+class AnnotateConfig(StageConfig):
+    input: InputConfig = InputConfig()
+    storage: StorageConfig = StorageConfig()
+    decode: DecodeConfig = DecodeConfig()
+    caption: CaptionConfig = CaptionConfig()
+    phrases: PhraseConfig = PhraseConfig()
+    detect: DetectConfig = DetectConfig()
+    output: OutputConfig = OutputConfig()
+    ray: RayConfig = RayConfig()
+
+    def label_hash(self) -> str:
+        """Hash of everything that changes the labels (not paths, credentials or resources)."""
+        label = self.model_dump(mode="json", include={"input", "decode", "caption", "phrases", "detect"})
+        label["input"].pop("limit", None)
+        return hashlib.sha256(json.dumps(label, sort_keys=True).encode()).hexdigest()[:16]
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready data with secrets masked (SecretStr dumps as '**********')."""
+        return json.loads(self.model_dump_json())
+
+
+def tiny_models_dir() -> Path:
+    return Path(os.environ.get("VESL_TINY_DIR", Path.home() / ".cache" / "vesl" / "tiny-models"))
+
+
+def preset(name: str) -> dict[str, Any]:
+    if name != "tiny":
+        raise ValueError(f"unknown preset {name!r}; known: tiny")
+    from vesl.tiny import build_tiny_models
+
+    models = build_tiny_models(tiny_models_dir())
+    return {
+        "caption": {"model": str(models["captioner"]), "max_new_tokens": 12, "min_new_tokens": 3, "num_beams": 1},
+        "detect": {"model": str(models["detector"])},
+    }
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """'detect.threshold=0.2' -> {'detect': {'threshold': 0.2}} (the value is read as YAML)."""
+    if "=" not in text:
+        raise ValueError(f"--set expects section.key=value, got {text!r}")
+    dotted, raw = text.split("=", 1)
+    value: Any = yaml.safe_load(raw) if raw else ""
+    for key in reversed(dotted.strip().split(".")):
+        value = {key: value}
+    return value
+
+
+def load_config(path: str | None = None, preset_name: str | None = None,
+                overrides: list[str] | None = None) -> AnnotateConfig:
+    data: dict[str, Any] = {}
+    if preset_name:
+        data = deep_merge(data, preset(preset_name))
+    if path:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config {path} must be a YAML mapping")
+        data = deep_merge(data, loaded)
+    for item in overrides or []:
+        data = deep_merge(data, parse_override(item))
+    return AnnotateConfig.model_validate(data)

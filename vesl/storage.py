@@ -1,0 +1,83 @@
+"""Where bytes live: local paths, s3:// and any other fsspec URI, with credentials kept secret.
+
+Credentials come from the config or the usual AWS environment (AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION), which s3fs and
+botocore read themselves. Secrets are `SecretStr`: they print as '**********' in logs, errors and
+the run manifest.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import Field, SecretStr
+
+from operators.base import StageConfig
+
+
+class StorageConfig(StageConfig):
+    endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO, moto, a non-AWS store).")
+    region: str | None = Field(default=None, description="S3 region.")
+    key: SecretStr | None = Field(default=None, description="S3 access key id; else from the environment.")
+    secret: SecretStr | None = Field(default=None, description="S3 secret access key; else from the environment.")
+    token: SecretStr | None = Field(default=None, description="S3 session token.")
+    anon: bool = Field(default=False, description="Anonymous access to public buckets.")
+
+    def options(self) -> dict[str, dict[str, Any]]:
+        """fsspec storage options by protocol (plain data: safe to pickle to workers, never logged)."""
+        s3: dict[str, Any] = {}
+        if self.anon:
+            s3["anon"] = True
+        for name in ("key", "secret", "token"):
+            value = getattr(self, name)
+            if value is not None:
+                s3[name] = value.get_secret_value()
+        client: dict[str, Any] = {}
+        if self.endpoint_url:
+            client["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client["region_name"] = self.region
+        if client:
+            s3["client_kwargs"] = client
+        return {"s3": s3, "s3a": s3} if s3 else {}
+
+
+def protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def options_for(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
+    return dict((storage_options or {}).get(protocol_of(uri), {}))
+
+
+def filesystem(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None):
+    """(fsspec filesystem, path inside it) for URI."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
+
+
+def pyarrow_filesystem(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None):
+    """(pyarrow filesystem, path) for URI, for Ray Data readers. Local paths use pyarrow's own."""
+    import pyarrow.fs as pafs
+
+    if protocol_of(uri) == "file":
+        return None, uri.split("://", 1)[-1]
+    fs, path = filesystem(uri, storage_options)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def join_uri(base: str, *parts: str) -> str:
+    if "://" in base:
+        scheme, rest = base.split("://", 1)
+        return f"{scheme}://{posixpath.join(rest, *parts)}"
+    return posixpath.join(base, *parts)
+
+
+def parent_uri(uri: str) -> str:
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
+    return posixpath.dirname(uri.rstrip("/")) or "."

@@ -1,0 +1,184 @@
+"""Tiny random-weight models of the real classes, built offline.
+
+Tests and the demo cannot reach the Hugging Face hub, so `vesl models tiny DIR` builds a
+captioner (BLIP), a detector (OWLv2) and a CLIP model with real architectures, real processors
+and tokenizers trained here on a small built-in corpus, and saves each with `save_pretrained`.
+They load back through the same `from_pretrained` code a hub id takes. Their outputs are
+structurally valid and semantically meaningless.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# A small English corpus for the tiny tokenizers: enough words that captions and phrases
+# tokenize into real sub-words instead of single bytes.
+_CORPUS = """
+a photo of a cat sitting on a red sofa next to a window with white curtains
+an astronaut in a white space suit holding a helmet in front of an american flag
+a cup of coffee with latte art on a saucer on a wooden table with a spoon
+a rocket launching from a launch pad with smoke and fire under a blue sky
+a black and white camera man standing on a grass field with a tripod
+a dog running on the beach near the ocean waves at sunset
+two people riding bicycles down a city street past tall buildings and parked cars
+a bowl of fruit with apples bananas and oranges on a kitchen counter
+a green tree in a park with a bench and a small brown bird
+the old man wears a hat and glasses while reading a newspaper in the morning light
+a close up of a flower with yellow petals and a bee collecting pollen
+a large airplane flying over snowy mountains and a frozen lake
+children playing football in a school yard on a sunny afternoon
+a plate of pasta with tomato sauce and basil leaves beside a glass of wine
+a horse standing in a field of tall grass near a wooden fence
+"""
+
+
+def _clip_bpe_tokenizer(vocab_size: int = 1000):
+    """A CLIPTokenizer whose BPE vocabulary is trained here, with CLIP's special-token layout.
+
+    As in the real CLIP vocabulary, <|startoftext|> and <|endoftext|> take the last two ids,
+    so the start token's id is > 0 (OWLv2 treats a query whose first id is 0 as padding).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False
+    )
+    bpe.train_from_iterator([_CORPUS.lower()] * 4, trainer=trainer)
+    vocab = bpe.get_vocab()
+    # Every single byte must also exist as a word end, or an unseen final byte becomes unknown.
+    for char in sorted(alphabet):
+        vocab.setdefault(char + "</w>", len(vocab))
+    merges = _merges_of(bpe)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=16)
+
+
+def _merges_of(bpe) -> list[tuple[str, str]]:
+    import json
+
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+
+
+def _wordpiece_vocab() -> dict[str, int]:
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wp.normalizer = normalizers.BertNormalizer(lowercase=True)
+    wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=800,
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"],
+        show_progress=False,
+    )
+    wp.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return wp.get_vocab()
+
+
+def build_tiny_owlv2(out: Path, image_size: int = 64) -> Path:
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessorPil, Owlv2Processor
+
+    tokenizer = _clip_bpe_tokenizer()
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        image_size=image_size, patch_size=16,
+    )
+    config = Owlv2Config(text_config=text, vision_config=vision, projection_dim=32)
+    _seeded()
+    model = Owlv2ForObjectDetection(config).eval()
+    processor = Owlv2Processor(
+        image_processor=Owlv2ImageProcessorPil(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_blip(out: Path, image_size: int = 32) -> Path:
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+
+    tokenizer = BertTokenizer(vocab=_wordpiece_vocab(), bos_token="[DEC]", model_max_length=64)
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=64, encoder_hidden_size=32,
+        bos_token_id=tokenizer.convert_tokens_to_ids("[DEC]"), pad_token_id=tokenizer.pad_token_id,
+        sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=16)
+    config = BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
+    _seeded()
+    model = BlipForConditionalGeneration(config).eval()
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_clip(out: Path, image_size: int = 64) -> Path:
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    tokenizer = _clip_bpe_tokenizer()
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=16)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    _seeded()
+    model = CLIPModel(config).eval()
+    size = {"shortest_edge": image_size}
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessorPil(size=size, crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+TINY_MODELS = {"captioner": build_tiny_blip, "detector": build_tiny_owlv2, "clip": build_tiny_clip}
+
+
+def build_tiny_models(root: str | Path, overwrite: bool = False) -> dict[str, Path]:
+    """Build every tiny model under ROOT/<name>; an existing complete model is kept."""
+    root = Path(root)
+    built = {}
+    for name, build in TINY_MODELS.items():
+        out = root / name
+        if overwrite or not (out / "config.json").exists():
+            tmp = root / f".{name}.partial"
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            build(tmp)
+            shutil.rmtree(out, ignore_errors=True)
+            tmp.rename(out)
+        built[name] = out
+    return built
+
+
+def _seeded(seed: int = 0) -> None:
+    import torch
+
+    torch.manual_seed(seed)
