@@ -26,8 +26,8 @@ GENERIC_WORDS = frozenset(
     """image images photo photos photograph photographs picture pictures pic pics illustration
     illustrations stock vector vectors view views background backgrounds foreground front side sides
     top bottom left right middle center centre part parts thing things something anything everything
-    nothing closeup close-up shot shots scene scenes frame detail details color colour colors colours
-    style type kind sort lot lots way ways time times day image_ one ones area areas piece pieces
+    nothing closeup close-up shot shots scene scenes detail details color colour colors colours
+    style type kind sort lot lots way ways time times day one ones area areas piece pieces
     version screenshot wallpaper template design clipart""".split()
 )
 
@@ -48,6 +48,7 @@ class PhraseConfig(StageConfig):
 
 
 _TAG = re.compile(r"<[^>]{0,500}>")
+_NOT_WORD = re.compile(r"[^\w\s'&-]+")
 _SPACE = re.compile(r"\s+")
 
 
@@ -79,10 +80,11 @@ def resolve_spacy_model(name: str) -> Any:
 
 
 def keep_phrase(words: list[str], stop: list[bool], config: PhraseConfig) -> bool:
-    """A chunk is kept unless it is too long or short, or all its words are stopwords or generic."""
+    """A chunk is kept unless it is too long or short, its head noun (last word) is generic
+    ("blurry background", "stock photo"), or all its words are stopwords."""
     if not words or len(words) > config.max_words or len(" ".join(words)) < config.min_chars:
         return False
-    return not all(s or w in GENERIC_WORDS for w, s in zip(words, stop))
+    return words[-1] not in GENERIC_WORDS and not all(stop)
 
 
 def merge_phrases(sources: Iterable[tuple[str, list[str]]], limit: int) -> tuple[list[str], list[str]]:
@@ -130,7 +132,8 @@ class ExtractPhrases:
         out = []
         for span in sorted(spans, key=lambda s: s.start):
             tokens = [t for t in span if t.pos_ != "DET" and not t.is_punct]  # "a red car" -> "red car"
-            words = [t.text for t in tokens]
+            tokens = [t for t in tokens if any(c.isalpha() for c in t.text)]  # no emoji- or digit-only words
+            words = [w for t in tokens for w in _NOT_WORD.sub(" ", t.text).split()]
             if keep_phrase(words, [t.is_stop for t in tokens], self.config):
                 out.append(" ".join(words))
         return out

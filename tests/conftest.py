@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny offline models (built once per session), a local Ray instance, images."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "vesl" / "sample"
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """Tiny random-weight models, built offline into a session folder (and exported for presets)."""
+    from vesl.tiny import build_tiny_models
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    build_tiny_models(root)
+    os.environ["VESL_TINY_DIR"] = str(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def photo(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
+    """A real-looking test image: smooth gradients plus a few solid shapes (not flat noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)),
+                     ((x + y) * 127 // max(width + height - 2, 1))], axis=-1).astype(np.uint8)
+    for _ in range(3):
+        x0, y0 = rng.integers(0, max(width - 1, 1)), rng.integers(0, max(height - 1, 1))
+        base[y0:y0 + max(height // 4, 1), x0:x0 + max(width // 4, 1)] = rng.integers(0, 255, 3)
+    return Image.fromarray(base).convert(mode)
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()

@@ -1,0 +1,120 @@
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from operators.base import REJECT_REASON, image_from_row
+from operators.decode import DecodeConfig, DecodeImages, decode_image
+from tests.conftest import encode, photo
+
+
+def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
+    """A valid 1-bit PNG of WIDTH x HEIGHT that compresses to a few hundred KB."""
+    row = b"\x00" + b"\x00" * ((width + 7) // 8)
+    comp = zlib.compressobj(9)
+    data = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def exif_rotated_jpeg() -> bytes:
+    """A 60 x 20 JPEG whose EXIF says 'rotate 90': it displays as 20 x 60."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encode(photo(60, 20), "JPEG", exif=exif.tobytes())
+
+
+def valid_images() -> dict[str, tuple[bytes, tuple[int, int]]]:
+    palette = photo(30, 20).convert("P", palette=Image.Palette.ADAPTIVE)
+    frames = [photo(24, 16, seed=i) for i in range(3)]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    sixteen = Image.fromarray((np.arange(40 * 30, dtype=np.uint16).reshape(30, 40) * 50))
+    return {
+        "rgb_jpeg": (encode(photo(64, 48)), (64, 48)),
+        "grayscale": (encode(photo(32, 32, mode="L"), "PNG"), (32, 32)),
+        "cmyk": (encode(photo(40, 30).convert("CMYK"), "JPEG"), (40, 30)),
+        "sixteen_bit": (encode(sixteen, "PNG"), (40, 30)),
+        "palette_transparency": (encode(palette, "PNG", transparency=0), (30, 20)),
+        "rgba": (encode(photo(20, 20, mode="RGBA"), "PNG"), (20, 20)),
+        "animated_gif": (gif.getvalue(), (24, 16)),
+        "webp": (encode(photo(50, 40), "WEBP"), (50, 40)),
+        "exif_rotated": (exif_rotated_jpeg(), (20, 60)),
+        "one_pixel": (encode(photo(1, 1), "PNG"), (1, 1)),
+        "very_wide": (encode(photo(2000, 3), "PNG"), (2000, 3)),
+    }
+
+
+@pytest.mark.parametrize("name", list(valid_images()))
+def test_valid_images_of_every_kind_decode_to_rgb(name):
+    data, (width, height) = valid_images()[name]
+    image, w, h = decode_image(data, DecodeConfig())
+    assert (w, h) == (width, height)
+    assert image.mode == "RGB"
+    assert max(image.size) <= DecodeConfig().working_max_side
+
+
+def test_exif_orientation_is_applied_to_pixels():
+    image, w, h = decode_image(exif_rotated_jpeg(), DecodeConfig())
+    assert image.size == (20, 60) and (w, h) == (20, 60)
+
+
+def test_working_copy_is_a_uniform_rescale():
+    image, w, h = decode_image(encode(photo(3000, 1000)), DecodeConfig(working_max_side=600))
+    assert (w, h) == (3000, 1000) and image.size == (600, 200)
+
+
+def test_decompression_bomb_is_refused_from_the_header_without_decoding():
+    data = bomb_png()
+    assert len(data) < 1_000_000
+    start = time.perf_counter()
+    table = DecodeImages()(pa.table({"image_id": ["bomb"], "image_bytes": [data]}))
+    assert time.perf_counter() - start < 2.0  # decoding 900 MP would take far longer
+    assert table.column(REJECT_REASON).to_pylist() == ["decompression_bomb"]
+    assert "900000000 pixels" in table.column("reject_message")[0].as_py()
+
+
+def test_broken_inputs_become_specific_rejects(tmp_path):
+    good = encode(photo(64, 48))
+    (tmp_path / "good.jpg").write_bytes(good)
+    cases = {
+        "truncated": (good[: len(good) // 2], None),
+        "zero": (b"", None),
+        "random": (np.random.default_rng(0).bytes(5000), None),
+        "html": (b"<!doctype html><html><body>404</body></html>", None),
+        "missing": (None, str(tmp_path / "nope.jpg")),
+        "bad_scheme": (None, "nosuchproto://bucket/x.jpg"),
+        "nothing": (None, None),
+        "good_path": (None, str(tmp_path / "good.jpg")),
+    }
+    table = pa.table({
+        "image_id": list(cases),
+        "image_bytes": pa.array([c[0] for c in cases.values()], pa.large_binary()),
+        "image_uri": [c[1] for c in cases.values()],
+    })
+    out = DecodeImages()(table)
+    reasons = dict(zip(out.column("image_id").to_pylist(), out.column(REJECT_REASON).to_pylist()))
+    assert reasons == {
+        "truncated": "corrupt_image", "zero": "empty_file", "random": "not_an_image", "html": "not_an_image",
+        "missing": "not_found", "bad_scheme": "fetch_failed", "nothing": "missing_input", "good_path": None,
+    }
+    row = out.column("image_id").to_pylist().index("good_path")
+    assert image_from_row(out, row).shape == (48, 64, 3)
+    assert out.column("width")[row].as_py() == 64
+
+
+def test_embed_images_keeps_the_original_bytes():
+    data = encode(photo(32, 16))
+    out = DecodeImages(DecodeConfig(embed_images=True))(pa.table({"image_id": ["a"], "image_bytes": [data]}))
+    assert out.column("image_bytes")[0].as_py() == data
+    out = DecodeImages()(pa.table({"image_id": ["a"], "image_bytes": [data]}))
+    assert out.column("image_bytes")[0].as_py() is None
