@@ -128,7 +128,7 @@ class CaptionImages:
                 captions.update(done)
                 rejects.update(failed)
             for r, text in captions.items():
-                if not text:
+                if not text or not text.strip():
                     rejects[r] = ("empty_caption", "the captioner produced no text for this image")
             values = [captions.get(i) for i in range(table.num_rows)]
             table = put_column(table, "caption", values, pa.string())

@@ -1,0 +1,61 @@
+
+import pyarrow as pa
+import pytest
+
+from operators.caption import CaptionConfig, CaptionImages, clean_caption
+from operators.decode import DecodeImages
+from tests.conftest import encode, photo
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_dir):
+    return CaptionImages(CaptionConfig(model=str(tiny_dir / "captioner"), max_new_tokens=8, min_new_tokens=2,
+                                       num_beams=1))
+
+
+def decoded(n: int) -> pa.Table:
+    data = [encode(photo(40 + 10 * i, 30, seed=i)) for i in range(n)]
+    return DecodeImages()(pa.table({"image_id": [str(i) for i in range(n)], "image_bytes": data}))
+
+
+def test_captions_every_row_of_a_batch_through_generate(captioner):
+    out = captioner(decoded(3))
+    captions = out.column("caption").to_pylist()
+    assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
+    assert out.column("reject_stage").to_pylist() == [None] * 3
+    assert captioner.provenance["class"] == "BlipForConditionalGeneration"
+
+
+def test_batched_and_single_generation_agree(captioner):
+    table = decoded(2)
+    together = captioner(table).column("caption").to_pylist()
+    alone = [captioner(table.slice(i, 1)).column("caption")[0].as_py() for i in range(2)]
+    assert together == alone
+
+
+def test_a_row_that_breaks_the_model_is_rejected_alone(captioner, monkeypatch):
+    table = decoded(3)
+    original = captioner.caption_images
+
+    def flaky(images):
+        if any(im.width == 50 for im in images):  # the second photo is 50 px wide
+            raise RuntimeError("CUDA error: device-side assert")
+        return original(images)
+
+    monkeypatch.setattr(captioner, "caption_images", flaky)
+    out = captioner(table)
+    assert out.column("reject_reason").to_pylist() == [None, "model_error", None]
+    assert out.column("caption").to_pylist()[0]
+
+
+def test_an_empty_caption_is_a_reject(captioner, monkeypatch):
+    monkeypatch.setattr(captioner, "caption_images",
+                        lambda images: ["   " if i == 0 else "a cat" for i in range(len(images))])
+    out = captioner(decoded(2))
+    assert out.column("reject_reason").to_pylist() == ["empty_caption", None]
+
+
+def test_clean_caption():
+    assert clean_caption("  a picture of   a dog\n", "a picture of", 100) == "a dog"
+    assert clean_caption("a dog " * 100, "", 10) == "a dog a do"
+

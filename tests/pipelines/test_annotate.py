@@ -1,0 +1,108 @@
+"""The annotate job end to end on local Ray with tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import io
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.annotate import OutputExistsError, run_annotate
+from tests.conftest import REPO, SAMPLE, encode, photo
+from tests.pipelines.helpers import EXPECTED, assert_accounted, make_manifest, read_output
+from vesl.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+def test_manifest_with_broken_inputs_every_input_a_row_or_a_reject(tmp_path, tiny_dir, ray_local):
+    manifest = make_manifest(tmp_path / "in")
+    config = load_config(preset_name="tiny", overrides=["output.rows_per_shard=4"])
+    result = run_annotate(str(manifest), str(tmp_path / "out"), config)
+    rows, rejects, written = read_output(tmp_path / "out")
+    assert written == json.loads(json.dumps(result, default=str))
+    assert_accounted(rows, rejects, written, EXPECTED)
+    assert set(rejects["stage"]) == {"decode"}
+    sizes = rows.set_index("image_id")[["width", "height"]].to_dict("index")
+    assert sizes["wide"] == {"width": 120, "height": 60} and sizes["tall"] == {"width": 50, "height": 140}
+    assert all(len(p) > 0 for p in rows["phrases"])  # alt-text phrases at least
+    assert rows["regions"].map(len).sum() == written["counts"]["regions"] > 0
+    assert all(r["source"] in ("caption", "alt_text") and r["phrase"] in set(p)
+               for regions, p in zip(rows["regions"], rows["phrases"]) for r in regions)
+    meta = pq.read_schema(written["files"][0]).metadata
+    models = json.loads(meta[b"vesl.models"])
+    assert models["detector"]["id"] == str(tiny_dir / "detector")
+    assert json.loads(meta[b"vesl.thresholds"])["detect_threshold"] == 0.1
+    assert meta[b"vesl.config_hash"].decode() == config.label_hash()
+    assert not (tmp_path / "out" / "_tmp").exists()  # staging area cleaned up
+
+
+def test_pandas_reads_the_shards_with_schema_v1_types(tmp_path, tiny_dir, ray_local):
+    config = load_config(preset_name="tiny", overrides=["decode.embed_images=true"])
+    run_annotate(str(SAMPLE / "manifest.jsonl"), str(tmp_path / "out"), config)
+    df = pd.read_parquet(tmp_path / "out" / "data")
+    assert list(df.columns) == ["image_id", "image_uri", "image_bytes", "width", "height", "alt_text", "caption",
+                                "phrases", "regions"]
+    assert str(df["width"].dtype) == "int32" and len(df) == 6
+    assert df["image_bytes"].map(lambda b: b[:2] == b"\xff\xd8").all()  # JPEG bytes, trainer-ready
+    box = df["regions"].map(list).explode().dropna().iloc[0]["box"]
+    assert box.dtype.name == "float32" and len(box) == 4
+
+
+def test_img2dataset_parquet_with_embedded_bytes_and_webdataset_tars(tmp_path, tiny_dir, ray_local):
+    images = [encode(photo(40 + i * 7, 30, seed=i)) for i in range(3)]
+    pq.write_table(pa.table({"key": ["k0", "k1", "k2"], "jpg": images, "caption": ["a dog", "", None]}),
+                   tmp_path / "shard.parquet")
+    config = load_config(preset_name="tiny")
+    run_annotate(str(tmp_path / "shard.parquet"), str(tmp_path / "out1"), config)
+    rows, rejects, manifest = read_output(tmp_path / "out1")
+    assert_accounted(rows, rejects, manifest, {"k0": None, "k1": None, "k2": None})
+    alts = dict(zip(rows["image_id"], rows["alt_text"]))
+    assert (alts["k0"], alts["k1"]) == ("a dog", "") and pd.isna(alts["k2"])
+
+    shards = tmp_path / "tars"
+    shards.mkdir()
+    for n in range(2):
+        with tarfile.open(shards / f"{n:05d}.tar", "w") as tar:
+            for i in range(2):
+                key = f"{n:05d}{i:04d}"
+                for suffix, data in (("jpg", images[i]), ("txt", b"a small red car")):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    run_annotate(str(shards), str(tmp_path / "out2"), config)
+    rows, rejects, manifest = read_output(tmp_path / "out2")
+    assert manifest["input_format"] == "webdataset"
+    assert_accounted(rows, rejects, manifest, {k: None for k in ("000000000", "000000001", "000010000", "000010001")})
+
+
+def test_an_existing_output_is_refused_unless_overwrite(tmp_path, tiny_dir, ray_local):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        run_annotate(str(SAMPLE / "manifest.jsonl"), str(tmp_path / "out"), load_config(preset_name="tiny"))
+    assert (tmp_path / "out" / "keep.txt").exists()
+
+
+def test_the_script_entry_point_on_a_manifest(tmp_path, tiny_dir):
+    """`python pipelines/annotate.py MANIFEST OUT --preset tiny`, as a user runs it (own Ray instance)."""
+    manifest = make_manifest(tmp_path / "in")
+    env = {**os.environ, "VESL_TINY_DIR": str(tiny_dir), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "annotate.py"), str(manifest),
+                           str(tmp_path / "out"), "--preset", "tiny"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "9 inputs -> 5 rows" in proc.stdout
+    rows, rejects, manifest_json = read_output(tmp_path / "out")
+    assert_accounted(rows, rejects, manifest_json, EXPECTED)
+    again = subprocess.run([sys.executable, str(REPO / "pipelines" / "annotate.py"), str(manifest),
+                            str(tmp_path / "out"), "--preset", "tiny"],
+                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 2 and "not empty" in again.stderr

@@ -1,0 +1,48 @@
+import pytest
+from pydantic import ValidationError
+
+from vesl.config import AnnotateConfig, load_config, parse_override
+
+
+def test_defaults_are_the_real_models_and_the_papers_threshold():
+    config = AnnotateConfig()
+    assert config.detect.model == "google/owlv2-base-patch16-ensemble"
+    assert config.detect.threshold == 0.1 and config.detect.nms_iou is None and config.detect.top_k is None
+    assert config.phrases.max_phrases == 20
+    assert config.caption.trust_remote_code is False and config.detect.trust_remote_code is False
+
+
+def test_file_then_overrides_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("detect:\n  threshold: 0.3\n  top_k: 5\nphrases:\n  include_entities: true\n")
+    config = load_config(str(path), overrides=["detect.threshold=0.25", "output.on_existing=overwrite"])
+    assert config.detect.threshold == 0.25 and config.detect.top_k == 5
+    assert config.phrases.include_entities and config.output.on_existing == "overwrite"
+
+
+def test_unknown_keys_and_bad_values_are_refused():
+    with pytest.raises(ValidationError, match="threshhold"):
+        load_config(overrides=["detect.threshhold=0.2"])
+    with pytest.raises(ValidationError):
+        load_config(overrides=["detect.threshold=2"])
+    with pytest.raises(ValueError, match="section.key=value"):
+        parse_override("detect.threshold")
+
+
+def test_tiny_preset_points_at_local_models(tiny_dir):
+    config = load_config(preset_name="tiny")
+    assert config.caption.model == str(tiny_dir / "captioner")
+    assert config.detect.model == str(tiny_dir / "detector")
+
+
+def test_secrets_never_reach_the_public_config():
+    config = load_config(overrides=["storage.key=AKIAEXAMPLE", "storage.secret=supersecretvalue"])
+    text = str(config.public_dict()) + repr(config) + str(config)
+    assert "supersecretvalue" not in text and "AKIAEXAMPLE" not in text
+    assert config.storage.options()["s3"]["secret"] == "supersecretvalue"
+
+
+def test_label_hash_ignores_paths_resources_and_secrets_but_not_thresholds():
+    base = AnnotateConfig().label_hash()
+    assert load_config(overrides=["storage.secret=x", "ray.no_progress_timeout_s=5"]).label_hash() == base
+    assert load_config(overrides=["detect.threshold=0.2"]).label_hash() != base

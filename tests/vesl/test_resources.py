@@ -1,0 +1,37 @@
+from vesl.config import PoolConfig, RayConfig
+from vesl.resources import plan_pools
+
+
+def test_two_cpus_leave_one_for_tasks_and_never_ask_for_gpus():
+    pools = plan_pools(2, 0, RayConfig())
+    assert sum(p.num_cpus * p.size for p in pools.values()) <= 1.0 + 1e-6
+    assert all(p.num_gpus == 0 and p.size == 1 for p in pools.values())
+
+
+def test_big_cpu_cluster_gets_several_actors_per_stage():
+    pools = plan_pools(32, 0, RayConfig())
+    assert all(p.size == 8 and p.num_cpus == 1.0 for p in pools.values())
+    assert sum(p.num_cpus * p.size for p in pools.values()) <= 32 - 8
+
+
+def test_one_gpu_is_shared_by_captioner_and_detector():
+    pools = plan_pools(16, 1, RayConfig())
+    assert pools["caption"].num_gpus == pools["detect"].num_gpus == 0.5
+    assert pools["phrase"].num_gpus == 0
+
+
+def test_many_gpus_split_between_the_model_pools():
+    pools = plan_pools(64, 8, RayConfig())
+    assert (pools["detect"].size, pools["caption"].size) == (4, 4)
+    assert pools["detect"].num_gpus == pools["caption"].num_gpus == 1.0
+
+
+def test_gpus_are_ignored_when_the_run_is_cpu_only():
+    pools = plan_pools(16, 4, RayConfig(), use_gpu=False)
+    assert all(p.num_gpus == 0 for p in pools.values())
+
+
+def test_explicit_pool_settings_win():
+    config = RayConfig(detect_pool=PoolConfig(size=3, num_cpus=2, num_gpus=0.25))
+    pools = plan_pools(16, 1, config)
+    assert (pools["detect"].size, pools["detect"].num_cpus, pools["detect"].num_gpus) == (3, 2, 0.25)
