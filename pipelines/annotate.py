@@ -148,7 +148,7 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
         "counts": {**counts, "inputs_read": counted_inputs,
                    "accounted": counts["rows"] + counts["rejects"] == counted_inputs},
         "models": models,
-        "resources": {"cluster": ray.cluster_resources(), "pools": {k: vars(v) for k, v in pools.items()},
+        "resources": {"cluster": ray.cluster_resources(), "gcs_address": ray.get_runtime_context().gcs_address, "pools": {k: vars(v) for k, v in pools.items()},
                       "torch": torch.__version__},
         "config_hash": config.label_hash(),
         "config": config.public_dict(),

@@ -193,8 +193,8 @@ def read_inputs(uri: str, config: InputConfig, storage_options: Mapping[str, Map
         fs, _ = pyarrow_filesystem(files[0], storage_options)
         paths = [f.split("://", 1)[-1] if fs is not None else f for f in files]
         kwargs: dict[str, Any] = {"filesystem": fs} if fs is not None else {}
-        if reader is ray.data.read_json:
-            kwargs["lines"] = any(f.endswith(".jsonl") for f in files)
+        # read_json parses newline-delimited JSON with pyarrow (its `lines=True` pandas path
+        # cannot take a filesystem): .json and .jsonl manifests hold one object per line.
         ds = reader(paths, **kwargs)
         base = parent_uri(files[0]) if len(files) == 1 else (uri.rstrip("/"))
         ds = ds.map_batches(normalize_manifest_batch, batch_format="pyarrow",

@@ -1,0 +1,81 @@
+"""`ray job submit --working-dir . -- python pipelines/annotate.py ...` against a local `ray start --head`.
+
+Ray 2.60 turns token auth on for `ray start` once ~/.ray/auth_token exists (it is written on first
+use), after which a plain `ray job submit` is refused; this local test cluster runs with
+RAY_AUTH_MODE=disabled on both sides, as the README documents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import REPO
+from tests.pipelines.helpers import EXPECTED, assert_accounted, make_manifest, read_output
+
+pytestmark = pytest.mark.slow
+RAY = str(REPO / ".venv" / "bin" / "ray")
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    gcs, dash, client, agent, agent_grpc, env_agent, metrics = free_ports(7)
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--include-dashboard=true",
+         "--num-cpus=2", "--disable-usage-stats", f"--ray-client-server-port={client}",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--runtime-env-agent-port={env_agent}", f"--metrics-export-port={metrics}"],
+        env=env, stdout=open(tmp_path / "ray-start.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("ray start --head did not come up:\n" + (tmp_path / "ray-start.log").read_text()[-3000:])
+            time.sleep(1)
+    yield address, env, gcs
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_runs_the_annotate_entrypoint(tmp_path, tiny_dir, ray_head):
+    address, env, gcs_port = ray_head
+    manifest = make_manifest(tmp_path / "in")
+    runtime_env = {"env_vars": {"VESL_TINY_DIR": str(tiny_dir), "HF_HUB_OFFLINE": "1"}}
+    proc = subprocess.run(
+        [RAY, "job", "submit", f"--address={address}", "--working-dir", ".", "--runtime-env-json",
+         json.dumps(runtime_env), "--", "python", "pipelines/annotate.py", str(manifest), str(tmp_path / "out"),
+         "--preset", "tiny"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout + proc.stderr
+    rows, rejects, manifest_json = read_output(tmp_path / "out")
+    assert_accounted(rows, rejects, manifest_json, EXPECTED)
+    # the job joined the cluster started above, not a fresh local instance
+    assert manifest_json["resources"]["gcs_address"].endswith(f":{gcs_port}")
