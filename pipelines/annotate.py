@@ -86,7 +86,8 @@ def init_ray(log_to_driver: bool = True) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=log_to_driver)  # inside `ray job submit`, or pointed at a cluster
     else:
-        ray.init(include_dashboard=False, log_to_driver=log_to_driver)
+        # "local": always a fresh instance, never a cluster some earlier `ray start` left behind
+        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver)
 
 
 def build(ds, config: AnnotateConfig, storage_options: dict, use_gpu: bool):

@@ -1,4 +1,4 @@
-"""`vesl` command line: annotate, models."""
+"""`vesl` command line: annotate, config, models."""
 
 from __future__ import annotations
 
@@ -12,15 +12,27 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.annotate import main as annotate_main
 
         return annotate_main(argv[1:])
-    p = argparse.ArgumentParser(prog="vesl", description="region-text training data: annotate, models")
+    p = argparse.ArgumentParser(prog="vesl", description="region-text training data: annotate, config, models")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("annotate", help="run the annotate pipeline (see `vesl annotate --help`)")
+    show = sub.add_parser("config", help="print the full annotate config (defaults, preset, file, --set) as YAML")
+    show.add_argument("--config", help="YAML config file")
+    show.add_argument("--preset", choices=["tiny"])
+    show.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     models = sub.add_parser("models", help="model utilities")
     msub = models.add_subparsers(dest="models_command", required=True)
     tiny = msub.add_parser("tiny", help="build the tiny offline random-weight models into DIR")
     tiny.add_argument("dir")
     tiny.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
+    if args.command == "config":
+        import yaml
+
+        from vesl.config import load_config
+
+        config = load_config(args.config, args.preset, args.overrides)
+        print(yaml.safe_dump(config.public_dict(), sort_keys=False), end="")
+        return 0
     if args.command == "models" and args.models_command == "tiny":
         from vesl.tiny import build_tiny_models
 
