@@ -7,7 +7,9 @@ A batch is a `pyarrow.Table` (Ray Data's `batch_format="pyarrow"`) or a dict of 
 
 from __future__ import annotations
 
+import re
 import time
+import unicodedata
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -69,6 +71,15 @@ def mark_rejects(table: pa.Table, stage: str, rejects: Mapping[int, tuple[str, s
     for name, values in ((REJECT_STAGE, stages), (REJECT_REASON, reasons), (REJECT_MESSAGE, messages)):
         table = put_column(table, name, values, pa.string())
     return table
+
+
+_SPACE = re.compile(r"\s+")
+
+
+def normalize_text(text: str) -> str:
+    """Control and format characters (NUL, bidi overrides, ...) become spaces; whitespace runs collapse."""
+    text = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
+    return _SPACE.sub(" ", text).strip()
 
 
 def describe_error(error: BaseException) -> str:

@@ -7,7 +7,6 @@ whose processor has a chat template ("Describe this image in detail.", as VeCap 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -16,7 +15,7 @@ from PIL import Image
 from pydantic import Field
 
 from operators.base import (
-    StageConfig, StageTimer, as_table, image_from_row, mark_rejects, pending_rows, put_column,
+    StageConfig, StageTimer, as_table, image_from_row, mark_rejects, normalize_text, pending_rows, put_column,
     resolve_device, resolve_dtype, run_isolating_rows,
 )
 
@@ -46,12 +45,9 @@ class CaptionConfig(StageConfig):
     max_caption_chars: int = Field(default=2000, ge=1, description="Captions are cut to this many characters.")
 
 
-_SPACE = re.compile(r"\s+")
-
-
 def clean_caption(text: str, prompt: str, limit: int) -> str:
-    """Collapse whitespace, drop an echoed prompt prefix, cut to LIMIT characters."""
-    text = _SPACE.sub(" ", text).strip()
+    """Drop control characters and an echoed prompt prefix, collapse whitespace, cut to LIMIT characters."""
+    text = normalize_text(text).replace("\ufffd", "").strip()
     if prompt and text.lower().startswith(prompt.lower()) and len(text) > len(prompt):
         text = text[len(prompt):].strip()
     return text[:limit]

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import html
 import re
-import unicodedata
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pyarrow as pa
 from pydantic import Field
 
-from operators.base import StageConfig, StageTimer, as_table, mark_rejects, pending_rows, put_column
+from operators.base import StageConfig, StageTimer, as_table, mark_rejects, normalize_text, pending_rows, put_column
 
 STAGE = "phrases"
 
@@ -49,16 +48,13 @@ class PhraseConfig(StageConfig):
 
 _TAG = re.compile(r"<[^>]{0,500}>")
 _NOT_WORD = re.compile(r"[^\w\s'&-]+")
-_SPACE = re.compile(r"\s+")
 
 
 def clean_text(text: str | None, limit: int) -> str:
     """Plain text for tagging: HTML tags and entities, control characters and runs of space removed."""
     if not text:
         return ""
-    text = html.unescape(_TAG.sub(" ", text[: limit * 4]))
-    text = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
-    return _SPACE.sub(" ", text).strip()[:limit]
+    return normalize_text(html.unescape(_TAG.sub(" ", text[: limit * 4])))[:limit]
 
 
 def resolve_spacy_model(name: str) -> Any:

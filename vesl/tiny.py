@@ -1,8 +1,9 @@
 """Tiny random-weight models of the real classes, built offline.
 
 Tests and the demo cannot reach the Hugging Face hub, so `vesl models tiny DIR` builds a
-captioner (BLIP), a detector (OWLv2) and a CLIP model with real architectures, real processors
-and tokenizers trained here on a small built-in corpus, and saves each with `save_pretrained`.
+captioner (BLIP), an instruction VLM (LLaVA), a detector (OWLv2) and a CLIP model with real
+architectures, real processors and tokenizers trained here on a small built-in corpus, and saves
+each with `save_pretrained`.
 They load back through the same `from_pretrained` code a hub id takes. Their outputs are
 structurally valid and semantically meaningless.
 """
@@ -156,7 +157,54 @@ def build_tiny_clip(out: Path, image_size: int = 64) -> Path:
     return out
 
 
-TINY_MODELS = {"captioner": build_tiny_blip, "detector": build_tiny_owlv2, "clip": build_tiny_clip}
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() }}: {% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}{% endif %}{% endfor %}\n"
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def build_tiny_vlm(out: Path, image_size: int = 32) -> Path:
+    """A tiny LLaVA (CLIP vision tower + Llama decoder) with a chat template: the instruction-VLM
+    captioner path ("Describe this image in detail.") exercised offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast,
+    )
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<pad>", "<s>", "</s>", "<image>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                        extra_special_tokens={"image_token": "<image>"}, chat_template=_CHAT_TEMPLATE)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=image_size, patch_size=16, projection_dim=32)
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    patches = (image_size // 16) ** 2
+    config = LlavaConfig(vision_config=vision, text_config=text, image_seq_length=patches,
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                         vision_feature_layer=-1, vision_feature_select_strategy="default")
+    _seeded()
+    model = LlavaForConditionalGeneration(config).eval()
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(size={"shortest_edge": image_size},
+                                              crop_size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer, patch_size=16, vision_feature_select_strategy="default",
+        chat_template=_CHAT_TEMPLATE, num_additional_image_tokens=1,  # CLIP's CLS token
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
+TINY_MODELS = {"captioner": build_tiny_blip, "detector": build_tiny_owlv2, "clip": build_tiny_clip,
+               "vlm": build_tiny_vlm}
 
 
 def build_tiny_models(root: str | Path, overwrite: bool = False) -> dict[str, Path]:

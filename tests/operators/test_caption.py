@@ -59,3 +59,21 @@ def test_clean_caption():
     assert clean_caption("  a picture of   a dog\n", "a picture of", 100) == "a dog"
     assert clean_caption("a dog " * 100, "", 10) == "a dog a do"
 
+
+
+def test_instruction_vlm_with_a_chat_prompt(tiny_dir):
+    """The VeCap-style path: a LLaVA-class VLM, the prompt rendered by its chat template, the echoed
+    prompt sliced off the decoder-only output."""
+    vlm = CaptionImages(CaptionConfig(model=str(tiny_dir / "vlm"), prompt_style="chat",
+                                      prompt="Describe this image in detail.", max_new_tokens=6, min_new_tokens=2,
+                                      num_beams=1))
+    assert vlm.provenance["class"] == "LlavaForConditionalGeneration"
+    out = vlm(decoded(2))
+    captions = out.column("caption").to_pylist()
+    assert out.column("reject_stage").to_pylist() == [None, None]
+    assert all(c and "ASSISTANT" not in c and "Describe this image" not in c for c in captions)
+    assert all(c.isprintable() for c in captions)
+
+
+def test_clean_caption_drops_control_characters():
+    assert clean_caption("a\x15 dog\x00 \ufffdrunning", "", 100) == "a dog running"
