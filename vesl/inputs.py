@@ -89,8 +89,8 @@ def normalize_manifest_batch(table: pa.Table, config: InputConfig, base: str) ->
     id_col, image_col = _first(config.id_column, names), _first(config.image_column, names)
     bytes_col, alt_col = _first(config.bytes_column, names), _first(config.alt_text_column, names)
     n = table.num_rows
-    col = (lambda c: table.column(c).to_pylist() if c else [None] * n)
-    ids, images, blobs, alts = col(id_col), col(image_col), col(bytes_col), col(alt_col)
+    ids, images, blobs, alts = (table.column(c).to_pylist() if c else [None] * n
+                                for c in (id_col, image_col, bytes_col, alt_col))
     out: dict[str, list] = {f.name: [] for f in INPUT_SCHEMA}
     for i in range(n):
         uri = resolve_image_uri(_text(images[i]), base)

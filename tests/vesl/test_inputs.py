@@ -77,3 +77,22 @@ def test_format_detection(tmp_path):
     assert detect_format(str(tmp_path / "imgs"), None) == ("folder", [str(tmp_path / "imgs" / "a.jpg")])
     with pytest.raises(FileNotFoundError):
         detect_format(str(tmp_path / "nope"), None)
+
+
+def test_csv_manifest_and_image_folder_through_ray_data(tmp_path, ray_local):
+    from vesl.inputs import read_inputs
+
+    (tmp_path / "imgs").mkdir()
+    for name in ("a.jpg", "b.png"):
+        (tmp_path / "imgs" / name).write_bytes(encode(photo(8, 8)))
+    (tmp_path / "imgs" / "notes.md").write_text("ignored: not an image suffix")
+    (tmp_path / "m.csv").write_text('id,image,alt_text\n7,imgs/a.jpg,"a dog, running ""fast"""\n8,imgs/b.png,\n')
+    ds, kind = read_inputs(str(tmp_path / "m.csv"), InputConfig(), None)
+    rows = sorted(ds.take_all(), key=lambda r: r["image_id"])
+    assert kind == "manifest"
+    assert [(r["image_id"], r["image_uri"], r["alt_text"]) for r in rows] == [
+        ("7", str(tmp_path / "imgs" / "a.jpg"), 'a dog, running "fast"'), ("8", str(tmp_path / "imgs" / "b.png"), "")]
+
+    ds, kind = read_inputs(str(tmp_path / "imgs"), InputConfig(), None)
+    assert kind == "folder"
+    assert sorted(r["image_uri"] for r in ds.take_all()) == [str(tmp_path / "imgs" / n) for n in ("a.jpg", "b.png")]
