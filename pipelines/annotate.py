@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,25 +33,12 @@ from vesl import __version__  # noqa: E402
 from vesl.config import AnnotateConfig, load_config  # noqa: E402
 from vesl.inputs import read_inputs  # noqa: E402
 from vesl.resources import plan_pools  # noqa: E402
-from vesl.storage import filesystem  # noqa: E402
+from vesl.runstate import (  # noqa: E402
+    OutputConflictError, completed, count_outputs, find_duplicates, output_files, plan_batch, prepare_output,
+)
 from vesl.writer import MANIFEST, make_datasink, merge_counts, write_manifest  # noqa: E402
 
 log = logging.getLogger("vesl.annotate")
-
-
-class OutputExistsError(RuntimeError):
-    pass
-
-
-def prepare_output(output: str, config: AnnotateConfig, storage_options: dict) -> None:
-    fs, path = filesystem(output, storage_options)
-    if fs.exists(path) and fs.ls(path):
-        if config.output.on_existing == "error":
-            raise OutputExistsError(
-                f"output {output} is not empty; pass --overwrite (output.on_existing=overwrite) to replace it"
-            )
-        fs.rm(path, recursive=True)
-    fs.makedirs(path, exist_ok=True)
 
 
 def footer_metadata(config: AnnotateConfig, models: dict[str, Any]) -> dict[str, str]:
@@ -111,14 +100,14 @@ def build(ds, config: AnnotateConfig, storage_options: dict, use_gpu: bool):
 
 
 def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dict[str, Any]:
-    """Run the whole job; returns the run manifest (also written to OUTPUT/manifest.json)."""
+    """Run the whole job, or finish a killed one; returns the run manifest (also OUTPUT/manifest.json)."""
     import ray
     import torch
 
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat()
     storage_options = config.storage.options()
-    prepare_output(output_uri, config, storage_options)
+    mode = prepare_output(output_uri, input_uri, config.label_hash(), config.output.on_existing, storage_options)
     init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = config.ray.no_progress_timeout_s
@@ -126,19 +115,29 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
     models = model_provenance(config)
     run_id = uuid.uuid4().hex[:8]
     inputs, kind = read_inputs(input_uri, config.input, storage_options)
-    ds, pools = build(inputs, config, storage_options, use_gpu)
+    # Planning pass over ids only: how many inputs, which ids repeat, what earlier runs finished.
+    total_inputs, duplicates = find_duplicates(inputs)
+    done_ids, done_ordinals = completed(output_uri, storage_options) if mode == "resume" else ((), ())
+    todo = inputs.map_batches(plan_batch, batch_format="pyarrow", fn_kwargs={
+        "duplicates": duplicates, "done_ids": np.asarray(done_ids, dtype=object),
+        "done_ordinals": np.asarray(done_ordinals, dtype=np.int64)})
+    ds, pools = build(todo, config, storage_options, use_gpu)
     sink = make_datasink(output_uri, run_id, footer_metadata(config, models), storage_options,
                          config.output.rows_per_shard, config.output.compression)
     setup_s = time.perf_counter() - started
     ds.write_datasink(sink)
     execute_s = time.perf_counter() - started - setup_s
-    counts = merge_counts(sink.results)
-    counted_inputs = inputs.count()  # read again on its own: an independent check of the accounting
-    files = sorted(f for r in sink.results for f in r.get("files", []))
+    this_run = merge_counts(sink.results)
+    counts = count_outputs(output_uri, storage_options)  # every file in OUTPUT, all runs
+    counts["inputs"] = total_inputs
+    counts["duplicate_ids"] = len(duplicates)
+    counts["accounted"] = (counts["rows"] + counts["rejects"] == total_inputs
+                           and counts["unique_row_ids"] == counts["rows"])
     manifest = {
         "vesl_version": __version__,
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,
+        "mode": mode,
         "input": input_uri,
         "input_format": kind,
         "output": output_uri,
@@ -146,14 +145,14 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "timings_s": {"setup": round(setup_s, 3), "execute": round(execute_s, 3),
                       "total": round(time.perf_counter() - started, 3)},
-        "counts": {**counts, "inputs_read": counted_inputs,
-                   "accounted": counts["rows"] + counts["rejects"] == counted_inputs},
+        "counts": counts,
+        "this_run": {k: this_run[k] for k in ("inputs", "rows", "rejects", "regions", "by_reason")},
         "models": models,
-        "resources": {"cluster": ray.cluster_resources(), "gcs_address": ray.get_runtime_context().gcs_address, "pools": {k: vars(v) for k, v in pools.items()},
-                      "torch": torch.__version__},
+        "resources": {"cluster": ray.cluster_resources(), "gcs_address": ray.get_runtime_context().gcs_address,
+                      "pools": {k: vars(v) for k, v in pools.items()}, "torch": torch.__version__},
         "config_hash": config.label_hash(),
         "config": config.public_dict(),
-        "files": files,
+        "files": output_files(output_uri, storage_options),
     }
     write_manifest(manifest, output_uri, storage_options)
     return manifest
@@ -167,7 +166,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=["tiny"], help="tiny: offline random-weight models (demo and tests)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set detect.threshold=0.2 (repeatable)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an existing OUTPUT first (default: resume the run it holds)")
     return p
 
 
@@ -178,13 +178,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.preset, overrides)
         manifest = run_annotate(args.input, args.output, config)
-    except (OutputExistsError, FileNotFoundError, ValueError) as e:
+    except (OutputConflictError, FileNotFoundError, ValueError) as e:
         print(f"vesl annotate: error: {e}", file=sys.stderr)
         return 2
-    c = manifest["counts"]
-    print(f"vesl annotate: {c['inputs_read']} inputs -> {c['rows']} rows ({c['regions']} regions), "
-          f"{c['rejects']} rejects {c['by_reason'] or ''} in {manifest['timings_s']['total']} s; "
+    c, run = manifest["counts"], manifest["this_run"]
+    resumed = f" (resumed: {run['inputs']} processed now)" if manifest["mode"] == "resume" else ""
+    print(f"vesl annotate: {c['inputs']} inputs -> {c['rows']} rows ({c['regions']} regions), "
+          f"{c['rejects']} rejects {c['by_reason'] or ''}{resumed} in {manifest['timings_s']['total']} s; "
           f"manifest: {args.output.rstrip('/')}/{MANIFEST}")
+    if not c["accounted"]:
+        print("vesl annotate: error: inputs != rows + rejects, or an image_id appears twice; see the manifest",
+              file=sys.stderr)
     return 0 if c["accounted"] else 1
 
 

@@ -57,6 +57,9 @@ REJECT_SCHEMA = pa.schema(
         pa.field("stage", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),
         pa.field("message", pa.string()),
+        # where the input was: (manifest/tar file index << 32) + row in that file, or the index in a
+        # folder listing. Lets a user find the row, and a resumed run tell duplicate inputs apart.
+        pa.field("ordinal", pa.int64()),
     ]
 )
 
@@ -127,3 +130,4 @@ class RejectRow(BaseModel):
     stage: str
     reason: str
     message: str | None = None
+    ordinal: int | None = None

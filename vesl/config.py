@@ -49,8 +49,10 @@ class RayConfig(StageConfig):
 
 
 class OutputConfig(StageConfig):
-    on_existing: Literal["error", "overwrite"] = Field(
-        default="error", description="When OUTPUT already holds files: refuse ('error') or delete them first."
+    on_existing: Literal["resume", "error", "overwrite"] = Field(
+        default="resume",
+        description="When OUTPUT already holds files: 'resume' the vesl run there (same input and label config, "
+        "else refuse), refuse ('error'), or delete them first ('overwrite').",
     )
     rows_per_shard: int = Field(default=2000, ge=1, description="Target rows per Parquet shard.")
     compression: str = Field(default="zstd", description="Parquet compression codec.")

@@ -16,7 +16,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from operators.base import REJECT_MESSAGE, REJECT_REASON, REJECT_STAGE, StageConfig, describe_error
-from vesl.storage import filesystem, join_uri, parent_uri, protocol_of, pyarrow_filesystem
+from vesl.storage import filesystem, join_uri, parent_uri, protocol_of
 
 INPUT_SCHEMA = pa.schema(
     [
@@ -24,12 +24,17 @@ INPUT_SCHEMA = pa.schema(
         pa.field("image_uri", pa.string()),
         pa.field("image_bytes", pa.large_binary()),
         pa.field("alt_text", pa.string()),
+        # position of the input: (file index << 32) + row in file. Decides which of several rows
+        # sharing an image_id is kept (the first), the same way on every run.
+        pa.field("ordinal", pa.int64()),
         pa.field(REJECT_STAGE, pa.string()),
         pa.field(REJECT_REASON, pa.string()),
         pa.field(REJECT_MESSAGE, pa.string()),
     ]
 )
 MANIFEST_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+ORDINAL_FILE_SHIFT = 32
+READ_ERROR, READ_REASON, SOURCE = "__vesl_read_error__", "__vesl_read_reason__", "__vesl_source__"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -83,26 +88,105 @@ def resolve_image_uri(value: str | None, base: str) -> str | None:
     return join_uri(base, value)
 
 
-def normalize_manifest_batch(table: pa.Table, config: InputConfig, base: str) -> pa.Table:
-    """Map a manifest batch's columns (whatever their names and types) onto INPUT_SCHEMA."""
-    names = table.column_names
-    id_col, image_col = _first(config.id_column, names), _first(config.image_column, names)
-    bytes_col, alt_col = _first(config.bytes_column, names), _first(config.alt_text_column, names)
-    n = table.num_rows
-    ids, images, blobs, alts = (table.column(c).to_pylist() if c else [None] * n
-                                for c in (id_col, image_col, bytes_col, alt_col))
+def normalize_rows(rows: list[Mapping[str, Any]], ordinals: list[int], config: InputConfig, base: str) -> pa.Table:
+    """Map manifest rows (whatever their column names and value types) onto INPUT_SCHEMA.
+
+    A row given as {READ_ERROR: message} (a line that is not JSON, say) becomes a 'read' reject."""
     out: dict[str, list] = {f.name: [] for f in INPUT_SCHEMA}
-    for i in range(n):
-        uri = resolve_image_uri(_text(images[i]), base)
-        data = blobs[i] if isinstance(blobs[i], (bytes, bytearray)) else None
-        given = _text(ids[i])
-        out["image_id"].append(given.strip() if given and given.strip() else derive_image_id(uri, data))
+    for row, ordinal in zip(rows, ordinals):
+        names = list(row)
+        error = row.get(READ_ERROR)
+        image_col, bytes_col = _first(config.image_column, names), _first(config.bytes_column, names)
+        id_col, alt_col = _first(config.id_column, names), _first(config.alt_text_column, names)
+        uri = resolve_image_uri(_text(row.get(image_col)) if image_col else None, base)
+        data = row.get(bytes_col) if bytes_col else None
+        data = bytes(data) if isinstance(data, (bytes, bytearray)) else None
+        given = _text(row.get(id_col)) if id_col else None
+        given = given.strip() if given else ""
+        if error is not None:
+            uri = uri or row.get(SOURCE)
+            given = given or derive_image_id(f"{row.get(SOURCE)}#{ordinal}", None)
+        out["image_id"].append(given or derive_image_id(uri, data, {k: v for k, v in row.items() if k != bytes_col}))
         out["image_uri"].append(uri)
-        out["image_bytes"].append(bytes(data) if data is not None else None)
-        out["alt_text"].append(_text(alts[i]))
-        for name in (REJECT_STAGE, REJECT_REASON, REJECT_MESSAGE):
-            out[name].append(None)
+        out["image_bytes"].append(data)
+        out["alt_text"].append(_text(row.get(alt_col)) if alt_col else None)
+        out["ordinal"].append(ordinal)
+        out[REJECT_STAGE].append("read" if error is not None else None)
+        out[REJECT_REASON].append(row.get(READ_REASON, "bad_manifest_row") if error is not None else None)
+        out[REJECT_MESSAGE].append(error)
     return pa.table(out, schema=INPUT_SCHEMA)
+
+
+def normalize_manifest_batch(table: pa.Table, config: InputConfig, base: str, first_ordinal: int = 0) -> pa.Table:
+    """normalize_rows for an Arrow batch whose rows are numbered from FIRST_ORDINAL."""
+    return normalize_rows(table.to_pylist(), list(range(first_ordinal, first_ordinal + table.num_rows)), config, base)
+
+
+def iter_manifest_rows(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None,
+                       chunk_rows: int = 2048) -> Iterator[list[dict[str, Any]]]:
+    """Chunks of raw rows of one manifest file, in file order. Parquet is read by record batch, CSV as
+    strings (so one odd value cannot change a column's type), JSON lines one by one: a line that is
+    not a JSON object becomes an error row, and an unreadable file one error row."""
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    kind = MANIFEST_SUFFIXES[posixpath.splitext(uri.split("?")[0])[1].lower()]
+    fs, path = filesystem(uri, storage_options)
+    try:
+        with fs.open(path, "rb") as f:
+            if kind == "parquet":
+                for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk_rows):
+                    yield batch.to_pylist()
+            elif kind == "csv":
+                header = pcsv.open_csv(f).schema.names
+                f.seek(0)
+                convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in header},
+                                              strings_can_be_null=False)
+                for batch in pcsv.open_csv(f, convert_options=convert):
+                    rows = batch.to_pylist()
+                    yield [{k: (v if v != "" else None) for k, v in r.items()} for r in rows]
+            else:
+                chunk: list[dict[str, Any]] = []
+                for number, line in enumerate(f, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                        if not isinstance(row, dict):
+                            raise ValueError(f"a JSON {type(row).__name__}, not an object")
+                    except ValueError as e:
+                        row = {READ_ERROR: f"{uri} line {number}: {e}"[:500], SOURCE: uri}
+                    chunk.append(row)
+                    if len(chunk) >= chunk_rows:
+                        yield chunk
+                        chunk = []
+                if chunk:
+                    yield chunk
+    except Exception as e:  # noqa: BLE001 - an unreadable manifest file is a reject, not a crash
+        yield [{READ_ERROR: f"{uri}: {describe_error(e)}"[:500], READ_REASON: "unreadable_manifest", SOURCE: uri}]
+
+
+def read_manifest_files(batch: pa.Table, config: InputConfig, storage_options, bases: Mapping[str, str]):
+    """Ray Data generator UDF: one row per manifest file in, INPUT_SCHEMA batches out."""
+    for uri, index in zip(batch.column("uri").to_pylist(), batch.column("index").to_pylist()):
+        row = 0
+        for chunk in iter_manifest_rows(uri, storage_options):
+            ordinals = [(index << ORDINAL_FILE_SHIFT) + row + k for k in range(len(chunk))]
+            row += len(chunk)
+            yield normalize_rows(chunk, ordinals, config, bases[uri])
+
+
+def read_webdataset_files(batch: pa.Table, storage_options, chunk_rows: int = 256):
+    """Ray Data generator UDF: one row per tar in, INPUT_SCHEMA batches out."""
+    for uri, index in zip(batch.column("uri").to_pylist(), batch.column("index").to_pylist()):
+        chunk: list[dict[str, Any]] = []
+        for row, sample in enumerate(iter_webdataset(uri, storage_options)):
+            chunk.append({**sample, "ordinal": (index << ORDINAL_FILE_SHIFT) + row})
+            if len(chunk) >= chunk_rows:
+                yield pa.Table.from_pylist(chunk, schema=INPUT_SCHEMA)
+                chunk = []
+        if chunk:
+            yield pa.Table.from_pylist(chunk, schema=INPUT_SCHEMA)
 
 
 def iter_webdataset(tar_uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None,
@@ -187,33 +271,22 @@ def read_inputs(uri: str, config: InputConfig, storage_options: Mapping[str, Map
             kind = "folder"
         else:
             raise ValueError(f"input {uri} looks like a {kind}, but the config says {config.format}")
+    files_ds = ray.data.from_items([{"uri": f, "index": i} for i, f in enumerate(files)],
+                                   override_num_blocks=max(1, min(len(files), 256)))
     if kind == "manifest":
-        reader = {"parquet": ray.data.read_parquet, "json": ray.data.read_json, "csv": ray.data.read_csv}[
-            MANIFEST_SUFFIXES[posixpath.splitext(files[0])[1].lower()]]
-        fs, _ = pyarrow_filesystem(files[0], storage_options)
-        paths = [f.split("://", 1)[-1] if fs is not None else f for f in files]
-        kwargs: dict[str, Any] = {"filesystem": fs} if fs is not None else {}
-        # read_json parses newline-delimited JSON with pyarrow (its `lines=True` pandas path
-        # cannot take a filesystem): .json and .jsonl manifests hold one object per line.
-        ds = reader(paths, **kwargs)
-        base = parent_uri(files[0]) if len(files) == 1 else (uri.rstrip("/"))
-        ds = ds.map_batches(normalize_manifest_batch, batch_format="pyarrow",
-                            fn_kwargs={"config": config, "base": base})
+        bases = {f: parent_uri(f) for f in files}
+        ds = files_ds.map_batches(read_manifest_files, batch_size=1, batch_format="pyarrow",
+                                  fn_kwargs={"config": config, "storage_options": storage_options, "bases": bases})
     elif kind == "webdataset":
-        ds = ray.data.from_items([{"tar": f} for f in files])
-        ds = ds.flat_map(lambda row: iter_webdataset(row["tar"], storage_options))
-        ds = ds.map_batches(_cast_input, batch_format="pyarrow")
+        ds = files_ds.map_batches(read_webdataset_files, batch_size=1, batch_format="pyarrow",
+                                  fn_kwargs={"storage_options": storage_options})
     else:
         exts = tuple(e.lower() for e in config.image_extensions)
         images = [f for f in files if f.lower().endswith(exts)]
-        ds = ray.data.from_items([{"image": f} for f in images] or [])
-        ds = ds.map_batches(normalize_manifest_batch, batch_format="pyarrow",
-                            fn_kwargs={"config": config, "base": uri})
+        table = normalize_rows([{"image": f} for f in images], list(range(len(images))), config, uri)
+        ds = ray.data.from_arrow(table)
     if config.limit:
         ds = ds.limit(config.limit)
     return ds, kind
 
 
-def _cast_input(table: pa.Table) -> pa.Table:
-    return pa.table({f.name: table.column(f.name).cast(f.type) if f.name in table.column_names
-                     else pa.nulls(table.num_rows, f.type) for f in INPUT_SCHEMA}, schema=INPUT_SCHEMA)

@@ -45,6 +45,7 @@ def split_rows_and_rejects(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table
             "stage": bad.column(REJECT_STAGE),
             "reason": bad.column(REJECT_REASON),
             "message": bad.column(REJECT_MESSAGE),
+            "ordinal": bad.column("ordinal") if "ordinal" in bad.column_names else pa.nulls(bad.num_rows, pa.int64()),
         },
         schema=REJECT_SCHEMA,
     )

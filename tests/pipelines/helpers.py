@@ -72,5 +72,5 @@ def assert_accounted(rows: pd.DataFrame, rejects: pd.DataFrame, manifest: dict, 
     assert got == expected
     assert len(rows) + len(rejects) == len(expected)  # nothing doubled
     counts = manifest["counts"]
-    assert counts["inputs_read"] == len(expected) == counts["rows"] + counts["rejects"]
+    assert counts["inputs"] == len(expected) == counts["rows"] + counts["rejects"]
     assert counts["accounted"] is True

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.annotate import OutputExistsError, run_annotate
+from pipelines.annotate import run_annotate
+from vesl.runstate import OutputConflictError
 from tests.conftest import REPO, SAMPLE, encode, photo
 from tests.pipelines.helpers import EXPECTED, assert_accounted, make_manifest, read_output
 from vesl.config import load_config
@@ -86,7 +87,7 @@ def test_img2dataset_parquet_with_embedded_bytes_and_webdataset_tars(tmp_path, t
 def test_an_existing_output_is_refused_unless_overwrite(tmp_path, tiny_dir, ray_local):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputConflictError, match="holds no vesl run"):
         run_annotate(str(SAMPLE / "manifest.jsonl"), str(tmp_path / "out"), load_config(preset_name="tiny"))
     assert (tmp_path / "out" / "keep.txt").exists()
 
@@ -99,10 +100,14 @@ def test_the_script_entry_point_on_a_manifest(tmp_path, tiny_dir):
                            str(tmp_path / "out"), "--preset", "tiny"],
                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "9 inputs -> 5 rows" in proc.stdout
+    assert "9 inputs -> 5 rows" in proc.stdout, proc.stdout
     rows, rejects, manifest_json = read_output(tmp_path / "out")
     assert_accounted(rows, rejects, manifest_json, EXPECTED)
     again = subprocess.run([sys.executable, str(REPO / "pipelines" / "annotate.py"), str(manifest),
                             str(tmp_path / "out"), "--preset", "tiny"],
                            env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert again.returncode == 2 and "not empty" in again.stderr
+    # the same command again resumes: nothing is left to do, nothing is doubled
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed: 0 processed now" in again.stdout
+    rows, rejects, manifest_json = read_output(tmp_path / "out")
+    assert_accounted(rows, rejects, manifest_json, EXPECTED)

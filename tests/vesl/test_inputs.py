@@ -91,7 +91,7 @@ def test_csv_manifest_and_image_folder_through_ray_data(tmp_path, ray_local):
     rows = sorted(ds.take_all(), key=lambda r: r["image_id"])
     assert kind == "manifest"
     assert [(r["image_id"], r["image_uri"], r["alt_text"]) for r in rows] == [
-        ("7", str(tmp_path / "imgs" / "a.jpg"), 'a dog, running "fast"'), ("8", str(tmp_path / "imgs" / "b.png"), "")]
+        ("7", str(tmp_path / "imgs" / "a.jpg"), 'a dog, running "fast"'), ("8", str(tmp_path / "imgs" / "b.png"), None)]
 
     ds, kind = read_inputs(str(tmp_path / "imgs"), InputConfig(), None)
     assert kind == "folder"
