@@ -89,7 +89,8 @@ class CaptionImages:
     def caption_images(self, images: list[Image.Image]) -> list[str]:
         """Captions for IMAGES, in order (one batched generate call)."""
         texts = self._prompt_texts(len(images))
-        kwargs: dict[str, Any] = {"images": images, "return_tensors": "pt"}
+        # channels_last said explicitly: a 3-pixel-high image would otherwise be read as channels-first
+        kwargs: dict[str, Any] = {"images": images, "return_tensors": "pt", "input_data_format": "channels_last"}
         if texts is not None:
             kwargs.update(text=texts, padding=True)
         inputs = self.processor(**kwargs).to(self.device)

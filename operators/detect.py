@@ -171,7 +171,8 @@ class DetectRegions:
     def detect(self, images: list[Image.Image], queries: list[list[str]]) -> list[list[tuple[np.ndarray, int, float]]]:
         """Regions for each image: (normalised box, query index, score), best first."""
         torch = self._torch
-        pixel_values = self.processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        pixel_values = self.processor.image_processor(
+            images=images, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
         input_ids, attention_mask, valid = self.query_tensors(queries)
         with torch.inference_mode():
             out = self.model(

@@ -121,6 +121,7 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
     todo = inputs.map_batches(plan_batch, batch_format="pyarrow", fn_kwargs={
         "duplicates": duplicates, "done_ids": np.asarray(done_ids, dtype=object),
         "done_ordinals": np.asarray(done_ordinals, dtype=np.int64)})
+    todo = todo.repartition(target_num_rows_per_block=config.input.block_rows)  # streaming split, no shuffle
     ds, pools = build(todo, config, storage_options, use_gpu)
     sink = make_datasink(output_uri, run_id, footer_metadata(config, models), storage_options,
                          config.output.rows_per_shard, config.output.compression)

@@ -72,6 +72,7 @@ class AnnotateConfig(StageConfig):
         """Hash of everything that changes the labels (not paths, credentials or resources)."""
         label = self.model_dump(mode="json", include={"input", "decode", "caption", "phrases", "detect"})
         label["input"].pop("limit", None)
+        label["input"].pop("block_rows", None)
         return hashlib.sha256(json.dumps(label, sort_keys=True).encode()).hexdigest()[:16]
 
     def public_dict(self) -> dict[str, Any]:

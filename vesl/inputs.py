@@ -53,6 +53,12 @@ class InputConfig(StageConfig):
                                        description="Alt-text column names (img2dataset: caption).")
     image_extensions: list[str] = Field(default=list(IMAGE_SUFFIXES), description="Files a folder input reads.")
     limit: int | None = Field(default=None, ge=1, description="Read only the first N inputs (smoke runs).")
+    block_rows: int = Field(
+        default=32, ge=1,
+        description="Rows per Ray Data block, the unit that streams from stage to stage. A reader emits a whole "
+        "manifest file as one block; it is split into blocks of this size so stages overlap and shards land "
+        "progressively (32 decoded 1024-px images are about 100 MB).",
+    )
 
 
 def derive_image_id(uri: str | None, data: bytes | None, row: Mapping[str, Any] | None = None) -> str:

@@ -1,0 +1,138 @@
+"""Nothing lost, nothing doubled: hostile input, a killed driver, a killed model actor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipelines.annotate import run_annotate
+from tests.conftest import REPO, encode, photo
+from tests.pipelines.helpers import read_output
+from vesl.config import load_config
+from vesl.hostile import EXTRA_REJECTS, write_hostile_sample
+
+pytestmark = pytest.mark.slow
+SCRIPT = str(REPO / "pipelines" / "annotate.py")
+
+
+def script_env(tiny_dir) -> dict:
+    return {**os.environ, "VESL_TINY_DIR": str(tiny_dir), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+
+
+def many_images(root: Path, n: int) -> Path:
+    (root / "images").mkdir(parents=True)
+    lines = []
+    for i in range(n):
+        (root / "images" / f"{i:03d}.jpg").write_bytes(encode(photo(48 + i % 5 * 8, 40, seed=i)))
+        lines.append(f'{{"id": "img{i:03d}", "image": "images/{i:03d}.jpg", "alt_text": "a red car and a dog {i}"}}')
+    (root / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return root / "manifest.jsonl"
+
+
+def test_hostile_manifest_every_valid_image_a_row_every_broken_one_a_specific_reject(tmp_path, tiny_dir):
+    manifest, expected = write_hostile_sample(tmp_path / "in")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, SCRIPT, str(manifest), str(out), "--preset", "tiny"],
+                          env=script_env(tiny_dir), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows, rejects, result = read_output(out)
+    valid = {k for k, v in expected.items() if v is None}
+    assert set(rows["image_id"]) == valid and len(rows) == len(valid)
+    reasons = rejects.groupby("image_id")["reason"].apply(list).to_dict()
+    for key, reason in expected.items():
+        if reason is not None:
+            assert reasons.pop(key) == [reason], key
+    # what is left: the duplicate 'plain' and the two manifest lines that are not JSON objects
+    leftover = sorted(r for rs in reasons.values() for r in rs)
+    assert leftover == sorted(r for r, n in EXTRA_REJECTS.items() for _ in range(n))
+    assert reasons.get("plain") == ["duplicate"]
+    counts = result["counts"]
+    assert counts["inputs"] == len(expected) + sum(EXTRA_REJECTS.values()) == counts["rows"] + counts["rejects"]
+    assert counts["accounted"] and counts["duplicate_ids"] == 1
+    sizes = rows.set_index("image_id")[["width", "height"]].T.to_dict("list")
+    assert sizes["exif_rotated"] == [20, 60] and sizes["wide_2000x3"] == [2000, 3] and sizes["one_by_one"] == [1, 1]
+    alts = dict(zip(rows["image_id"], rows["alt_text"]))
+    assert len(alts["palette_alpha"]) == 80_000 and "🐈" in alts["grayscale"]
+    # ids and URIs never steer where files go: every file is vesl's own, inside OUTPUT
+    for path in out.rglob("*"):
+        assert path.resolve().is_relative_to(out.resolve())
+        if path.is_file():
+            assert path.name in ("manifest.json", "_vesl_run.json") or path.name.startswith("part-"), path
+    assert not (tmp_path / "etc").exists()
+
+
+def test_kill_the_driver_then_rerun_finishes_only_the_rest(tmp_path, tiny_dir):
+    manifest = many_images(tmp_path / "in", 40)
+    out = tmp_path / "out"
+    cmd = [sys.executable, SCRIPT, str(manifest), str(out), "--preset", "tiny",
+           "--set", "output.rows_per_shard=2", "--set", "decode.batch_size=2", "--set", "caption.batch_size=2",
+           "--set", "phrases.batch_size=2", "--set", "detect.batch_size=2", "--set", "input.block_rows=2"]
+    first = subprocess.Popen(cmd, env=script_env(tiny_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((out / "data").glob("*.parquet")):
+        assert first.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "no shard appeared"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert not (out / "manifest.json").exists()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
+    assert before
+
+    second = subprocess.run(cmd, env=script_env(tiny_dir), capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rows, rejects, result = read_output(out)
+    assert len(rejects) == 0 and sorted(rows["image_id"]) == [f"img{i:03d}" for i in range(40)]
+    assert result["mode"] == "resume" and result["counts"]["accounted"]
+    processed = result["this_run"]["inputs"]
+    assert 0 < processed < 40  # the rest only: what the killed run finished is not redone
+    assert f"resumed: {processed} processed now" in second.stdout
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
+    assert all(after[name] == mtime for name, mtime in before.items())  # earlier shards untouched
+
+
+def _model_actor_pids(name: str) -> set[int]:
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if name.encode() in (proc / "cmdline").read_bytes():
+                    pids.add(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_killed_model_actor_is_restarted_and_the_run_completes(tmp_path, tiny_dir, ray_local):
+    manifest = many_images(tmp_path / "in", 24)
+    out = tmp_path / "out"
+    config = load_config(preset_name="tiny", overrides=[
+        "output.rows_per_shard=2", "decode.batch_size=2", "caption.batch_size=2", "phrases.batch_size=2",
+        "detect.batch_size=2", "input.block_rows=2"])
+    killed: list[int] = []
+
+    def kill_detector_once():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            pids = _model_actor_pids("MapBatches(DetectRegions)")
+            if pids and list((out / "data").glob("*.parquet")):
+                for pid in pids:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_detector_once, daemon=True)
+    killer.start()
+    result = run_annotate(str(manifest), str(out), config)
+    killer.join(timeout=5)
+    assert killed, "the detector actor was never seen"
+    rows, rejects, written = read_output(out)
+    assert sorted(rows["image_id"]) == [f"img{i:03d}" for i in range(24)] and len(rejects) == 0
+    assert result["counts"]["accounted"]
