@@ -34,7 +34,7 @@ from vesl.config import AnnotateConfig, load_config  # noqa: E402
 from vesl.inputs import read_inputs  # noqa: E402
 from vesl.resources import plan_pools  # noqa: E402
 from vesl.runstate import (  # noqa: E402
-    OutputConflictError, completed, count_outputs, find_duplicates, output_files, plan_batch, prepare_output,
+    OutputConflictError, completed, count_outputs, find_duplicates, funnel, output_files, plan_batch, prepare_output,
 )
 from vesl.writer import MANIFEST, make_datasink, merge_counts, write_manifest  # noqa: E402
 
@@ -132,8 +132,10 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
     counts = count_outputs(output_uri, storage_options)  # every file in OUTPUT, all runs
     counts["inputs"] = total_inputs
     counts["duplicate_ids"] = len(duplicates)
+    counts["funnel"] = funnel(total_inputs, counts["by_stage"])
     counts["accounted"] = (counts["rows"] + counts["rejects"] == total_inputs
-                           and counts["unique_row_ids"] == counts["rows"])
+                           and counts["unique_row_ids"] == counts["rows"]
+                           and counts["funnel"][-1]["passed"] == counts["rows"])
     manifest = {
         "vesl_version": __version__,
         "schema_version": SCHEMA_VERSION,

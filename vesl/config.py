@@ -73,6 +73,9 @@ class AnnotateConfig(StageConfig):
         label = self.model_dump(mode="json", include={"input", "decode", "caption", "phrases", "detect"})
         label["input"].pop("limit", None)
         label["input"].pop("block_rows", None)
+        for section in label.values():  # how fast, not what: batch sizes and device may change on resume
+            section.pop("batch_size", None)
+            section.pop("device", None)
         return hashlib.sha256(json.dumps(label, sort_keys=True).encode()).hexdigest()[:16]
 
     def public_dict(self) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from vesl.storage import filesystem, join_uri
 from vesl.writer import DATA_DIR, MANIFEST, REJECTS_DIR, TMP_DIR
 
 RUN_STATE = "_vesl_run.json"
+STAGES = ("read", "decode", "caption", "phrases", "detect")
 
 
 class OutputConflictError(RuntimeError):
@@ -148,10 +149,21 @@ def count_outputs(output: str, storage_options) -> dict[str, Any]:
             "phrases": phrases, "by_stage": dict(sorted(by_stage.items())), "by_reason": dict(sorted(by_reason.items()))}
 
 
+def funnel(inputs: int, by_stage: Mapping[str, int]) -> list[dict[str, Any]]:
+    """Per stage, in order: how many inputs entered it, how many it rejected, how many went on.
+    The last stage's `passed` must equal the number of output rows."""
+    out, entered = [], inputs
+    for stage in STAGES:
+        rejected = int(by_stage.get(stage, 0))
+        out.append({"stage": stage, "entered": entered, "rejected": rejected, "passed": entered - rejected})
+        entered -= rejected
+    return out
+
+
 def output_files(output: str, storage_options) -> list[str]:
     return [join_uri(output, sub, p.rsplit("/", 1)[-1]) for sub in (DATA_DIR, REJECTS_DIR)
             for _, p in _parquet_files(output, sub, storage_options)]
 
 
-__all__ = ["MANIFEST", "OutputConflictError", "RUN_STATE", "completed", "count_outputs", "find_duplicates",
+__all__ = ["MANIFEST", "OutputConflictError", "RUN_STATE", "completed", "count_outputs", "find_duplicates", "funnel",
            "output_files", "plan_batch", "prepare_output"]

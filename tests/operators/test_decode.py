@@ -1,7 +1,5 @@
 import io
-import struct
 import time
-import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -11,19 +9,7 @@ from PIL import Image
 from operators.base import REJECT_REASON, image_from_row
 from operators.decode import DecodeConfig, DecodeImages, decode_image
 from tests.conftest import encode, photo
-
-
-def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
-    """A valid 1-bit PNG of WIDTH x HEIGHT that compresses to a few hundred KB."""
-    row = b"\x00" + b"\x00" * ((width + 7) // 8)
-    comp = zlib.compressobj(9)
-    data = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-
-    def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+from vesl.hostile import bomb_png
 
 
 def exif_rotated_jpeg() -> bytes:

@@ -74,3 +74,4 @@ def assert_accounted(rows: pd.DataFrame, rejects: pd.DataFrame, manifest: dict, 
     counts = manifest["counts"]
     assert counts["inputs"] == len(expected) == counts["rows"] + counts["rejects"]
     assert counts["accounted"] is True
+    assert counts["funnel"][0]["entered"] == len(expected) and counts["funnel"][-1]["passed"] == len(rows)

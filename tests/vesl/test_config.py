@@ -46,3 +46,5 @@ def test_label_hash_ignores_paths_resources_and_secrets_but_not_thresholds():
     base = AnnotateConfig().label_hash()
     assert load_config(overrides=["storage.secret=x", "ray.no_progress_timeout_s=5"]).label_hash() == base
     assert load_config(overrides=["detect.threshold=0.2"]).label_hash() != base
+    assert load_config(overrides=["detect.batch_size=64", "caption.device=cuda:1"]).label_hash() == base
+    assert load_config(overrides=["caption.dtype=bfloat16"]).label_hash() != base

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from operators.base import REJECT_REASON, as_table
-from vesl.runstate import RUN_STATE, OutputConflictError, _isin, plan_batch, prepare_output
+from vesl.runstate import RUN_STATE, OutputConflictError, _isin, funnel, plan_batch, prepare_output
 
 
 def batch(ids, ordinals):
@@ -51,3 +51,9 @@ def test_output_policy(tmp_path):
     (tmp_path / "foreign" / "x.txt").write_text("not ours")
     with pytest.raises(OutputConflictError, match="holds no vesl run"):
         prepare_output(str(tmp_path / "foreign"), "in.jsonl", "h1", "resume", None)
+
+
+def test_funnel_accounts_per_stage():
+    stages = funnel(10, {"read": 1, "decode": 3, "detect": 1})
+    assert [(s["stage"], s["entered"], s["rejected"], s["passed"]) for s in stages] == [
+        ("read", 10, 1, 9), ("decode", 9, 3, 6), ("caption", 6, 0, 6), ("phrases", 6, 0, 6), ("detect", 6, 1, 5)]
