@@ -5,7 +5,6 @@ local or on any fsspec URI, into rows of INPUT_SCHEMA: image_id, image_uri, imag
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import posixpath
 import tarfile
@@ -195,51 +194,58 @@ def read_webdataset_files(batch: pa.Table, storage_options, chunk_rows: int = 25
             yield pa.Table.from_pylist(chunk, schema=INPUT_SCHEMA)
 
 
+def _webdataset_row(tar_uri: str, key: str, parts: Mapping[str, bytes],
+                    image_suffixes: tuple[str, ...]) -> dict[str, Any]:
+    meta: dict[str, Any] = {}
+    if "json" in parts:
+        try:
+            meta = json.loads(parts["json"])
+        except ValueError:
+            meta = {}
+        meta = meta if isinstance(meta, dict) else {}
+    image_suffix = next((s.lstrip(".") for s in image_suffixes if s.lstrip(".") in parts), None)
+    alt = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else _text(meta.get("caption"))
+    row = {"image_id": _text(meta.get("key")) or posixpath.basename(key),
+           "image_uri": _text(meta.get("url")) or f"{tar_uri}#{key}.{image_suffix or 'jpg'}",
+           "image_bytes": parts.get(image_suffix) if image_suffix else None, "alt_text": alt,
+           REJECT_STAGE: None, REJECT_REASON: None, REJECT_MESSAGE: None}
+    if image_suffix is None:
+        row.update({REJECT_STAGE: "read", REJECT_REASON: "missing_image",
+                    REJECT_MESSAGE: f"sample {key!r} in {tar_uri} has no image member"})
+    return row
+
+
 def iter_webdataset(tar_uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None,
                     image_suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> Iterator[dict[str, Any]]:
     """Rows of an img2dataset tar: KEY.jpg (or another image suffix) + KEY.txt + KEY.json.
 
-    A tar that cannot be read becomes one row rejected at stage 'read'; a key with text but no
-    image becomes a 'missing_image' reject."""
-    samples: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
+    The tar is streamed, one sample at a time (a sample's members are consecutive, as img2dataset
+    and webdataset write them). A key with no image becomes a 'missing_image' reject. A tar that
+    breaks off becomes an 'unreadable_shard' reject for the shard, and one for the sample it broke in."""
+    key, parts = None, {}
     try:
         fs, path = filesystem(tar_uri, storage_options)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=io.BytesIO(f.read()), mode="r:*") as tar:
+        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
-                if not member.isfile():
+                name_key, _, suffix = member.name.rpartition(".")
+                if not member.isfile() or not name_key:
                     continue
-                key, _, suffix = member.name.rpartition(".")
-                if not key:
-                    continue
-                if key not in samples:
-                    samples[key] = {}
-                    order.append(key)
-                samples[key][suffix.lower()] = tar.extractfile(member).read()
+                if name_key != key:
+                    if key is not None:
+                        yield _webdataset_row(tar_uri, key, parts, image_suffixes)
+                    key, parts = name_key, {}
+                parts[suffix.lower()] = tar.extractfile(member).read()
+        if key is not None:
+            yield _webdataset_row(tar_uri, key, parts, image_suffixes)
     except Exception as e:  # noqa: BLE001 - an unreadable shard is a reject, not a crash
+        message = describe_error(e)[:500]
+        if key is not None:
+            row = _webdataset_row(tar_uri, key, parts, image_suffixes)
+            row.update({REJECT_STAGE: "read", REJECT_REASON: "unreadable_shard",
+                        REJECT_MESSAGE: f"{tar_uri} broke off in this sample: {message}"})
+            yield row
         yield {"image_id": derive_image_id(tar_uri, None), "image_uri": tar_uri, "image_bytes": None,
-               "alt_text": None, REJECT_STAGE: "read", REJECT_REASON: "unreadable_shard",
-               REJECT_MESSAGE: describe_error(e)}
-        if not order:
-            return
-    for key in order:
-        parts = samples[key]
-        meta: dict[str, Any] = {}
-        if "json" in parts:
-            try:
-                meta = json.loads(parts["json"])
-            except ValueError:
-                meta = {}
-        image_suffix = next((s.lstrip(".") for s in image_suffixes if s.lstrip(".") in parts), None)
-        alt = parts["txt"].decode("utf-8", errors="replace") if "txt" in parts else _text(meta.get("caption"))
-        row = {"image_id": _text(meta.get("key")) or posixpath.basename(key),
-               "image_uri": _text(meta.get("url")) or f"{tar_uri}#{key}.{image_suffix or 'jpg'}",
-               "image_bytes": parts.get(image_suffix) if image_suffix else None, "alt_text": alt,
-               REJECT_STAGE: None, REJECT_REASON: None, REJECT_MESSAGE: None}
-        if image_suffix is None:
-            row.update({REJECT_STAGE: "read", REJECT_REASON: "missing_image",
-                        REJECT_MESSAGE: f"sample {key!r} in {tar_uri} has no image member"})
-        yield row
+               "alt_text": None, REJECT_STAGE: "read", REJECT_REASON: "unreadable_shard", REJECT_MESSAGE: message}
 
 
 def detect_format(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -> tuple[str, list[str]]:

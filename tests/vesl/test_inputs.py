@@ -96,3 +96,15 @@ def test_csv_manifest_and_image_folder_through_ray_data(tmp_path, ray_local):
     ds, kind = read_inputs(str(tmp_path / "imgs"), InputConfig(), None)
     assert kind == "folder"
     assert sorted(r["image_uri"] for r in ds.take_all()) == [str(tmp_path / "imgs" / n) for n in ("a.jpg", "b.png")]
+
+
+def test_a_tar_that_breaks_off_keeps_its_finished_samples(tmp_path):
+    jpg = encode(photo(16, 16))
+    write_tar(tmp_path / "full.tar", [(f"{k:04d}.{s}", d) for k in range(3) for s, d in (("jpg", jpg), ("txt", b"x"))])
+    data = (tmp_path / "full.tar").read_bytes()
+    with tarfile.open(tmp_path / "full.tar") as tar:
+        third = tar.getmember("0002.jpg").offset_data
+    (tmp_path / "cut.tar").write_bytes(data[: third + 100])  # breaks off inside the third sample's image
+    rows = list(iter_webdataset(str(tmp_path / "cut.tar"), None))
+    assert [(r["image_id"], r["reject_reason"]) for r in rows][:2] == [("0000", None), ("0001", None)]
+    assert all(r["reject_reason"] == "unreadable_shard" for r in rows[2:]) and len(rows) >= 3
