@@ -30,6 +30,11 @@ class DecodeConfig(StageConfig):
         "(decompression-bomb guard; 100 MP is a 10000x10000 photo).",
     )
     max_bytes: int = Field(default=64 * 1024 * 1024, description="Refuse encoded files larger than this.")
+    fetch_timeout_s: float = Field(
+        default=60.0, gt=0,
+        description="Give up on one http(s):// or s3:// fetch after this long (a 'fetch_failed' reject), "
+        "unless the storage options set their own timeouts.",
+    )
     min_side: int = Field(default=1, ge=1, description="Refuse images whose shorter side is below this.")
     working_max_side: int = Field(
         default=1024, ge=32,
@@ -49,7 +54,29 @@ class DecodeError(Exception):
         self.reason = reason
 
 
-def fetch_bytes(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None, max_bytes: int) -> bytes:
+def with_timeout(uri: str, options: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+    """Add a per-request timeout to the fsspec options of network URIs (kept if already set)."""
+    from vesl.storage import protocol_of
+
+    protocol = protocol_of(uri)
+    if timeout_s is None:
+        return options
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        client = dict(options.get("client_kwargs", {}))
+        client.setdefault("timeout", aiohttp.ClientTimeout(total=timeout_s))
+        return {**options, "client_kwargs": client}
+    if protocol in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs", {}))
+        config.setdefault("connect_timeout", timeout_s)
+        config.setdefault("read_timeout", timeout_s)
+        return {**options, "config_kwargs": config}
+    return options
+
+
+def fetch_bytes(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None, max_bytes: int,
+                timeout_s: float | None = None) -> bytes:
     """Read a local path or any fsspec URI, refusing files over MAX_BYTES without reading them whole.
 
     STORAGE_OPTIONS are fsspec options by protocol ({"s3": {...}})."""
@@ -58,7 +85,7 @@ def fetch_bytes(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | Non
     from vesl.storage import options_for
 
     try:
-        with fsspec.open(uri, "rb", **options_for(uri, storage_options)) as f:
+        with fsspec.open(uri, "rb", **with_timeout(uri, options_for(uri, storage_options), timeout_s)) as f:
             data = f.read(max_bytes + 1)
     except FileNotFoundError as e:
         raise DecodeError("not_found", f"no such file: {uri}") from e
@@ -158,7 +185,8 @@ class DecodeImages:
                     if data is None:
                         if not uris[i]:
                             raise DecodeError("missing_input", "row has neither image bytes nor an image URI")
-                        data = fetch_bytes(uris[i], self.storage_options, self.config.max_bytes)
+                        data = fetch_bytes(uris[i], self.storage_options, self.config.max_bytes,
+                                           self.config.fetch_timeout_s)
                     elif len(data) > self.config.max_bytes:
                         raise DecodeError("file_too_large", f"more than {self.config.max_bytes} bytes")
                     image, ow[i], oh[i] = decode_image(data, self.config)

@@ -104,3 +104,12 @@ def test_embed_images_keeps_the_original_bytes():
     assert out.column("image_bytes")[0].as_py() == data
     out = DecodeImages()(pa.table({"image_id": ["a"], "image_bytes": [data]}))
     assert out.column("image_bytes")[0].as_py() is None
+
+
+def test_network_fetches_get_a_timeout_unless_one_is_set():
+    from operators.decode import with_timeout
+
+    assert with_timeout("https://x/a.jpg", {}, 5.0)["client_kwargs"]["timeout"].total == 5.0
+    s3 = with_timeout("s3://b/a.jpg", {"config_kwargs": {"read_timeout": 1}}, 5.0)["config_kwargs"]
+    assert s3 == {"read_timeout": 1, "connect_timeout": 5.0}
+    assert with_timeout("/local/a.jpg", {}, 5.0) == {}
