@@ -6,7 +6,6 @@ import io
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -40,15 +39,10 @@ def ray_local():
 
 
 def photo(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
-    """A real-looking test image: smooth gradients plus a few solid shapes (not flat noise)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([(x * 255 // max(width - 1, 1)), (y * 255 // max(height - 1, 1)),
-                     ((x + y) * 127 // max(width + height - 2, 1))], axis=-1).astype(np.uint8)
-    for _ in range(3):
-        x0, y0 = rng.integers(0, max(width - 1, 1)), rng.integers(0, max(height - 1, 1))
-        base[y0:y0 + max(height // 4, 1), x0:x0 + max(width // 4, 1)] = rng.integers(0, 255, 3)
-    return Image.fromarray(base).convert(mode)
+    """A real-looking test image (vesl.hostile's generator) in MODE."""
+    from vesl.hostile import photo as rgb_photo
+
+    return rgb_photo(width, height, seed).convert(mode)
 
 
 def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:

@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image
 
 
-def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """A real-looking RGB test image: smooth gradients and a solid block (not flat noise)."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
     pixels = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
@@ -46,24 +47,24 @@ def bomb_png(width: int = 30000, height: int = 30000) -> bytes:
 def _valid_files() -> dict[str, tuple[str, bytes]]:
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 on display
-    frames = [_photo(24, 16, seed=i) for i in range(3)]
+    frames = [photo(24, 16, seed=i) for i in range(3)]
     gif = io.BytesIO()
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=40, loop=0)
     sixteen = Image.fromarray((np.arange(48 * 32, dtype=np.uint16).reshape(32, 48) * 40))
-    palette = _photo(40, 30, seed=3).convert("P", palette=Image.Palette.ADAPTIVE)
+    palette = photo(40, 30, seed=3).convert("P", palette=Image.Palette.ADAPTIVE)
     return {
-        "cmyk": ("cmyk.jpg", _encode(_photo(60, 40, 1).convert("CMYK"), "JPEG")),
+        "cmyk": ("cmyk.jpg", _encode(photo(60, 40, 1).convert("CMYK"), "JPEG")),
         "sixteen_bit": ("sixteen.png", _encode(sixteen, "PNG")),
         "palette_alpha": ("palette.png", _encode(palette, "PNG", transparency=0)),
-        "grayscale": ("gray.jpg", _encode(_photo(50, 50, 2).convert("L"), "JPEG")),
+        "grayscale": ("gray.jpg", _encode(photo(50, 50, 2).convert("L"), "JPEG")),
         "animated_gif": ("anim.gif", gif.getvalue()),
-        "webp": ("pic.webp", _encode(_photo(64, 48, 4), "WEBP")),
-        "exif_rotated": ("rotated.jpg", _encode(_photo(60, 20, 5), "JPEG", exif=exif.tobytes())),
-        "one_by_one": ("one.png", _encode(_photo(1, 1), "PNG")),
-        "wide_2000x3": ("wide.png", _encode(_photo(2000, 3, 6), "PNG")),
-        "short_500x3": ("short.png", _encode(_photo(500, 3, 8), "PNG")),  # (3, 500, 3): looks channels-first
-        "tall_1x3": ("tall.png", _encode(_photo(1, 3, 9), "PNG")),
-        "plain": ("plain.jpg", _encode(_photo(80, 60, 7), "JPEG")),
+        "webp": ("pic.webp", _encode(photo(64, 48, 4), "WEBP")),
+        "exif_rotated": ("rotated.jpg", _encode(photo(60, 20, 5), "JPEG", exif=exif.tobytes())),
+        "one_by_one": ("one.png", _encode(photo(1, 1), "PNG")),
+        "wide_2000x3": ("wide.png", _encode(photo(2000, 3, 6), "PNG")),
+        "short_500x3": ("short.png", _encode(photo(500, 3, 8), "PNG")),  # (3, 500, 3): looks channels-first
+        "tall_1x3": ("tall.png", _encode(photo(1, 3, 9), "PNG")),
+        "plain": ("plain.jpg", _encode(photo(80, 60, 7), "JPEG")),
     }
 
 

@@ -122,11 +122,6 @@ def normalize_rows(rows: list[Mapping[str, Any]], ordinals: list[int], config: I
     return pa.table(out, schema=INPUT_SCHEMA)
 
 
-def normalize_manifest_batch(table: pa.Table, config: InputConfig, base: str, first_ordinal: int = 0) -> pa.Table:
-    """normalize_rows for an Arrow batch whose rows are numbered from FIRST_ORDINAL."""
-    return normalize_rows(table.to_pylist(), list(range(first_ordinal, first_ordinal + table.num_rows)), config, base)
-
-
 def iter_manifest_rows(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None,
                        chunk_rows: int = 2048) -> Iterator[list[dict[str, Any]]]:
     """Chunks of raw rows of one manifest file, in file order. Parquet is read by record batch, CSV as

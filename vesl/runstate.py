@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from operators.base import mark_rejects
 from vesl.storage import filesystem, join_uri
-from vesl.writer import DATA_DIR, MANIFEST, REJECTS_DIR, TMP_DIR
+from vesl.writer import DATA_DIR, MANIFEST, REJECTS_DIR, TMP_DIR, stage_totals
 
 RUN_STATE = "_vesl_run.json"
 STAGES = ("read", "decode", "caption", "phrases", "detect")
@@ -142,11 +142,8 @@ def count_outputs(output: str, storage_options) -> dict[str, Any]:
     for fs, path in _parquet_files(output, REJECTS_DIR, storage_options):
         table = _read_columns(fs, path, ["stage", "reason"])
         by_reason.update(f"{s}/{r}" for s, r in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()))
-    by_stage: Counter = Counter()
-    for key, n in by_reason.items():
-        by_stage[key.split("/", 1)[0]] += n
     return {"rows": rows, "unique_row_ids": len(ids), "rejects": sum(by_reason.values()), "regions": regions,
-            "phrases": phrases, "by_stage": dict(sorted(by_stage.items())), "by_reason": dict(sorted(by_reason.items()))}
+            "phrases": phrases, "by_stage": stage_totals(by_reason), "by_reason": dict(sorted(by_reason.items()))}
 
 
 def funnel(inputs: int, by_stage: Mapping[str, int]) -> list[dict[str, Any]]:

@@ -59,16 +59,6 @@ def filesystem(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None
     return fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
 
 
-def pyarrow_filesystem(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None):
-    """(pyarrow filesystem, path) for URI, for Ray Data readers. Local paths use pyarrow's own."""
-    import pyarrow.fs as pafs
-
-    if protocol_of(uri) == "file":
-        return None, uri.split("://", 1)[-1]
-    fs, path = filesystem(uri, storage_options)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
-
-
 def join_uri(base: str, *parts: str) -> str:
     if "://" in base:
         scheme, rest = base.split("://", 1)

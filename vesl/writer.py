@@ -92,11 +92,16 @@ def merge_counts(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             total[key] += part.get(key, 0)
         by_reason.update(part.get("by_reason", {}))
     total["by_reason"] = dict(sorted(by_reason.items()))
+    total["by_stage"] = stage_totals(by_reason)
+    return total
+
+
+def stage_totals(by_reason: Mapping[str, int]) -> dict[str, int]:
+    """{'decode/not_found': 2, 'decode/empty_file': 1} -> {'decode': 3}."""
     by_stage: Counter = Counter()
     for key, n in by_reason.items():
         by_stage[key.split("/", 1)[0]] += n
-    total["by_stage"] = dict(sorted(by_stage.items()))
-    return total
+    return dict(sorted(by_stage.items()))
 
 
 def make_datasink(output: str, run_id: str, footer: Mapping[str, str], storage_options: Mapping[str, Any] | None,

@@ -5,21 +5,21 @@ import tarfile
 import pyarrow as pa
 import pytest
 
-from vesl.inputs import InputConfig, derive_image_id, detect_format, iter_webdataset, normalize_manifest_batch
+from vesl.inputs import InputConfig, derive_image_id, detect_format, iter_webdataset, normalize_rows
 from tests.conftest import encode, photo
 
 
 def test_img2dataset_column_names_are_understood():
     table = pa.table({"key": ["000001", None], "url": ["http://x/a.jpg", "http://x/b.jpg"],
                       "caption": ["a dog", None]})
-    out = normalize_manifest_batch(table, InputConfig(), base="/data")
+    out = normalize_rows(table.to_pylist(), [0, 1], InputConfig(), base="/data")
     assert out.column("image_id").to_pylist() == ["000001", derive_image_id("http://x/b.jpg", None)]
     assert out.column("alt_text").to_pylist() == ["a dog", None]
 
 
 def test_relative_paths_resolve_against_the_manifest_folder():
     table = pa.table({"id": [1, 2, 3], "image": ["imgs/a.jpg", "/abs/b.jpg", "s3://bucket/c.jpg"]})
-    out = normalize_manifest_batch(table, InputConfig(), base="s3://bucket/run")
+    out = normalize_rows(table.to_pylist(), [0, 1, 2], InputConfig(), base="s3://bucket/run")
     assert out.column("image_uri").to_pylist() == ["s3://bucket/run/imgs/a.jpg", "/abs/b.jpg", "s3://bucket/c.jpg"]
     assert out.column("image_id").to_pylist() == ["1", "2", "3"]  # integer ids become strings
 
@@ -27,7 +27,7 @@ def test_relative_paths_resolve_against_the_manifest_folder():
 def test_configured_column_names():
     table = pa.table({"uid": ["u"], "picture": ["p.jpg"], "desc": ["d"]})
     cfg = InputConfig(id_column=["uid"], image_column=["picture"], alt_text_column=["desc"])
-    out = normalize_manifest_batch(table, cfg, base="/b")
+    out = normalize_rows(table.to_pylist(), [0], cfg, base="/b")
     row = out.to_pylist()[0]
     assert (row["image_id"], row["image_uri"], row["alt_text"]) == ("u", "/b/p.jpg", "d")
 
