@@ -107,14 +107,15 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat()
     storage_options = config.storage.options()
-    mode = prepare_output(output_uri, input_uri, config.label_hash(), config.output.on_existing, storage_options)
     init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = config.ray.no_progress_timeout_s
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and "cpu" not in (config.caption.device, config.detect.device)
+    # Everything that can refuse the job (input, models) is checked before OUTPUT is touched.
     models = model_provenance(config)
-    run_id = uuid.uuid4().hex[:8]
     inputs, kind = read_inputs(input_uri, config.input, storage_options)
+    mode = prepare_output(output_uri, input_uri, config.label_hash(), config.output.on_existing, storage_options)
+    run_id = uuid.uuid4().hex[:8]
     # Planning pass over ids only: how many inputs, which ids repeat, what earlier runs finished.
     total_inputs, duplicates = find_duplicates(inputs)
     done_ids, done_ordinals = completed(output_uri, storage_options) if mode == "resume" else ((), ())

@@ -111,3 +111,9 @@ def test_the_script_entry_point_on_a_manifest(tmp_path, tiny_dir):
     assert "resumed: 0 processed now" in again.stdout
     rows, rejects, manifest_json = read_output(tmp_path / "out")
     assert_accounted(rows, rejects, manifest_json, EXPECTED)
+
+
+def test_a_missing_input_leaves_output_untouched(tmp_path, tiny_dir, ray_local):
+    with pytest.raises(FileNotFoundError):
+        run_annotate(str(tmp_path / "no-such-manifest.jsonl"), str(tmp_path / "out"), load_config(preset_name="tiny"))
+    assert not (tmp_path / "out").exists()
