@@ -19,8 +19,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -118,10 +116,9 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
     run_id = uuid.uuid4().hex[:8]
     # Planning pass over ids only: how many inputs, which ids repeat, what earlier runs finished.
     total_inputs, duplicates = find_duplicates(inputs)
-    done_ids, done_ordinals = completed(output_uri, storage_options) if mode == "resume" else ((), ())
+    done_ids, done_ordinals = completed(output_uri, storage_options)  # both empty on a fresh run
     todo = inputs.map_batches(plan_batch, batch_format="pyarrow", fn_kwargs={
-        "duplicates": duplicates, "done_ids": np.asarray(done_ids, dtype=object),
-        "done_ordinals": np.asarray(done_ordinals, dtype=np.int64)})
+        "duplicates": duplicates, "done_ids": done_ids, "done_ordinals": done_ordinals})
     todo = todo.repartition(target_num_rows_per_block=config.input.block_rows)  # streaming split, no shuffle
     ds, pools = build(todo, config, storage_options, use_gpu)
     sink = make_datasink(output_uri, run_id, footer_metadata(config, models), storage_options,
