@@ -1,4 +1,4 @@
-"""`vesl` command line: annotate, config, sample, models."""
+"""`vesl` command line: annotate, train, eval, config, sample, models."""
 
 from __future__ import annotations
 
@@ -12,9 +12,24 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.annotate import main as annotate_main
 
         return annotate_main(argv[1:])
-    p = argparse.ArgumentParser(prog="vesl", description="region-text training data: annotate, config, sample, models")
+    if argv and argv[0] == "train":
+        from pipelines.train import main as train_main
+
+        return train_main(argv[1:])
+    p = argparse.ArgumentParser(prog="vesl", description="region-text training data: annotate, train, eval, config, "
+                                "sample, models")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("annotate", help="run the annotate pipeline (see `vesl annotate --help`)")
+    sub.add_parser("train", help="train CLOC on region-text shards (see `vesl train --help`)")
+    ev = sub.add_parser("eval", help="region recognition mAcc and region<->text retrieval of a CLOC checkpoint")
+    ev.add_argument("shards", help="region-text shards with ground-truth boxes (annotate OUTPUT, folder or file)")
+    ev.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a training OUT (its model/)")
+    ev.add_argument("--classes", required=True, help="JSON: a list of class names, or name -> [phrases meaning it]")
+    ev.add_argument("--baseline", action="store_true",
+                    help="RoI-average the patch tokens inside each box instead of using the Prompter")
+    ev.add_argument("--template", default="{}", help="class-name prompt, e.g. 'a photo of a {}.' (default: the name)")
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--batch-rows", type=int, default=64)
     show = sub.add_parser("config", help="print the full annotate config (defaults, preset, file, --set) as YAML")
     show.add_argument("--config", help="YAML config file")
     show.add_argument("--preset", choices=["tiny"])
@@ -23,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     ssub = sample.add_subparsers(dest="sample_command", required=True)
     hostile = ssub.add_parser("hostile", help="write a hostile-input manifest (broken files, odd images, odd alt-texts)")
     hostile.add_argument("dir")
+    shapes = ssub.add_parser("shapes", help="write synthetic region-text shards (coloured shapes, exact boxes)")
+    shapes.add_argument("dir")
+    shapes.add_argument("--images", type=int, default=2000)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--size", type=int, default=64, help="image side in pixels")
+    shapes.add_argument("--no-embed", action="store_true", help="write PNG files and image_uri instead of image_bytes")
     models = sub.add_parser("models", help="model utilities")
     msub = models.add_subparsers(dest="models_command", required=True)
     tiny = msub.add_parser("tiny", help="build the tiny offline random-weight models into DIR")
@@ -36,6 +57,27 @@ def main(argv: list[str] | None = None) -> int:
 
         config = load_config(args.config, args.preset, args.overrides)
         print(yaml.safe_dump(config.public_dict(), sort_keys=False), end="")
+        return 0
+    if args.command == "eval":
+        import json
+
+        from vesl.cloc.evaluate import evaluate
+
+        try:
+            result = evaluate(args.shards, args.checkpoint, args.classes, baseline=args.baseline,
+                              template=args.template, device=args.device, batch_rows=args.batch_rows)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"vesl eval: error: {e}", file=sys.stderr)
+            return 2
+        print(json.dumps(result, indent=1, sort_keys=True))
+        return 0
+    if args.command == "sample" and args.sample_command == "shapes":
+        import json
+
+        from vesl.cloc.synthetic import write_shapes_dataset
+
+        print(json.dumps(write_shapes_dataset(args.dir, args.images, seed=args.seed, size=args.size,
+                                              embed_images=not args.no_embed)))
         return 0
     if args.command == "sample":
         from vesl.hostile import write_hostile_sample

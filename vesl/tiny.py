@@ -30,6 +30,7 @@ a large airplane flying over snowy mountains and a frozen lake
 children playing football in a school yard on a sunny afternoon
 a plate of pasta with tomato sauce and basil leaves beside a glass of wine
 a horse standing in a field of tall grass near a wooden fence
+a red circle a green square a blue triangle a yellow circle and a purple square on a gray background
 """
 
 
@@ -133,18 +134,21 @@ def build_tiny_blip(out: Path, image_size: int = 32) -> Path:
 
 
 def build_tiny_clip(out: Path, image_size: int = 64) -> Path:
+    """The CLOC trainer's tiny CLIP: 8-px patches (an 8x8 grid at 64 px, fine enough to tell shapes
+    in the synthetic set apart), width 64, so a from-scratch run learns on a CPU in minutes."""
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
     tokenizer = _clip_bpe_tokenizer()
+    tokenizer.model_max_length = 24
     text = dict(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=16,
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=24,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                  image_size=image_size, patch_size=16)
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4,
+                  image_size=image_size, patch_size=8)
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)
     _seeded()
     model = CLIPModel(config).eval()
     size = {"shortest_edge": image_size}
@@ -207,19 +211,26 @@ TINY_MODELS = {"captioner": build_tiny_blip, "detector": build_tiny_owlv2, "clip
                "vlm": build_tiny_vlm}
 
 
+# Bump when a tiny model's recipe changes: models built by an older recipe are rebuilt.
+TINY_VERSION = "2"
+
+
 def build_tiny_models(root: str | Path, overwrite: bool = False) -> dict[str, Path]:
-    """Build every tiny model under ROOT/<name>; an existing complete model is kept."""
+    """Build every tiny model under ROOT/<name>; an existing model of this recipe version is kept."""
     root = Path(root)
     built = {}
     for name, build in TINY_MODELS.items():
         out = root / name
-        if overwrite or not (out / "config.json").exists():
+        marker = out / ".vesl-tiny-version"
+        current = marker.exists() and marker.read_text() == TINY_VERSION
+        if overwrite or not current:
             tmp = root / f".{name}.partial"
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             build(tmp)
+            (tmp / ".vesl-tiny-version").write_text(TINY_VERSION)
             shutil.rmtree(out, ignore_errors=True)
             tmp.rename(out)
         built[name] = out

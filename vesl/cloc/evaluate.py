@@ -1,0 +1,142 @@
+"""Evaluate a CLOC checkpoint on region-text shards with ground-truth boxes.
+
+- Region recognition (the paper's COCO/LVIS protocol): each region's embedding, from its given box,
+  is compared with the text embeddings of every class name; the prediction is the most similar
+  class. mAcc is the mean over classes of per-class accuracy.
+- Region <-> text retrieval: region -> text ranks the distinct phrases of the set for each region;
+  text -> region ranks every region for each distinct phrase. A hit is a phrase identical (after
+  normalising case and spaces) to the region's own. Recall@1 and @10.
+- `baseline=True` swaps the Prompter for RoI pooling of the patch tokens inside the box.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from vesl.cloc.data import DataConfig, find_shards, iter_prepared, tokenize
+
+
+def normalise_phrase(text: str) -> str:
+    return " ".join(str(text).lower().split())
+
+
+def load_classes(path: str) -> dict[str, str]:
+    """CLASSES.json -> {normalised phrase: class name}. Either a list of class names, or a mapping of
+    class name -> list of phrases that mean it (the name itself always does)."""
+    with open(path) as f:
+        data = json.load(f)
+    if isinstance(data, list):
+        data = {name: [] for name in data}
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: expected a non-empty list of class names or a mapping name -> [phrases]")
+    lookup: dict[str, str] = {}
+    for name, synonyms in data.items():
+        for phrase in [name, *(synonyms or [])]:
+            lookup.setdefault(normalise_phrase(phrase), name)
+    return lookup
+
+
+def class_accuracy(true: np.ndarray, pred: np.ndarray, n_classes: int) -> tuple[float, dict[int, float]]:
+    """Mean over the classes present in TRUE of the fraction of their regions predicted right."""
+    per_class = {int(c): float((pred[true == c] == c).mean()) for c in np.unique(true)}
+    return (float(np.mean(list(per_class.values()))) if per_class else float("nan")), per_class
+
+
+def recall_at(similarity: np.ndarray, relevant: np.ndarray, ks: tuple[int, ...] = (1, 10)) -> dict[str, float]:
+    """SIMILARITY (Q, G) and RELEVANT (Q, G) bool: the share of queries with a relevant item in the top k."""
+    order = np.argsort(-similarity, axis=1, kind="stable")
+    ranked = np.take_along_axis(relevant, order, axis=1)
+    return {f"R@{k}": float(ranked[:, :k].any(axis=1).mean()) for k in ks}
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts: list[str], max_tokens: int, device: str, batch: int = 256) -> torch.Tensor:
+    from vesl.cloc.model import normalize
+
+    out = []
+    for i in range(0, len(texts), batch):
+        ids, mask = tokenize(tokenizer, texts[i:i + batch], max_tokens)
+        out.append(normalize(model.encode_text(torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device))))
+    return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def evaluate(shards: str, checkpoint: str, classes_path: str, *, baseline: bool = False, template: str = "{}",
+             batch_rows: int = 64, device: str = "auto", storage_options: Mapping[str, Any] | None = None,
+             limit: int | None = None) -> dict[str, Any]:
+    from operators.base import resolve_device
+    from vesl.cloc.checkpoint import CLIP_DIR, load_cloc
+    from vesl.cloc.data import load_tokenizer
+    from vesl.cloc.model import normalize, roi_pool_embeddings
+
+    device = resolve_device(device)
+    model, meta = load_cloc(checkpoint, device=device)
+    tokenizer_path = f"{meta['path']}/{CLIP_DIR}"
+    tokenizer = load_tokenizer(tokenizer_path)
+    clip_config = model.clip.config
+    image_size = clip_config.vision_config.image_size
+    max_tokens = clip_config.text_config.max_position_embeddings
+    data_config = DataConfig.model_validate(meta.get("training", {}).get("data", {}))
+    lookup = load_classes(classes_path)
+    class_names = list(dict.fromkeys(lookup.values()))
+    class_embeds = encode_texts(model, tokenizer, [template.format(c) for c in class_names],
+                                max_tokens, device)
+    uris = find_shards(shards, storage_options)
+    embeds, phrases, images, skipped = [], [], 0, 0
+    for batch in iter_prepared(uris, tokenizer=tokenizer_path, revision=None, image_size=image_size,
+                               caption_max_tokens=max_tokens, config=data_config, storage_options=storage_options,
+                               batch_rows=batch_rows):
+        ok = batch["ok"]
+        skipped += int((~ok).sum())
+        images += int(ok.sum())
+        valid = batch["region_valid"]
+        if not valid.any():
+            continue
+        pixels = torch.from_numpy(batch["pixels"]).to(device)
+        _, patches = model.encode_image(pixels)
+        image_index, slot = (torch.from_numpy(a) for a in np.nonzero(valid))
+        boxes = torch.from_numpy(batch["region_boxes"][valid]).to(device)
+        image_index = image_index.to(device)
+        if baseline:
+            region = roi_pool_embeddings(model, patches, image_index, boxes)
+        else:
+            region = model.region_embeddings(patches, image_index, boxes)
+        embeds.append(normalize(region).cpu())
+        phrases.extend(normalise_phrase(p) for p in batch["region_phrases"][valid])
+        if limit and images >= limit:
+            break
+    if not embeds:
+        raise ValueError(f"no regions in {shards}")
+    regions = torch.cat(embeds)
+    result: dict[str, Any] = {
+        "checkpoint": meta["path"], "step": meta.get("step"), "mode": "roi_pool" if baseline else "prompter",
+        "images": images, "rows_skipped": skipped, "regions": int(regions.shape[0]),
+    }
+    # region recognition over the regions whose phrase names a class
+    labelled = [i for i, p in enumerate(phrases) if p in lookup]
+    index = {name: k for k, name in enumerate(class_names)}
+    true = np.array([index[lookup[phrases[i]]] for i in labelled], dtype=np.int64)
+    if len(labelled):
+        logits = (regions[labelled] @ class_embeds.t()).numpy()
+        macc, per_class = class_accuracy(true, logits.argmax(axis=1), len(class_names))
+        result.update({"classes": len(class_names), "classes_present": len(per_class),
+                       "regions_with_class": len(labelled), "chance_mAcc": 1.0 / len(class_names),
+                       "mAcc": macc, "per_class_acc": {class_names[c]: a for c, a in per_class.items()}})
+    else:
+        result.update({"classes": len(class_names), "regions_with_class": 0, "mAcc": None})
+    # retrieval against the distinct phrases
+    distinct = list(dict.fromkeys(phrases))
+    text_embeds = encode_texts(model, tokenizer, distinct, data_config.phrase_max_tokens, device)
+    similarity = (regions @ text_embeds.t()).numpy()
+    position = {p: k for k, p in enumerate(distinct)}
+    relevant = np.zeros(similarity.shape, bool)
+    relevant[np.arange(len(phrases)), [position[p] for p in phrases]] = True
+    result["region_to_text"] = recall_at(similarity, relevant)
+    result["text_to_region"] = recall_at(similarity.T, relevant.T)
+    result["distinct_phrases"] = len(distinct)
+    return result

@@ -1,0 +1,116 @@
+"""CLOC's loss: L = L_CLIP + lambda * (L_CLOC + L_grounding).
+
+Shaped like open_clip's ClipLoss: the distributed gather lives in `gather_features`, the pieces are
+pure functions over embeddings, `ClocLoss` adds them up. Every worker gathers every worker's
+features (with gradient) and computes the loss over the global batch, so region negatives span
+every sampled region of every image in the global batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from operators.base import StageConfig
+
+
+class LossConfig(StageConfig):
+    region_weight: float = Field(default=1.0, ge=0, description="lambda: weight of L_CLOC + L_grounding; 0 trains "
+                                 "plain CLIP (the paper's baseline).")
+    regions_per_image: int = Field(default=4, ge=1, description="M: regions sampled per image per step.")
+    temperature: float | None = Field(default=None, gt=0, description="Initial softmax temperature; None keeps the "
+                                      "model's own (0.07 for a new CLIP, the learned one for a pretrained CLIP).")
+    learn_temperature: bool = Field(default=True, description="Learn the temperature, as CLIP does.")
+    max_logit_scale: float = Field(default=100.0, gt=0, description="Clamp of the learned 1/temperature (CLIP's).")
+    duplicate_cosine: float = Field(default=0.9, gt=-1, le=1, description="Two region texts whose text embeddings "
+                                    "have a cosine above this (or that are identical) are not negatives of each other.")
+    grounding_weight: float = Field(default=1.0, ge=0, description="Weight of L_grounding inside the lambda term.")
+
+
+def gather_features(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Concatenate each tensor's rows from every worker, keeping the gradient to this worker's rows.
+
+    Row counts may differ between workers (ragged regions): rows are padded to the largest count,
+    gathered, and the padding dropped again. A single process returns the tensors unchanged.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensors
+    from torch.distributed.nn.functional import all_gather
+
+    n = torch.tensor([tensors[0].shape[0]], device=tensors[0].device)
+    counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, n)
+    counts = [int(c) for c in counts]
+    longest = max(counts)
+    out = []
+    for t in tensors:
+        padded = F.pad(t, [0, 0] * (t.dim() - 1) + [0, longest - t.shape[0]])
+        parts = all_gather(padded)
+        out.append(torch.cat([p[:c] for p, c in zip(parts, counts)]))
+    return tuple(out)
+
+
+def info_nce(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE: row i's positive is column i, in both directions."""
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+
+def clip_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """L_CLIP over normalised (B, E) image and caption embeddings."""
+    return info_nce(logit_scale * image @ text.t())
+
+
+def duplicate_text_mask(text: torch.Tensor, keys: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(R, R) True where regions i != j have near-duplicate texts: the same text key (identical
+    normalised phrase) or text-embedding cosine above THRESHOLD. No gradient goes through it."""
+    with torch.no_grad():
+        similar = (text @ text.t()) > threshold
+        same = keys[:, None] == keys[None, :]
+        mask = similar | same
+        mask.fill_diagonal_(False)
+    return mask
+
+
+def cloc_loss(region: torch.Tensor, phrase: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tensor,
+              threshold: float) -> torch.Tensor:
+    """L_CLOC: symmetric InfoNCE between normalised (R, E) region and phrase embeddings, near-duplicate
+    texts masked out of each other's negatives (their logits set to -inf, both directions)."""
+    logits = logit_scale * region @ phrase.t()
+    logits = logits.masked_fill(duplicate_text_mask(phrase, keys, threshold), float("-inf"))
+    return info_nce(logits)
+
+
+def grounding_loss(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """L_grounding: squared L2 distance between predicted and true normalised boxes, mean over regions."""
+    return ((pred.float() - true.float()) ** 2).sum(dim=-1).mean()
+
+
+class ClocLoss:
+    """L_CLIP + lambda * (L_CLOC + L_grounding) over the global batch; returns the total and its parts."""
+
+    def __init__(self, config: LossConfig) -> None:
+        self.config = config
+
+    def __call__(self, out: dict[str, torch.Tensor], boxes: torch.Tensor | None = None,
+                 keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        from vesl.cloc.model import normalize
+
+        scale = out["logit_scale"].exp().clamp(max=self.config.max_logit_scale)
+        image, text = gather_features(normalize(out["image"]), normalize(out["text"]))
+        parts = {"clip": clip_loss(image, text, scale)}
+        total = parts["clip"]
+        if self.config.region_weight > 0 and "region" in out:
+            region, phrase, pred, true, key = gather_features(
+                normalize(out["region"]), normalize(out["phrase"]), out["pred_box"].float(), boxes.float(), keys)
+            if region.shape[0]:
+                parts["cloc"] = cloc_loss(region, phrase, key, scale, self.config.duplicate_cosine)
+                parts["grounding"] = grounding_loss(pred, true)
+            else:  # no region in the whole global batch: zero, still attached to the graph
+                parts["cloc"] = parts["grounding"] = (region.sum() + phrase.sum() + pred.sum()) * 0.0
+            total = total + self.config.region_weight * (parts["cloc"] + self.config.grounding_weight * parts["grounding"])
+        parts["loss"] = total
+        return parts

@@ -1,0 +1,401 @@
+"""Train CLOC on region-text shards with Ray Train.
+
+The driver (`run_training`) checks the shards, builds the Ray Data preprocessing pipeline and a
+`TorchTrainer` whose workers run `train_loop` (DDP through `prepare_model`, data through
+`get_dataset_shard`). Re-running with the same OUT resumes from the last checkpoint: Ray Train
+hands it to the workers via `get_checkpoint()` when a run of the same name and storage exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from vesl.cloc.config import TrainConfig
+
+log = logging.getLogger("vesl.train")
+RUN_NAME = "run"
+STATE_FILE = "_vesl_train.json"
+
+
+# ---------------------------------------------------------------------------------------- worker side
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Linear warm-up over WARMUP steps, then constant or cosine decay to 0 at TOTAL."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on biases, norms, embeddings, prompt-type vectors and the temperature."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        plain = p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("_type")
+        (no_decay if plain else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def to_tensors(batch: dict[str, Any], device) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, np.ndarray) and value.dtype != object:
+            out[key] = torch.from_numpy(np.ascontiguousarray(value)).to(device, non_blocking=True)
+        else:
+            out[key] = value
+    return out
+
+
+def step_inputs(batch: dict[str, Any], m: int, generator, with_regions: bool) -> dict[str, Any]:
+    """Model inputs of one step: the batch's images and captions, and up to M sampled regions per
+    image (flattened); rows whose image failed to load carry no regions and are dropped."""
+    ok = batch["ok"]
+    inputs = {"pixels": batch["pixels"][ok], "input_ids": batch["input_ids"][ok],
+              "attention_mask": batch["attention_mask"][ok]}
+    if not with_regions:
+        return inputs
+    from vesl.cloc.data import sample_regions
+
+    image_index, slot = sample_regions(batch["region_valid"][ok], m, generator)
+    inputs.update(
+        image_index=image_index, boxes=batch["region_boxes"][ok][image_index, slot],
+        phrase_ids=batch["phrase_ids"][ok][image_index, slot], phrase_mask=batch["phrase_mask"][ok][image_index, slot],
+        keys=batch["region_keys"][ok][image_index, slot],
+    )
+    return inputs
+
+
+def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: build or restore the model, iterate the dataset shard, report metrics
+    and checkpoints. Every worker takes the same decisions at the same steps (DDP needs that)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from transformers import CLIPModel
+
+    from vesl.cloc import checkpoint as ckpt
+    from vesl.cloc.loss import ClocLoss
+    from vesl.cloc.model import ClocModel
+    from vesl.models import load_pretrained, load_processor
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    total_steps, out_local = loop_config["total_steps"], loop_config.get("metrics_path")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config.run.torch_threads or max(1, math.ceil(config.run.cpus_per_worker)))
+    device = ray.train.torch.get_device()
+    use_bf16 = config.run.precision == "bf16" or (config.run.precision == "auto" and device.type == "cuda")
+
+    restored = ray.train.get_checkpoint()
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rows_skipped": 0, "train_s": 0.0}
+    metrics: list[dict[str, Any]] = []
+    restored_dir = None
+    if restored:
+        restored_dir = restored.to_directory()  # a local copy on this worker (storage may be remote)
+        source = str(Path(restored_dir) / ckpt.CLIP_DIR)
+        revision = None
+    else:
+        source, revision = config.model.clip, config.model.revision
+    processor = load_processor(source, revision=revision, trust_remote_code=config.model.trust_remote_code)
+    torch.manual_seed(config.run.seed)  # the same Prompter initialisation on every worker
+    clip = load_pretrained(CLIPModel, source, revision=revision, trust_remote_code=config.model.trust_remote_code,
+                           device="cpu", dtype=torch.float32, attn_implementation="sdpa").train()
+    image_processor = processor.image_processor
+    model = ClocModel(clip, config.model.prompter, tuple(image_processor.image_mean), tuple(image_processor.image_std))
+    if restored_dir:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(Path(restored_dir) / ckpt.WEIGHTS)), strict=False)
+    elif config.loss.temperature is not None:
+        with torch.no_grad():
+            clip.logit_scale.fill_(math.log(1.0 / config.loss.temperature))
+    if not config.loss.learn_temperature:
+        clip.logit_scale.requires_grad_(False)
+    with_regions = config.loss.region_weight > 0
+    ddp = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": not with_regions})
+    optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
+                                  betas=config.optim.betas)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.optim.warmup_steps, total_steps, config.optim.schedule))
+    if restored_dir:
+        saved = ckpt.load_trainer_state(restored_dir)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state.update({k: saved[k] for k in state if k in saved})
+        metrics = [m for m in ckpt.load_metrics(restored_dir) if m["step"] <= state["step"]]
+        if rank == 0:
+            print(f"[vesl train] resumed from step {state['step']} (epoch {state['epoch']})", flush=True)
+    if rank == 0 and out_local:  # the live metrics file restarts from what the checkpoint knew
+        Path(out_local).write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
+    # region sampling: seeded per worker and per starting step, so a resumed run is reproducible too
+    sampler = torch.Generator().manual_seed((config.run.seed * 1_000_003 + rank) * 1_000_003 + state["step"])
+    loss_fn = ClocLoss(config.loss)
+    shard = ray.train.get_dataset_shard("train")
+    budget_s = config.optim.max_minutes * 60 if config.optim.max_minutes else None
+
+    def save(directory: str) -> None:
+        trainer_state = {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        ckpt.save_checkpoint(directory, model, processor, {"step": state["step"], "epoch": state["epoch"],
+                                                           "training": config.public_dict()},
+                             trainer_state, metrics)
+
+    window = {"loss": 0.0, "clip": 0.0, "cloc": 0.0, "grounding": 0.0, "images": 0, "steps": 0}
+    window_start = time.perf_counter()
+    stop = state["step"] >= total_steps
+    while not stop and state["epoch"] < config.optim.epochs:
+        batches = shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=config.data.shuffle_buffer_rows or None,
+                                     local_shuffle_seed=config.run.seed + state["epoch"] * 1000 + rank)
+        for index, batch in enumerate(batches):
+            if index < state["batch_in_epoch"]:
+                continue  # resuming mid-epoch: these batches were trained on before the checkpoint
+            t0 = time.perf_counter()
+            batch = to_tensors(batch, device)
+            state["rows_skipped"] += int((~batch["ok"]).sum())
+            inputs = step_inputs(batch, config.loss.regions_per_image, sampler, with_regions)
+            keys = inputs.pop("keys", None)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                out = ddp(**{k: v for k, v in inputs.items()})
+                parts = loss_fn(out, inputs.get("boxes"), keys)
+            optimizer.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            if config.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.clip.logit_scale.clamp_(0, math.log(config.loss.max_logit_scale))
+            state["step"] += 1
+            state["batch_in_epoch"] = index + 1
+            state["train_s"] += time.perf_counter() - t0
+            for k in ("loss", "clip", "cloc", "grounding"):
+                if k in parts:
+                    window[k] += float(parts[k].detach())
+            window["images"] += int(batch["ok"].sum())
+            window["steps"] += 1
+            last = state["step"] >= total_steps
+            if state["step"] % config.run.log_every_steps == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                images, skipped, over = _all_reduce(
+                    [window["images"], state["rows_skipped"], float(bool(budget_s and state["train_s"] > budget_s))])
+                record = {"step": state["step"], "epoch": state["epoch"], "lr": scheduler.get_last_lr()[0],
+                          "temperature": 1.0 / float(model.clip.logit_scale.exp()),
+                          "images_per_s": images / elapsed if elapsed > 0 else None,
+                          "rows_skipped": int(skipped), "train_s": round(state["train_s"], 2)}
+                record.update({k: window[k] / window["steps"] for k in ("loss", "clip", "cloc", "grounding")
+                               if window[k]})
+                metrics.append(record)
+                if rank == 0:
+                    parts_text = " ".join(f"{k} {record[k]:.4f}" for k in ("clip", "cloc", "grounding") if k in record)
+                    print(f"[vesl train] step {state['step']}/{total_steps} epoch {state['epoch']} "
+                          f"loss {record.get('loss', 0):.4f} ({parts_text}) {record['images_per_s'] or 0:.0f} img/s"
+                          + (f" {int(skipped)} rows skipped" if skipped else ""), flush=True)
+                    if out_local:
+                        with open(out_local, "a") as f:
+                            f.write(json.dumps(record, sort_keys=True) + "\n")
+                window = dict.fromkeys(window, 0.0)
+                window_start = time.perf_counter()
+                if over:
+                    stop = True
+            if state["step"] % config.run.checkpoint_every_steps == 0 or last or stop:
+                _report(save, rank, dict(metrics[-1]) if metrics else {"step": state["step"]})
+            if last or stop:
+                stop = True
+                break
+        else:
+            state["epoch"] += 1
+            state["batch_in_epoch"] = 0
+    if metrics and state["step"] % config.run.checkpoint_every_steps != 0 and not stop:
+        _report(save, rank, dict(metrics[-1]))  # ran out of epochs between checkpoints
+
+
+def _report(save, rank: int, record: dict[str, Any]) -> None:
+    import tempfile
+
+    import ray.train
+
+    record = {k: v for k, v in record.items() if v is not None}
+    if rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            save(tmp)
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    else:
+        ray.train.report(record, checkpoint=None)
+
+
+# ---------------------------------------------------------------------------------------- driver side
+
+class TrainConflictError(RuntimeError):
+    """OUT holds a training run with a different configuration."""
+
+
+def _local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def prepare_train_output(out: str, config: TrainConfig, overwrite: bool) -> bool:
+    """Claim OUT for this training config. Returns True when an earlier run is resumed."""
+    from vesl.storage import filesystem, join_uri
+
+    fs, path = filesystem(out, config.storage.options())
+    state_path = join_uri(path, STATE_FILE)
+    if overwrite and fs.exists(path):
+        for name in (RUN_NAME, "model", STATE_FILE, "metrics.jsonl", "train_summary.json"):
+            target = join_uri(path, name)
+            if fs.exists(target):
+                fs.rm(target, recursive=True)
+    resuming = fs.exists(state_path)
+    if resuming:
+        with fs.open(state_path, "r") as f:
+            previous = json.load(f)
+        if previous.get("training_hash") != config.training_hash():
+            raise TrainConflictError(
+                f"{out} holds a training run with a different model/data/loss/optimiser config "
+                f"({previous.get('training_hash')} != {config.training_hash()}); use another OUT or --overwrite")
+    else:
+        fs.makedirs(path, exist_ok=True)
+        with fs.open(state_path, "w") as f:
+            json.dump({"training_hash": config.training_hash(), "config": config.public_dict()}, f, indent=1)
+    return resuming
+
+
+def pyarrow_filesystem(uri: str, storage_options):
+    """(pyarrow filesystem, path) through fsspec, so S3 options/credentials work as everywhere else."""
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    from vesl.storage import filesystem
+
+    fs, path = filesystem(uri, storage_options)
+    return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def build_dataset(uris: list[str], config: TrainConfig, image_size: int, caption_max_tokens: int):
+    import ray.data
+
+    from vesl.cloc.data import COLUMNS, prepare_batch
+
+    options = config.storage.options()
+    fs, _ = pyarrow_filesystem(uris[0], options)
+    paths = [u.split("://", 1)[1] if not _local(u) else u.removeprefix("file://") for u in uris]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=COLUMNS)
+    tokenizer = config.model.clip
+    ds = ds.map_batches(prepare_batch, batch_size=config.data.prep_batch_rows, batch_format="pyarrow",
+                        fn_kwargs=dict(tokenizer=tokenizer, revision=config.model.revision, image_size=image_size,
+                                       caption_max_tokens=caption_max_tokens, config=config.data,
+                                       storage_options=options))
+    if config.data.materialize:
+        ds = ds.materialize()
+    return ds.randomize_block_order(seed=config.run.seed) if config.data.shuffle_buffer_rows else ds
+
+
+def model_geometry(config: TrainConfig) -> tuple[int, int]:
+    """(image size, caption token budget) from the CLIP config, without loading weights."""
+    from transformers import CLIPConfig
+
+    clip = CLIPConfig.from_pretrained(config.model.clip, revision=config.model.revision)
+    text_max = clip.text_config.max_position_embeddings
+    return clip.vision_config.image_size, min(config.data.caption_max_tokens or text_max, text_max)
+
+
+def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
+    """Train on SHARDS, checkpointing under OUT/run; the final checkpoint is copied to OUT/model."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.annotate import init_ray
+    from vesl.cloc.data import count_rows, find_shards
+    from vesl.storage import filesystem, join_uri
+
+    options = config.storage.options()
+    uris = find_shards(shards, options)
+    rows = count_rows(uris, options)
+    image_size, caption_tokens = model_geometry(config)
+    if _local(out):
+        out = str(Path(out.removeprefix("file://")).resolve())
+    resuming = prepare_train_output(out, config, overwrite)
+    init_ray()
+    use_gpu = config.run.use_gpu if config.run.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    workers = config.run.num_workers
+    per_epoch = (rows // workers) // config.optim.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{rows} rows cannot fill one batch of {config.optim.batch_size} per worker "
+                         f"for {workers} workers; lower optim.batch_size")
+    total_steps = per_epoch * config.optim.epochs
+    if config.optim.max_steps:
+        total_steps = min(total_steps, config.optim.max_steps)
+    log.info("training on %d rows in %d shards: %d steps (%d per epoch), %d worker(s)%s", rows, len(uris),
+             total_steps, per_epoch, workers, " (resuming)" if resuming else "")
+    print(f"[vesl train] {rows} rows in {len(uris)} shard(s), {total_steps} steps of "
+          f"{config.optim.batch_size} x {workers} worker(s){', resuming' if resuming else ''}", flush=True)
+    ds = build_dataset(uris, config, image_size, caption_tokens)
+    storage_fs = None
+    storage_path = out
+    if not _local(out):
+        storage_fs, storage_path = pyarrow_filesystem(out, options)
+    resources = {"CPU": config.run.cpus_per_worker}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.public_dict() | {"storage": config.storage.model_dump(mode="python")},
+                           "total_steps": total_steps,
+                           "metrics_path": str(Path(out) / "metrics.jsonl") if _local(out) else None},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints)),
+        datasets={"train": ds},
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without a checkpoint")
+    final = join_uri(out, "model")
+    fs, final_path = filesystem(final, options)
+    if fs.exists(final_path):
+        fs.rm(final_path, recursive=True)
+    from vesl.cloc.checkpoint import load_metrics
+
+    if _local(out):
+        result.checkpoint.to_directory(final_path)
+        history = load_metrics(final_path)
+    else:
+        local = result.checkpoint.to_directory()
+        history = load_metrics(local)
+        fs.put(local, final_path, recursive=True)
+        shutil.rmtree(local, ignore_errors=True)
+    summary = {"rows": rows, "shards": len(uris), "steps": (history[-1]["step"] if history else None),
+               "planned_steps": total_steps, "workers": workers, "use_gpu": use_gpu, "resumed": resuming,
+               "wall_s": round(time.perf_counter() - started, 1), "final": history[-1] if history else None,
+               "model": final}
+    with fs.open(join_uri(filesystem(out, options)[1], "train_summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return summary
+
