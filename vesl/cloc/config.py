@@ -68,9 +68,10 @@ class TrainConfig(StageConfig):
 
     def training_hash(self) -> str:
         """What must match for a run to resume: the model, data, loss and optimiser settings (not the
-        run section's resources or intervals, not max_steps/max_minutes, which a resumed run may extend)."""
+        run section's resources or intervals, not epochs/max_steps/max_minutes, which a resumed run may extend)."""
         data = self.model_dump(mode="json", include={"model", "data", "loss", "optim"})
-        data["optim"].pop("max_minutes", None)
+        for key in ("epochs", "max_steps", "max_minutes"):
+            data["optim"].pop(key, None)
         data["data"].pop("materialize", None)
         data["data"].pop("prep_batch_rows", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -90,6 +91,8 @@ def train_preset(name: str) -> dict[str, Any]:
     return {
         "model": {"clip": str(clip)},
         "data": {"materialize": True, "shuffle_buffer_rows": 512},
+        # from scratch, every text embedding starts nearly parallel: mask by cosine once they have spread
+        "loss": {"cosine_mask_from_step": 500},
         "optim": {"batch_size": 64, "epochs": 40, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.05},
         "run": {"log_every_steps": 25, "checkpoint_every_steps": 250},
     }

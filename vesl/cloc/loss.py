@@ -25,6 +25,10 @@ class LossConfig(StageConfig):
     max_logit_scale: float = Field(default=100.0, gt=0, description="Clamp of the learned 1/temperature (CLIP's).")
     duplicate_cosine: float = Field(default=0.9, gt=-1, le=1, description="Two region texts whose text embeddings "
                                     "have a cosine above this (or that are identical) are not negatives of each other.")
+    cosine_mask_from_step: int = Field(default=0, ge=0, description="Apply the cosine test from this step on; "
+                                       "before it only identical phrases are masked. A text encoder trained from "
+                                       "scratch starts with nearly parallel text embeddings (cosine > 0.9), which "
+                                       "would mask every negative and leave L_CLOC without signal.")
     grounding_weight: float = Field(default=1.0, ge=0, description="Weight of L_grounding inside the lambda term.")
 
 
@@ -76,12 +80,13 @@ def duplicate_text_mask(text: torch.Tensor, keys: torch.Tensor, threshold: float
 
 
 def cloc_loss(region: torch.Tensor, phrase: torch.Tensor, keys: torch.Tensor, logit_scale: torch.Tensor,
-              threshold: float) -> torch.Tensor:
+              threshold: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """L_CLOC: symmetric InfoNCE between normalised (R, E) region and phrase embeddings, near-duplicate
     texts masked out of each other's negatives (their logits set to -inf, both directions)."""
     logits = logit_scale * region @ phrase.t()
-    logits = logits.masked_fill(duplicate_text_mask(phrase, keys, threshold), float("-inf"))
-    return info_nce(logits)
+    if mask is None:
+        mask = duplicate_text_mask(phrase, keys, threshold)
+    return info_nce(logits.masked_fill(mask, float("-inf")))
 
 
 def grounding_loss(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
@@ -96,7 +101,7 @@ class ClocLoss:
         self.config = config
 
     def __call__(self, out: dict[str, torch.Tensor], boxes: torch.Tensor | None = None,
-                 keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 keys: torch.Tensor | None = None, step: int | None = None) -> dict[str, torch.Tensor]:
         from vesl.cloc.model import normalize
 
         scale = out["logit_scale"].exp().clamp(max=self.config.max_logit_scale)
@@ -107,7 +112,13 @@ class ClocLoss:
             region, phrase, pred, true, key = gather_features(
                 normalize(out["region"]), normalize(out["phrase"]), out["pred_box"].float(), boxes.float(), keys)
             if region.shape[0]:
-                parts["cloc"] = cloc_loss(region, phrase, key, scale, self.config.duplicate_cosine)
+                threshold = self.config.duplicate_cosine
+                if step is not None and step < self.config.cosine_mask_from_step:
+                    threshold = float("inf")
+                mask = duplicate_text_mask(phrase, key, threshold)
+                n = mask.shape[0]
+                parts["masked_negatives"] = mask.sum() / max(1, n * (n - 1))  # a diagnostic, no gradient
+                parts["cloc"] = cloc_loss(region, phrase, key, scale, threshold, mask)
                 parts["grounding"] = grounding_loss(pred, true)
             else:  # no region in the whole global batch: zero, still attached to the graph
                 parts["cloc"] = parts["grounding"] = (region.sum() + phrase.sum() + pred.sum()) * 0.0

@@ -159,7 +159,8 @@ class ClocModel(nn.Module):
         labelled by PHRASE_IDS[r]. Without regions (lambda = 0) only the CLIP part runs."""
         image_embeds, patches = self.encode_image(pixels)
         out = {"image": image_embeds, "text": self.encode_text(input_ids, attention_mask),
-               "logit_scale": self.clip.logit_scale}
+               # a copy, not the Parameter itself: DDP (find_unused_parameters) must not see a parameter as an output
+               "logit_scale": self.clip.logit_scale.clone()}
         if image_index is not None:  # even with no regions, so every worker runs the same graph
             phrase = self.encode_text(phrase_ids, phrase_mask)
             out["region"] = self.region_embeddings(patches, image_index, boxes)

@@ -164,7 +164,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                                                            "training": config.public_dict()},
                              trainer_state, metrics)
 
-    window = {"loss": 0.0, "clip": 0.0, "cloc": 0.0, "grounding": 0.0, "images": 0, "steps": 0}
+    reported = ("loss", "clip", "cloc", "grounding", "masked_negatives")
+    window = dict.fromkeys(reported, 0.0) | {"images": 0, "steps": 0}
     window_start = time.perf_counter()
     stop = state["step"] >= total_steps
     while not stop and state["epoch"] < config.optim.epochs:
@@ -181,7 +182,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             keys = inputs.pop("keys", None)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 out = ddp(**{k: v for k, v in inputs.items()})
-                parts = loss_fn(out, inputs.get("boxes"), keys)
+                parts = loss_fn(out, inputs.get("boxes"), keys, step=state["step"])
             optimizer.zero_grad(set_to_none=True)
             parts["loss"].backward()
             if config.optim.grad_clip:
@@ -193,7 +194,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             state["step"] += 1
             state["batch_in_epoch"] = index + 1
             state["train_s"] += time.perf_counter() - t0
-            for k in ("loss", "clip", "cloc", "grounding"):
+            for k in reported:
                 if k in parts:
                     window[k] += float(parts[k].detach())
             window["images"] += int(batch["ok"].sum())
@@ -204,11 +205,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 images, skipped, over = _all_reduce(
                     [window["images"], state["rows_skipped"], float(bool(budget_s and state["train_s"] > budget_s))])
                 record = {"step": state["step"], "epoch": state["epoch"], "lr": scheduler.get_last_lr()[0],
-                          "temperature": 1.0 / float(model.clip.logit_scale.exp()),
+                          "temperature": 1.0 / float(model.clip.logit_scale.detach().exp()),
                           "images_per_s": images / elapsed if elapsed > 0 else None,
                           "rows_skipped": int(skipped), "train_s": round(state["train_s"], 2)}
-                record.update({k: window[k] / window["steps"] for k in ("loss", "clip", "cloc", "grounding")
-                               if window[k]})
+                record.update({k: window[k] / window["steps"] for k in reported
+                               if k in ("loss", "clip") or with_regions})
                 metrics.append(record)
                 if rank == 0:
                     parts_text = " ".join(f"{k} {record[k]:.4f}" for k in ("clip", "cloc", "grounding") if k in record)
@@ -354,6 +355,8 @@ def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = F
     print(f"[vesl train] {rows} rows in {len(uris)} shard(s), {total_steps} steps of "
           f"{config.optim.batch_size} x {workers} worker(s){', resuming' if resuming else ''}", flush=True)
     ds = build_dataset(uris, config, image_size, caption_tokens)
+    # Ray Data's bars would restart on every epoch's pass through the data: the trainer's own lines say more
+    ray.data.DataContext.get_current().enable_progress_bars = False
     storage_fs = None
     storage_path = out
     if not _local(out):
