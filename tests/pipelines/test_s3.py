@@ -75,3 +75,53 @@ def test_credentials_from_the_environment_through_the_script(tmp_path, tiny_dir,
     rows, rejects, manifest = read_output("s3://vesl-env-in/out", filesystem=fs)
     assert_accounted(rows, rejects, manifest, EXPECTED)
     assert SECRET not in proc.stdout + proc.stderr + json.dumps(manifest)
+
+
+def test_train_reads_shards_and_writes_checkpoints_on_s3(tmp_path, tiny_dir, ray_local, s3_endpoint, capsys):
+    """CLOC training from shards on S3 (images embedded and fetched by s3:// URI) into an S3 OUT;
+    `vesl eval` takes the S3 checkpoint."""
+    import pyarrow.parquet as pq
+    import s3fs
+
+    from vesl.cli import main as cli
+    from vesl.cloc.config import load_train_config
+    from vesl.cloc.synthetic import write_shapes_dataset
+    from vesl.cloc.train import run_training
+
+    fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("vesl-train")
+    local = tmp_path / "shapes"
+    write_shapes_dataset(local, 40, seed=2, shard_rows=20, embed_images=False)
+    first = pq.read_table(local / "data" / "shard-00000.parquet")  # these rows fetch their image from S3
+    uris = [f"s3://vesl-train/shapes/images/{u.rsplit('/', 1)[1]}" for u in first.column("image_uri").to_pylist()]
+    first = first.set_column(first.schema.get_field_index("image_uri"), "image_uri", [uris])
+    pq.write_table(first, local / "data" / "shard-00000.parquet")
+    write_shapes_dataset(tmp_path / "embedded", 40, seed=2, shard_rows=20)  # the second shard: bytes inside
+    (tmp_path / "embedded" / "data" / "shard-00001.parquet").replace(local / "data" / "shard-00001.parquet")
+    fs.put(str(local) + "/", "vesl-train/shapes/", recursive=True)
+
+    options = [f"storage.endpoint_url={s3_endpoint}", f"storage.key={KEY}", f"storage.secret={SECRET}",
+               "storage.region=us-east-1"]
+    config = load_train_config(None, "tiny", ["optim.batch_size=8", "optim.max_steps=2", "run.log_every_steps=1",
+                                              *options])
+    summary = run_training("s3://vesl-train/shapes", "s3://vesl-train/out", config)
+    assert summary["steps"] == 2 and summary["rows"] == 40
+    assert summary["final"]["rows_skipped"] == 0  # every S3 image was fetched
+    fs.invalidate_cache()
+    assert fs.exists("vesl-train/out/model/cloc.json") and fs.exists("vesl-train/out/model/clip/model.safetensors")
+    assert fs.exists("vesl-train/out/train_summary.json")
+    assert any("checkpoint_" in p for p in fs.ls("vesl-train/out/run"))
+    capsys.readouterr()
+    import os
+
+    env = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": s3_endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        assert cli(["eval", "s3://vesl-train/shapes", "--checkpoint", "s3://vesl-train/out",
+                    "--classes", str(local / "classes.json")]) == 0
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == 40 and result["step"] == 2

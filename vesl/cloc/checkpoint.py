@@ -56,6 +56,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path} is not a vesl CLOC checkpoint (no {META}) nor a training output with model/")
 
 
+def fetch_checkpoint(uri: str, storage_options=None, cache_dir: str | None = None) -> Path:
+    """A local checkpoint directory for URI: a local path as it is, a remote one (s3://...; a checkpoint
+    or a training OUT) downloaded into a temporary folder."""
+    import tempfile
+
+    from vesl.storage import filesystem, join_uri
+
+    if "://" not in uri or uri.startswith("file://"):
+        return resolve_checkpoint(uri.removeprefix("file://"))
+    fs, path = filesystem(uri, storage_options)
+    for candidate in (path, join_uri(path, "model")):
+        if fs.exists(join_uri(candidate, META)):
+            local = Path(tempfile.mkdtemp(prefix="vesl-ckpt-", dir=cache_dir))
+            fs.get(candidate.rstrip("/") + "/", str(local) + "/", recursive=True)
+            return resolve_checkpoint(local)
+    raise FileNotFoundError(f"{uri} is not a vesl CLOC checkpoint (no {META}) nor a training output with model/")
+
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
     meta = json.loads((Path(directory) / META).read_text())
     if meta.get("format") != FORMAT or int(meta.get("format_version", 0)) != FORMAT_VERSION:

@@ -70,12 +70,12 @@ def evaluate(shards: str, checkpoint: str, classes_path: str, *, baseline: bool 
              batch_rows: int = 64, device: str = "auto", storage_options: Mapping[str, Any] | None = None,
              limit: int | None = None) -> dict[str, Any]:
     from operators.base import resolve_device
-    from vesl.cloc.checkpoint import CLIP_DIR, load_cloc
+    from vesl.cloc.checkpoint import CLIP_DIR, fetch_checkpoint, load_cloc
     from vesl.cloc.data import load_tokenizer
     from vesl.cloc.model import normalize, roi_pool_embeddings
 
     device = resolve_device(device)
-    model, meta = load_cloc(checkpoint, device=device)
+    model, meta = load_cloc(fetch_checkpoint(checkpoint, storage_options), device=device)
     tokenizer_path = f"{meta['path']}/{CLIP_DIR}"
     tokenizer = load_tokenizer(tokenizer_path)
     clip_config = model.clip.config
@@ -114,7 +114,7 @@ def evaluate(shards: str, checkpoint: str, classes_path: str, *, baseline: bool 
         raise ValueError(f"no regions in {shards}")
     regions = torch.cat(embeds)
     result: dict[str, Any] = {
-        "checkpoint": meta["path"], "step": meta.get("step"), "mode": "roi_pool" if baseline else "prompter",
+        "checkpoint": str(checkpoint), "step": meta.get("step"), "mode": "roi_pool" if baseline else "prompter",
         "images": images, "rows_skipped": skipped, "regions": int(regions.shape[0]),
     }
     # region recognition over the regions whose phrase names a class

@@ -303,7 +303,7 @@ def build_dataset(uris: list[str], config: TrainConfig, image_size: int, caption
     options = config.storage.options()
     fs, _ = pyarrow_filesystem(uris[0], options)
     paths = [u.split("://", 1)[1] if not _local(u) else u.removeprefix("file://") for u in uris]
-    ds = ray.data.read_parquet(paths, filesystem=fs, columns=COLUMNS)
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(COLUMNS)  # pushed down into the read
     tokenizer = config.model.clip
     ds = ds.map_batches(prepare_batch, batch_size=config.data.prep_batch_rows, batch_format="pyarrow",
                         fn_kwargs=dict(tokenizer=tokenizer, revision=config.model.revision, image_size=image_size,
