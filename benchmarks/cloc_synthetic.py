@@ -3,7 +3,8 @@
 Writes a training set (seed 0) and a held-out set (seed 1) of coloured-shape images (several shapes
 per image, so a whole-image embedding cannot tell them apart), trains the tiny preset twice with
 `vesl train` (lambda = 1: CLOC; lambda = 0: plain CLIP, the paper's baseline), evaluates both with
-`vesl eval` on the held-out set, and prints a table (also written as JSON):
+`vesl eval` on the held-out set, and prints a table (also written as JSON). "box IoU" is the mean
+IoU of the grounding head's box for each region's phrase against the true box:
 
     python benchmarks/cloc_synthetic.py [--steps 1200] [--minutes 10] [--work DIR] [--json FILE]
 
@@ -72,11 +73,13 @@ def main() -> int:
         ("CLOC (lambda=1), RoI pooling", evaluate(work / "heldout", work / "cloc", classes, True), runs["cloc"]),
     ]
     chance = rows[0][1]["chance_mAcc"]
-    header = f"{'model, region embedding':34} {'mAcc':>7} {'reg->txt R@1':>12} {'txt->reg R@1':>12} {'steps':>6} {'train s':>8}"
+    header = (f"{'model, region embedding':34} {'mAcc':>7} {'reg->txt R@1':>12} {'txt->reg R@1':>12} "
+              f"{'box IoU':>8} {'steps':>6} {'train s':>8}")
     lines = [header, "-" * len(header), f"{'chance (1 / ' + str(rows[0][1]['classes']) + ' classes)':34} {chance:7.3f}"]
     for name, result, run in rows:
+        iou = f"{result['grounding']['mean_iou']:8.3f}" if "grounding" in result else f"{'-':>8}"
         lines.append(f"{name:34} {result['mAcc']:7.3f} {result['region_to_text']['R@1']:12.3f} "
-                     f"{result['text_to_region']['R@1']:12.3f} {run['steps']:6d} {run['final']['train_s']:8.1f}")
+                     f"{result['text_to_region']['R@1']:12.3f} {iou} {run['steps']:6d} {run['final']['train_s']:8.1f}")
     table = "\n".join(lines)
     print(f"held-out synthetic set: {rows[0][1]['images']} images, {rows[0][1]['regions']} regions "
           f"(train: {runs['cloc']['rows']} images); tiny CLIP from scratch, CPU ({os.cpu_count()} cores)")

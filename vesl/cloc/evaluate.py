@@ -47,6 +47,16 @@ def class_accuracy(true: np.ndarray, pred: np.ndarray, n_classes: int) -> tuple[
     return (float(np.mean(list(per_class.values()))) if per_class else float("nan")), per_class
 
 
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise IoU of (N, 4) boxes x0, y0, x1, y1."""
+    lt = np.maximum(a[:, :2], b[:, :2])
+    rb = np.minimum(a[:, 2:], b[:, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=1)
+    area = lambda x: np.clip(x[:, 2:] - x[:, :2], 0, None).prod(axis=1)  # noqa: E731
+    union = area(a) + area(b) - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
 def recall_at(similarity: np.ndarray, relevant: np.ndarray, ks: tuple[int, ...] = (1, 10)) -> dict[str, float]:
     """SIMILARITY (Q, G) and RELEVANT (Q, G) bool: the share of queries with a relevant item in the top k."""
     order = np.argsort(-similarity, axis=1, kind="stable")
@@ -87,7 +97,7 @@ def evaluate(shards: str, checkpoint: str, classes_path: str, *, baseline: bool 
     class_embeds = encode_texts(model, tokenizer, [template.format(c) for c in class_names],
                                 max_tokens, device)
     uris = find_shards(shards, storage_options)
-    embeds, phrases, images, skipped = [], [], 0, 0
+    embeds, phrases, images, skipped, ious = [], [], 0, 0, []
     for batch in iter_prepared(uris, tokenizer=tokenizer_path, revision=None, image_size=image_size,
                                caption_max_tokens=max_tokens, config=data_config, storage_options=storage_options,
                                batch_rows=batch_rows):
@@ -107,6 +117,11 @@ def evaluate(shards: str, checkpoint: str, classes_path: str, *, baseline: bool 
         else:
             region = model.region_embeddings(patches, image_index, boxes)
         embeds.append(normalize(region).cpu())
+        if not baseline:  # grounding: the phrase's box predicted from the text-conditioned Prompter
+            ids = torch.from_numpy(batch["phrase_ids"][valid]).to(device)
+            mask = torch.from_numpy(batch["phrase_mask"][valid]).to(device)
+            pred = model.ground(patches, image_index, model.encode_text(ids, mask))
+            ious.append(box_iou(pred.float().cpu().numpy(), batch["region_boxes"][valid]))
         phrases.extend(normalise_phrase(p) for p in batch["region_phrases"][valid])
         if limit and images >= limit:
             break
@@ -139,4 +154,7 @@ def evaluate(shards: str, checkpoint: str, classes_path: str, *, baseline: bool 
     result["region_to_text"] = recall_at(similarity, relevant)
     result["text_to_region"] = recall_at(similarity.T, relevant.T)
     result["distinct_phrases"] = len(distinct)
+    if ious:
+        iou = np.concatenate(ious)
+        result["grounding"] = {"mean_iou": float(iou.mean()), "iou>0.5": float((iou > 0.5).mean())}
     return result

@@ -78,6 +78,15 @@ def step_inputs(batch: dict[str, Any], m: int, generator, with_regions: bool) ->
     return inputs
 
 
+def _say(message: str) -> None:
+    """A progress line from a worker. Not print(): Ray Train patches print into its logging, and the
+    line would reach the driver twice."""
+    import sys
+
+    sys.stdout.write(f"[vesl train] {message}\n")
+    sys.stdout.flush()
+
+
 def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
     import torch
     import torch.distributed as dist
@@ -149,7 +158,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         state.update({k: saved[k] for k in state if k in saved})
         metrics = [m for m in ckpt.load_metrics(restored_dir) if m["step"] <= state["step"]]
         if rank == 0:
-            print(f"[vesl train] resumed from step {state['step']} (epoch {state['epoch']})", flush=True)
+            _say(f"resumed from step {state['step']} (epoch {state['epoch']})")
     if rank == 0 and out_local:  # the live metrics file restarts from what the checkpoint knew
         Path(out_local).write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
     # region sampling: seeded per worker and per starting step, so a resumed run is reproducible too
@@ -213,9 +222,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 metrics.append(record)
                 if rank == 0:
                     parts_text = " ".join(f"{k} {record[k]:.4f}" for k in ("clip", "cloc", "grounding") if k in record)
-                    print(f"[vesl train] step {state['step']}/{total_steps} epoch {state['epoch']} "
-                          f"loss {record.get('loss', 0):.4f} ({parts_text}) {record['images_per_s'] or 0:.0f} img/s"
-                          + (f" {int(skipped)} rows skipped" if skipped else ""), flush=True)
+                    _say(f"step {state['step']}/{total_steps} epoch {state['epoch']} "
+                         f"loss {record.get('loss', 0):.4f} ({parts_text}) {record['images_per_s'] or 0:.0f} img/s"
+                         + (f" {int(skipped)} rows skipped" if skipped else ""))
                     if out_local:
                         with open(out_local, "a") as f:
                             f.write(json.dumps(record, sort_keys=True) + "\n")

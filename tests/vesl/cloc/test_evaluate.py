@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vesl.cloc.evaluate import class_accuracy, load_classes, recall_at
+from vesl.cloc.evaluate import box_iou, class_accuracy, load_classes, recall_at
 
 
 def test_mean_of_per_class_accuracy_not_overall_accuracy():
@@ -22,6 +22,12 @@ def test_recall_at_k():
     relevant = np.array([[False, False, True], [True, False, False]])  # ranks 2 and 3
     r = recall_at(similarity, relevant, ks=(1, 2, 3))
     assert r == {"R@1": 0.0, "R@2": 0.5, "R@3": 1.0}
+
+
+def test_box_iou_by_hand():
+    a = np.array([[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.2, 0.2], [0.1, 0.1, 0.3, 0.3]])
+    b = np.array([[0.0, 0.0, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0], [0.1, 0.1, 0.3, 0.3]])
+    assert box_iou(a, b).tolist() == pytest.approx([0.5, 0.0, 1.0])
 
 
 def test_class_list_or_synonym_mapping(tmp_path):

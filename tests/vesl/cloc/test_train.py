@@ -65,6 +65,9 @@ def test_ray_train_two_workers_checkpoint_and_resume(tiny_dir, ray_local, tmp_pa
         assert result["images"] == 96 and result["regions"] == result["regions_with_class"] > 96
         assert result["chance_mAcc"] == pytest.approx(1 / 12) and 0 <= result["mAcc"] <= 1
         assert set(result["region_to_text"]) == {"R@1", "R@10"} and set(result["text_to_region"]) == {"R@1", "R@10"}
+        assert ("grounding" in result) == (not extra)  # the grounding head's boxes: Prompter mode only
+        if not extra:
+            assert 0 <= result["grounding"]["mean_iou"] <= 1
 
     # a different loss is a different run: refused before anything is touched
     with pytest.raises(TrainConflictError, match="different"):
