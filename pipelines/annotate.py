@@ -28,7 +28,7 @@ from operators.detect import DetectRegions  # noqa: E402
 from operators.phrases import ExtractPhrases  # noqa: E402
 from schemas.region_text import META_PREFIX, META_SCHEMA_VERSION, SCHEMA_VERSION  # noqa: E402
 from vesl import __version__  # noqa: E402
-from vesl.config import AnnotateConfig, load_config  # noqa: E402
+from vesl.config import AnnotateConfig, add_config_arguments, load_config  # noqa: E402
 from vesl.inputs import read_inputs  # noqa: E402
 from vesl.resources import plan_pools  # noqa: E402
 from vesl.runstate import (  # noqa: E402
@@ -163,10 +163,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vesl annotate", description=__doc__.split("\n\n")[0])
     p.add_argument("input", help="manifest (.parquet/.jsonl/.csv), WebDataset .tar shard(s), or an image folder")
     p.add_argument("output", help="output folder (local path or s3://...)")
-    p.add_argument("--config", help="YAML config file")
-    p.add_argument("--preset", choices=["tiny"], help="tiny: offline random-weight models (demo and tests)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value, e.g. --set detect.threshold=0.2 (repeatable)")
+    add_config_arguments(p, "detect.threshold=0.2")
     p.add_argument("--overwrite", action="store_true",
                    help="delete an existing OUTPUT first (default: resume the run it holds)")
     return p

@@ -21,17 +21,16 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from schemas.region_text import SchemaVersionError  # noqa: E402
 from vesl.cloc.config import load_train_config  # noqa: E402
+from vesl.config import add_config_arguments  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vesl train", description=__doc__.split("\n\n")[0])
     p.add_argument("shards", help="region-text shards: an annotate OUTPUT, a folder of .parquet shards, or one file")
     p.add_argument("out", help="training output folder (local path or s3://...)")
-    p.add_argument("--config", help="YAML config file (sections model, data, loss, optim, run, storage)")
-    p.add_argument("--preset", choices=["tiny"], help="tiny: a tiny from-scratch CLIP sized for a CPU")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value, e.g. --set loss.region_weight=0 (repeatable)")
+    add_config_arguments(p, "loss.region_weight=0")  # sections: model, data, loss, optim, run, storage
     p.add_argument("--overwrite", action="store_true", help="discard a training run already in OUT")
+    p.add_argument("--print-config", action="store_true", help="print the full effective config as YAML and exit")
     return p
 
 
@@ -42,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         config = load_train_config(args.config, args.preset, args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(config.public_dict(), sort_keys=False), end="")
+            return 0
         summary = run_training(args.shards, args.out, config, overwrite=args.overwrite)
     except (TrainConflictError, FileNotFoundError, SchemaVersionError, ValueError) as e:
         print(f"vesl train: error: {e}", file=sys.stderr)

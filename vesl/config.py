@@ -117,11 +117,18 @@ def parse_override(text: str) -> dict[str, Any]:
     return value
 
 
-def load_config(path: str | None = None, preset_name: str | None = None,
-                overrides: list[str] | None = None) -> AnnotateConfig:
-    data: dict[str, Any] = {}
-    if preset_name:
-        data = deep_merge(data, preset(preset_name))
+def add_config_arguments(p, example: str) -> None:
+    """The --config / --preset / --set options every job takes."""
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--preset", choices=["tiny"], help="tiny: offline tiny random-weight models (demo and tests)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help=f"override one config value, e.g. --set {example} (repeatable)")
+
+
+def merge_sources(preset_data: dict[str, Any] | None, path: str | None,
+                  overrides: list[str] | None) -> dict[str, Any]:
+    """Preset < YAML file < --set overrides, as one nested dict (the job's model validates it)."""
+    data: dict[str, Any] = dict(preset_data or {})
     if path:
         with open(path) as f:
             loaded = yaml.safe_load(f) or {}
@@ -130,4 +137,9 @@ def load_config(path: str | None = None, preset_name: str | None = None,
         data = deep_merge(data, loaded)
     for item in overrides or []:
         data = deep_merge(data, parse_override(item))
-    return AnnotateConfig.model_validate(data)
+    return data
+
+
+def load_config(path: str | None = None, preset_name: str | None = None,
+                overrides: list[str] | None = None) -> AnnotateConfig:
+    return AnnotateConfig.model_validate(merge_sources(preset(preset_name) if preset_name else None, path, overrides))

@@ -7,7 +7,6 @@ import hashlib
 import json
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field
 
 from operators.base import StageConfig
@@ -100,17 +99,7 @@ def train_preset(name: str) -> dict[str, Any]:
 
 def load_train_config(path: str | None = None, preset_name: str | None = None,
                       overrides: list[str] | None = None) -> TrainConfig:
-    from vesl.config import deep_merge, parse_override
+    from vesl.config import merge_sources
 
-    data: dict[str, Any] = {}
-    if preset_name:
-        data = deep_merge(data, train_preset(preset_name))
-    if path:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config {path} must be a YAML mapping")
-        data = deep_merge(data, loaded)
-    for item in overrides or []:
-        data = deep_merge(data, parse_override(item))
-    return TrainConfig.model_validate(data)
+    return TrainConfig.model_validate(
+        merge_sources(train_preset(preset_name) if preset_name else None, path, overrides))
