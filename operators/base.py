@@ -1,5 +1,8 @@
 """Batch plumbing every stage shares: columnar batches, reject marking, per-row fault isolation.
 
+pyarrow is imported where a batch is handled, not at import time, so the model operators can be
+driven directly (`detect`, `caption_images`) on a machine with only torch and transformers.
+
 A batch is a `pyarrow.Table` (Ray Data's `batch_format="pyarrow"`) or a dict of numpy arrays
 (converted on entry). A stage never raises on a bad row: it writes the row's `reject_stage`,
 `reject_reason` and `reject_message`, and later stages pass rejected rows through untouched.
@@ -14,7 +17,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
 
 REJECT_STAGE, REJECT_REASON, REJECT_MESSAGE = "reject_stage", "reject_reason", "reject_message"
@@ -31,6 +33,8 @@ class StageConfig(BaseModel):
 
 def as_table(batch: pa.Table | Mapping[str, Any]) -> pa.Table:
     """Accept a pyarrow Table or a dict of columns (numpy arrays or lists)."""
+    import pyarrow as pa
+
     if isinstance(batch, pa.Table):
         table = batch
     else:
@@ -44,6 +48,8 @@ def as_table(batch: pa.Table | Mapping[str, Any]) -> pa.Table:
 
 def put_column(table: pa.Table, name: str, values: Sequence[Any] | pa.Array, type: pa.DataType) -> pa.Table:
     """Set column NAME (replacing it if present) with an explicit Arrow type."""
+    import pyarrow as pa
+
     array = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=type)
     if array.type != type:
         array = array.cast(type)
@@ -60,6 +66,8 @@ def pending_rows(table: pa.Table) -> list[int]:
 
 def mark_rejects(table: pa.Table, stage: str, rejects: Mapping[int, tuple[str, str]]) -> pa.Table:
     """Reject rows: {row index: (reason, message)}; rows already rejected keep their first reason."""
+    import pyarrow as pa
+
     if not rejects:
         return table
     stages = table.column(REJECT_STAGE).to_pylist()

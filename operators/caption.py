@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import pyarrow as pa
 from PIL import Image
 from pydantic import Field
 
@@ -42,6 +41,9 @@ class CaptionConfig(StageConfig):
     batch_size: int = Field(default=16, ge=1, description="Images per generate() call.")
     device: str = Field(default="auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str | None = Field(
+        default=None, description="None: transformers' choice (SDPA where the model supports it; BLIP has "
+        "only its own eager attention); or 'sdpa', 'eager', 'flash_attention_2'.")
     max_caption_chars: int = Field(default=2000, ge=1, description="Captions are cut to this many characters.")
 
 
@@ -71,6 +73,7 @@ class CaptionImages:
         self.model = load_pretrained(
             AutoModelForImageTextToText, self.config.model, revision=self.config.revision,
             trust_remote_code=self.config.trust_remote_code, device=self.device, dtype=self.dtype,
+            attn_implementation=self.config.attn_implementation,
         )
         self.provenance = provenance(self.model, self.config.model, self.config.revision)
         self._torch = torch
@@ -110,6 +113,8 @@ class CaptionImages:
         return [clean_caption(t, prompt, self.config.max_caption_chars) for t in decoded]
 
     def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table:
+        import pyarrow as pa
+
         with self.timer:
             table = as_table(batch)
             rows = pending_rows(table)

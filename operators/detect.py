@@ -1,27 +1,25 @@
 """detect: OWLv2 finds a box for each phrase, or drops it.
 
-The image's phrases are its text queries. Query lists are ragged across a batch, so each image's
-queries are padded to the batch maximum with all-zero token rows: OWLv2 masks a query whose first
-token id is 0, and we also mask those logits ourselves. Each kept box takes its most confident
-phrase. Boxes go back to the ORIGINAL image: OWLv2 pads the image to a square (bottom/right) before
-resizing, so its normalised boxes are fractions of max(width, height).
+The image's phrases are its text queries. Query lists are ragged across a batch: each distinct
+phrase is encoded once, gathered into a (batch, slots) query tensor, and the padding slots are
+masked out of the logits. Each kept box takes its most confident phrase. Boxes go back to the
+ORIGINAL image: OWLv2 pads the image to a square (bottom/right) before resizing, so its normalised
+boxes are fractions of max(width, height).
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
-import pyarrow as pa
-from PIL import Image
 from pydantic import Field
 
 from operators.base import (
     StageConfig, StageTimer, as_table, image_from_row, mark_rejects, pending_rows, put_column,
     resolve_device, resolve_dtype, run_isolating_rows,
 )
-from schemas.region_text import REGION_TYPE
 
 STAGE = "detect"
 
@@ -43,6 +41,11 @@ class DetectConfig(StageConfig):
     batch_size: int = Field(default=8, ge=1, description="Images per forward pass.")
     device: str = Field(default="auto", description="'auto' (CUDA if present), 'cpu', 'cuda', ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str | None = Field(default="sdpa", description="'sdpa', 'eager', 'flash_attention_2', ...")
+    preprocess: Literal["torch", "hf"] = Field(
+        default="torch", description="'torch': our OWLv2 preprocessing on the detector's device; 'hf': the "
+        "processor's own (CPU, NumPy/SciPy).")
+    text_cache_size: int = Field(default=4096, ge=0, description="Phrase embeddings kept across batches.")
 
 
 def padded_square_boxes_to_original(
@@ -101,16 +104,12 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
 
 
 def select_regions(
-    logits: np.ndarray, boxes_cxcywh: np.ndarray, num_queries: int, width: int, height: int,
+    scores: np.ndarray, best: np.ndarray, boxes_cxcywh: np.ndarray, width: int, height: int,
     threshold: float, nms_iou: float | None = None, top_k: int | None = None, min_box_pixels: float = 0.0,
 ) -> list[tuple[np.ndarray, int, float]]:
-    """From one image's (patches, queries) logits and (patches, 4) boxes: the kept regions as
-    (normalised xyxy box, query index, score), best first. Queries past NUM_QUERIES are padding."""
-    if num_queries == 0:
-        return []
-    logits = logits[:, :num_queries].astype(np.float64)
-    best = logits.argmax(axis=1)
-    scores = 1.0 / (1.0 + np.exp(-logits[np.arange(len(best)), best]))
+    """From one image's per-patch best score (sigmoid), best query index and (patches, 4) box: the kept
+    regions as (normalised xyxy box, query index, score), best first."""
+    scores = scores.astype(np.float64)
     pixels = padded_square_boxes_to_original(boxes_cxcywh, width, height)
     boxes, valid = normalise_to_image(pixels, width, height, min_box_pixels)
     keep = np.flatnonzero((scores > threshold) & valid)
@@ -123,12 +122,18 @@ def select_regions(
 
 
 class DetectRegions:
-    """Callable stage: adds `regions` (list of {box, phrase, score, source}); loads OWLv2 once."""
+    """Callable stage: adds `regions` (list of {box, phrase, score, source}); loads OWLv2 once.
+
+    Hot path per batch: the images go to the device once as uint8 and are preprocessed there
+    (`operators.owlv2_preprocess`); the vision tower runs once per image; each distinct phrase of the
+    batch is encoded once (and kept in a small LRU cache across batches); the class and box heads
+    run on the gathered query embeddings; only each patch's best score, query and box come back."""
 
     def __init__(self, config: DetectConfig | None = None) -> None:
         import torch
         from transformers import Owlv2ForObjectDetection
 
+        from operators.owlv2_preprocess import Owlv2Preprocess
         from vesl.models import load_pretrained, load_processor, provenance
 
         self.config = config or DetectConfig()
@@ -140,55 +145,93 @@ class DetectRegions:
         self.model = load_pretrained(
             Owlv2ForObjectDetection, self.config.model, revision=self.config.revision,
             trust_remote_code=self.config.trust_remote_code, device=self.device, dtype=self.dtype,
+            attn_implementation=self.config.attn_implementation,
         )
         self.provenance = provenance(self.model, self.config.model, self.config.revision)
+        self.preprocess = None
+        if self.config.preprocess == "torch":
+            try:
+                self.preprocess = Owlv2Preprocess(self.processor.image_processor, self.device, self.dtype)
+            except ValueError:
+                self.preprocess = None  # a processor we do not reproduce: HF's own path below
         self._torch = torch
+        self._text_cache: OrderedDict[str, Any] = OrderedDict()
         self.timer = StageTimer()
 
-    def query_tensors(self, queries: Sequence[Sequence[str]]):
-        """(input_ids, attention_mask, valid) for ragged per-image QUERIES, padded with all-zero rows.
+    def pixel_values(self, images: Sequence[np.ndarray]):
+        """(B, 3, S, S) on the device in the model dtype, from (H, W, 3) uint8 arrays."""
+        if self.preprocess is not None:
+            return self.preprocess(images)
+        out = self.processor.image_processor(images=list(images), return_tensors="pt",
+                                             input_data_format="channels_last")["pixel_values"]
+        return out.to(self.device, self.dtype)
 
-        Each distinct phrase in the batch is tokenized once."""
-        torch = self._torch
-        width = max(1, max((len(q) for q in queries), default=1))
+    def query_index(self, queries: Sequence[Sequence[str]]) -> tuple[list[str], np.ndarray]:
+        """The batch's distinct phrases, and for each image's query slot the phrase's index (-1: padding)."""
         unique = sorted({p for q in queries for p in q})
-        length = self.config.max_query_tokens
-        ids = torch.zeros((len(queries), width, length), dtype=torch.long)
-        mask = torch.zeros((len(queries), width, length), dtype=torch.long)
-        mask[..., 0] = 1  # keep attention well defined on padding rows; their logits are masked
-        valid = torch.zeros((len(queries), width), dtype=torch.bool)
-        if unique:
-            tok = self.processor.tokenizer(unique, padding="max_length", truncation=True, max_length=length,
-                                           return_tensors="pt")
-            row_of = {p: k for k, p in enumerate(unique)}
-            for i, q in enumerate(queries):
-                for j, phrase in enumerate(q):
-                    ids[i, j] = tok["input_ids"][row_of[phrase]]
-                    mask[i, j] = tok["attention_mask"][row_of[phrase]]
-                    valid[i, j] = True
-        return ids.view(-1, length), mask.view(-1, length), valid
+        row_of = {p: k for k, p in enumerate(unique)}
+        index = np.full((len(queries), max(1, max((len(q) for q in queries), default=1))), -1, dtype=np.int64)
+        for i, q in enumerate(queries):
+            index[i, : len(q)] = [row_of[p] for p in q]
+        return unique, index
 
-    def detect(self, images: list[Image.Image], queries: list[list[str]]) -> list[list[tuple[np.ndarray, int, float]]]:
-        """Regions for each image: (normalised box, query index, score), best first."""
+    def text_embeddings(self, phrases: Sequence[str]):
+        """(len(PHRASES), D) unit-norm OWLv2 text embeddings; each phrase is encoded at most once while
+        it stays in the cache."""
         torch = self._torch
-        pixel_values = self.processor.image_processor(
-            images=images, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
-        input_ids, attention_mask, valid = self.query_tensors(queries)
+        cache = self._text_cache
+        missing = [p for p in phrases if p not in cache]
+        if missing:
+            tok = self.processor.tokenizer(missing, padding="max_length", truncation=True,
+                                           max_length=self.config.max_query_tokens, return_tensors="pt")
+            with torch.inference_mode():
+                out = self.model.owlv2.get_text_features(
+                    input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device))
+                emb = out.pooler_output if hasattr(out, "pooler_output") else out
+                emb = emb / torch.linalg.norm(emb, ord=2, dim=-1, keepdim=True)
+            for p, e in zip(missing, emb):
+                cache[p] = e
+        for p in phrases:
+            cache.move_to_end(p)
+        rows = torch.stack([cache[p] for p in phrases]) if phrases else None
+        while len(cache) > self.config.text_cache_size:
+            cache.popitem(last=False)
+        return rows
+
+    def detect(self, images: Sequence[np.ndarray], queries: list[list[str]]) -> list[list[tuple[np.ndarray, int, float]]]:
+        """Regions for each (H, W, 3) uint8 image: (normalised box, query index, score), best first."""
+        torch = self._torch
+        model = self.model
+        unique, index = self.query_index(queries)
+        if not unique:
+            return [[] for _ in images]
         with torch.inference_mode():
-            out = self.model(
-                input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
-                pixel_values=pixel_values.to(self.device, self.dtype),
-            )
-            logits = out.logits.float().masked_fill(~valid.to(self.device)[:, None, :], float("-inf"))
-        logits_np = logits.cpu().numpy()
-        boxes_np = out.pred_boxes.float().cpu().numpy()
+            pixel_values = self.pixel_values(images)
+            feature_map = model.image_embedder(pixel_values=pixel_values)[0]
+            b, h, w, d = feature_map.shape
+            feats = feature_map.reshape(b, h * w, d)
+            text = self.text_embeddings(unique)
+            slot = torch.from_numpy(index).to(self.device)
+            valid = slot >= 0
+            query = text[slot.clamp(min=0)].to(feats.dtype) * valid[..., None]
+            logits = model.class_predictor(feats, query, valid)[0]
+            logits = logits.float().masked_fill(~valid[:, None, :], float("-inf"))
+            top, best = logits.max(dim=-1)
+            scores = torch.sigmoid(top)
+            boxes = model.box_predictor(feats, feature_map).float()
+        scores_np, best_np, boxes_np = scores.cpu().numpy(), best.cpu().numpy(), boxes.cpu().numpy()
         return [
-            select_regions(logits_np[i], boxes_np[i], len(queries[i]), image.width, image.height,
+            select_regions(scores_np[i], best_np[i], boxes_np[i], image.shape[1], image.shape[0],
                            self.config.threshold, self.config.nms_iou, self.config.top_k, self.config.min_box_pixels)
+            if queries[i] else []
             for i, image in enumerate(images)
         ]
 
     def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table:
+        import pyarrow as pa
+
+        from schemas.region_text import REGION_TYPE
+
         with self.timer:
             table = as_table(batch)
             phrases = table.column("phrases").to_pylist()
@@ -202,8 +245,7 @@ class DetectRegions:
                     regions[r] = []  # nothing to look for: a row with no regions, not a reject
 
             def run(chunk):
-                images = [Image.fromarray(image_from_row(table, r)) for r in chunk]
-                found = self.detect(images, [phrases[r] for r in chunk])
+                found = self.detect([image_from_row(table, r) for r in chunk], [phrases[r] for r in chunk])
                 return {
                     r: [{"box": box.tolist(), "phrase": phrases[r][q], "score": score, "source": sources[r][q]}
                         for box, q, score in dets]
@@ -217,5 +259,9 @@ class DetectRegions:
                     regions[r] = value
                 rejects.update(failed)
             table = put_column(table, "regions", regions, pa.list_(REGION_TYPE))
+            # the last stage to read the decoded working copy (up to 3 MB a row): leave it behind, so it
+            # neither travels to the writer nor waits in its buffer of output.rows_per_shard rows
+            if "pixels" in table.column_names:
+                table = table.drop_columns(["pixels"])
             self.timer.rows += table.num_rows
             return mark_rejects(table, STAGE, rejects)

@@ -108,6 +108,9 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
     init_ray()
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = config.ray.no_progress_timeout_s
+    if config.ray.object_store_budget_mb:
+        limits = ctx.execution_options.resource_limits
+        ctx.execution_options.resource_limits = limits.copy(object_store_memory=config.ray.object_store_budget_mb * 2**20)
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and "cpu" not in (config.caption.device, config.detect.device)
     # Everything that can refuse the job (input, models) is checked before OUTPUT is touched.
     models = model_provenance(config)

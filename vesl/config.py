@@ -46,6 +46,13 @@ class RayConfig(StageConfig):
     phrase_pool: PoolConfig = PoolConfig()
     detect_pool: PoolConfig = PoolConfig()
     decode_num_cpus: float = Field(default=1.0, gt=0, description="CPUs per decode task.")
+    object_store_budget_mb: float | None = Field(
+        default=1024, gt=0,
+        description="Cap on the object-store memory the job's blocks in flight may take (Ray Data's "
+        "resource_limits.object_store_memory). Decoded images queue between stages; without a cap the queue "
+        "grows toward Ray Data's default (half the object store), so peak memory would depend on how long the "
+        "run is. None: Ray Data's default.",
+    )
 
 
 class OutputConfig(StageConfig):
@@ -76,6 +83,7 @@ class AnnotateConfig(StageConfig):
         for section in label.values():  # how fast, not what: batch sizes and device may change on resume
             section.pop("batch_size", None)
             section.pop("device", None)
+            section.pop("text_cache_size", None)
         return hashlib.sha256(json.dumps(label, sort_keys=True).encode()).hexdigest()[:16]
 
     def public_dict(self) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def test_detector_regions_are_hf_boxes_clipped_and_normalised(hf, detector, widt
             clipped = np.clip(box, 0, [width, height, width, height]) / [width, height, width, height]
             if clipped[2] > clipped[0] and clipped[3] > clipped[1]:
                 expected.append([*clipped, label, score])
-    regions = detector.detect([image], [phrases])[0]
+    regions = detector.detect([np.asarray(image)], [phrases])[0]
     got = [[*box, q, s] for box, q, s in regions]
     assert len(got) == len(expected) > 0
     order = lambda rows: np.array(sorted(rows, key=lambda r: (-r[5], r[0], r[1])))  # noqa: E731
@@ -68,28 +68,55 @@ def test_detector_regions_are_hf_boxes_clipped_and_normalised(hf, detector, widt
 
 
 def test_ragged_queries_padding_never_wins_and_changes_nothing(detector):
-    images = [photo(80, 40, seed=1), photo(50, 90, seed=2)]
+    images = [np.asarray(photo(80, 40, seed=1)), np.asarray(photo(50, 90, seed=2))]
     queries = [["cat"], ["red sofa", "cat", "white helmet", "flag"]]
-    ids, mask, valid = detector.query_tensors(queries)
-    assert valid.tolist() == [[True, False, False, False], [True, True, True, True]]
-    assert ids.view(2, 4, -1)[0, 1:].abs().sum() == 0  # pad rows are all-zero: OWLv2 masks them
+    unique, index = detector.query_index(queries)
+    assert unique == ["cat", "flag", "red sofa", "white helmet"]
+    assert index.tolist() == [[0, -1, -1, -1], [2, 0, 3, 1]]
     together = detector.detect(images, queries)
     alone = detector.detect(images[:1], queries[:1])
     assert all(q == 0 for _, q, _ in together[0])
     assert [(q, round(s, 5)) for _, q, s in together[0]] == [(q, round(s, 5)) for _, q, s in alone[0]]
+    assert detector.detect(images, [[], []]) == [[], []]
 
 
-def test_repeated_phrases_are_tokenized_once(detector, monkeypatch):
+def test_each_phrase_is_encoded_once(tiny_dir, monkeypatch):
+    detector = DetectRegions(DetectConfig(model=str(tiny_dir / "detector"), threshold=0.0, text_cache_size=2))
     seen = []
-    original = detector.processor.tokenizer.__call__
+    encode = detector.model.owlv2.get_text_features
 
-    def spy(texts, **kw):
-        seen.append(list(texts))
-        return original(texts, **kw)
+    def spy(input_ids, attention_mask):
+        seen.append(input_ids.shape[0])
+        return encode(input_ids=input_ids, attention_mask=attention_mask)
 
-    monkeypatch.setattr(type(detector.processor.tokenizer), "__call__", lambda self, texts, **kw: spy(texts, **kw))
-    detector.query_tensors([["cat", "dog"], ["dog", "cat"], ["cat"]])
-    assert seen == [["cat", "dog"]]
+    monkeypatch.setattr(detector.model.owlv2, "get_text_features", spy)
+    images = [np.asarray(photo(40, 30, seed=i)) for i in range(3)]
+    first = detector.detect(images, [["cat", "dog"], ["dog", "cat"], ["cat"]])
+    assert seen == [2]  # one call, two distinct phrases, for six query slots
+    again = detector.detect(images, [["cat", "dog"], ["dog", "cat"], ["cat"]])
+    assert seen == [2] and _same(again, first)  # cached: no new text forward, same regions
+    detector.detect(images[:1], [["bird", "cat"]])  # cache holds 2: "bird" new, "dog" evicted
+    assert seen == [2, 1] and list(detector._text_cache) == ["bird", "cat"]
+
+
+def _same(a, b):
+    return all(len(x) == len(y) and all(np.allclose(p[0], q[0]) and p[1:] == q[1:] for p, q in zip(x, y))
+               for x, y in zip(a, b))
+
+
+def test_torch_and_hf_preprocessing_give_the_same_boxes(tiny_dir):
+    """The detector's output with our preprocessing equals its output with HF's, within 1e-3."""
+    fast = DetectRegions(DetectConfig(model=str(tiny_dir / "detector"), threshold=0.0, min_box_pixels=0.0))
+    slow = DetectRegions(DetectConfig(model=str(tiny_dir / "detector"), threshold=0.0, min_box_pixels=0.0,
+                                      preprocess="hf"))
+    assert fast.preprocess is not None and slow.preprocess is None
+    images = [np.asarray(photo(w, h, seed=w)) for w, h in [(640, 480), (97, 300), (1024, 683), (20, 20)]]
+    queries = [["red sofa", "cat"], ["cat"], ["white helmet", "flag", "cat"], ["flag"]]
+    for got, ref in zip(fast.detect(images, queries), slow.detect(images, queries)):
+        assert len(got) == len(ref) > 0
+        assert [q for _, q, _ in got] == [q for _, q, _ in ref]
+        np.testing.assert_allclose(np.array([b for b, _, _ in got]), np.array([b for b, _, _ in ref]), atol=1e-3)
+        np.testing.assert_allclose([s for _, _, s in got], [s for _, _, s in ref], atol=1e-3)
 
 
 def test_boxes_in_the_padding_are_dropped_and_others_clipped():
@@ -106,12 +133,13 @@ def test_boxes_in_the_padding_are_dropped_and_others_clipped():
 
 
 def test_select_regions_threshold_top_k_and_labels():
-    logits = np.array([[3.0, -5.0], [-5.0, 1.0], [-4.0, -3.0]])  # sigmoid: .95, .73, .047
+    scores = np.array([0.953, 0.731, 0.047])
+    best = np.array([0, 1, 1])
     boxes = np.array([[0.25, 0.25, 0.2, 0.2], [0.6, 0.6, 0.2, 0.2], [0.5, 0.5, 0.1, 0.1]])
-    got = select_regions(logits, boxes, num_queries=2, width=100, height=100, threshold=0.1)
+    got = select_regions(scores, best, boxes, width=100, height=100, threshold=0.1)
     assert [(q, round(s, 3)) for _, q, s in got] == [(0, 0.953), (1, 0.731)]
-    assert len(select_regions(logits, boxes, 2, 100, 100, threshold=0.1, top_k=1)) == 1
-    assert select_regions(logits, boxes, 0, 100, 100, threshold=0.1) == []
+    assert len(select_regions(scores, best, boxes, 100, 100, threshold=0.1, top_k=1)) == 1
+    assert select_regions(scores, best, boxes, 100, 100, threshold=0.99) == []
 
 
 def test_nms_keeps_the_best_of_overlapping_boxes():
@@ -119,3 +147,21 @@ def test_nms_keeps_the_best_of_overlapping_boxes():
     assert box_iou(boxes[:1], boxes[1:2])[0, 0] == pytest.approx(81 / 100)
     assert nms(boxes, np.array([0.9, 0.95, 0.5]), iou=0.5).tolist() == [1, 2]
     assert nms(boxes, np.array([0.9, 0.95, 0.5]), iou=0.9).tolist() == [1, 0, 2]
+
+
+def test_stage_adds_regions_and_leaves_the_working_copy_behind(detector):
+    import pyarrow as pa
+
+    from operators.decode import DecodeImages
+    from tests.conftest import encode
+
+    table = DecodeImages()(pa.table({"image_id": ["a", "b", "c"],
+                                     "image_bytes": [encode(photo(90, 60, seed=s)) for s in range(3)]}))
+    assert "pixels" in table.column_names
+    table = table.append_column("phrases", pa.array([["cat", "red sofa"], [], ["flag"]]))
+    table = table.append_column("phrase_sources", pa.array([["caption", "alt_text"], [], ["caption"]]))
+    out = detector(table)
+    assert "pixels" not in out.column_names  # not carried to the writer
+    regions = out.column("regions").to_pylist()
+    assert regions[1] == [] and len(regions[0]) > 0 and {r["phrase"] for r in regions[0]} <= {"cat", "red sofa"}
+    assert out.column("reject_stage").to_pylist() == [None, None, None]
