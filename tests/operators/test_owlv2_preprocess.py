@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from operators.owlv2_preprocess import Owlv2Preprocess, gaussian_weights, mirror_indices, zoom_axis
+from operators.owlv2_preprocess import (
+    Owlv2Preprocess, gaussian_weights, mirror_indices, resample_matrix, zoom_axis,
+)
 from tests.conftest import photo
 
 # Stated tolerance: max |ours - HF| over all normalised pixel values (values span about [-1.8, 2.2]).
@@ -53,6 +55,19 @@ def test_zoom_axis_equals_scipy_zoom(n, size):
     expected = ndimage.zoom(x, (1, size / n, 1), order=1, mode="mirror", grid_mode=True)
     got = zoom_axis(torch.from_numpy(x), size, 1).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("n, size", [(640, 64), (200, 64), (97, 10)])
+def test_resample_matrix_is_scipy_blur_then_zoom(n, size):
+    """The one-matmul path (used for strong shrinks) against SciPy's two steps on one axis."""
+    from scipy import ndimage
+
+    sigma = (n / size - 1) / 2
+    x = np.random.default_rng(n).random((n, 4))
+    blurred = ndimage.gaussian_filter1d(x, sigma, axis=0, mode="mirror")
+    expected = ndimage.zoom(blurred, (size / n, 1), order=1, mode="mirror", grid_mode=True)
+    got = resample_matrix(n, size, sigma, "cpu").double().numpy() @ x
+    np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 # landscape, portrait, square, tiny, extreme strips, sizes above and below the target (blur on and off)
