@@ -10,7 +10,9 @@ mode='mirror')`), clip to the input's value range, normalise with the CLIP mean 
 This module computes the same function with torch tensor ops. Both the blur and the linear resize
 are separable, so each is done axis by axis: the blur as a weighted sum of shifted views of a
 mirror-padded copy, the resize as a lerp between two gathered rows with scipy's coordinates and
-its mirror rule for the edges. The image travels to the device once, as uint8.
+its mirror rule for the edges. A strong shrink to a small side (a long blur kernel) instead applies
+the combined blur-and-resize matrix of each axis as a matmul. The image travels to the device once,
+as uint8.
 """
 
 from __future__ import annotations
@@ -60,16 +62,26 @@ def blur_axis(x: Any, sigma: float, dim: int) -> Any:
     return out
 
 
-@functools.lru_cache(maxsize=64)
-def _zoom_plan(n: int, size: int, device: str) -> tuple[Any, Any, Any]:
-    """(lower index, upper index, weight of the upper sample) for each output sample."""
+def zoom_sources(n: int, size: int) -> tuple[Any, Any, Any]:
+    """scipy.ndimage.zoom(order=1, grid_mode=True, mode='mirror') along one axis: for each of SIZE
+    output samples, its two input samples (mirror rule applied) and the weight (float64) of the
+    second. Output sample o reads input coordinate (o + 0.5) * n / size - 0.5."""
     import torch
 
     coords = (torch.arange(size, dtype=torch.float64) + 0.5) * (n / size) - 0.5
     lower = torch.floor(coords)
-    frac = (coords - lower).to(torch.float32)
+    frac = coords - lower
     lower = lower.long()
-    return (mirror_indices(lower, n).to(device), mirror_indices(lower + 1, n).to(device), frac.to(device))
+    return mirror_indices(lower, n), mirror_indices(lower + 1, n), frac
+
+
+@functools.lru_cache(maxsize=64)
+def _zoom_plan(n: int, size: int, device: str) -> tuple[Any, Any, Any]:
+    """zoom_sources on DEVICE, weights in float32."""
+    import torch
+
+    i0, i1, frac = zoom_sources(n, size)
+    return i0.to(device), i1.to(device), frac.to(torch.float32).to(device)
 
 
 @functools.lru_cache(maxsize=32)
@@ -85,19 +97,17 @@ def resample_matrix(n: int, size: int, sigma: float, device: str) -> Any:
     for k, w in enumerate(weights):
         blur.index_put_((rows, mirror_indices(rows + k - radius, n)), torch.full((n,), w, dtype=torch.float64),
                         accumulate=True)
-    coords = (torch.arange(size, dtype=torch.float64) + 0.5) * (n / size) - 0.5
-    lower = torch.floor(coords)
-    frac = coords - lower
+    i0, i1, frac = zoom_sources(n, size)
     out = torch.arange(size)
     zoom = torch.zeros((size, n), dtype=torch.float64)
-    zoom.index_put_((out, mirror_indices(lower.long(), n)), 1 - frac, accumulate=True)
-    zoom.index_put_((out, mirror_indices(lower.long() + 1, n)), frac, accumulate=True)
+    zoom.index_put_((out, i0), 1 - frac, accumulate=True)
+    zoom.index_put_((out, i1), frac, accumulate=True)
     return (zoom @ blur).to(torch.float32).to(device)
 
 
 def zoom_axis(x: Any, size: int, dim: int, scratch: Any = None, out: Any = None) -> Any:
     """Linear resize of X along DIM to SIZE samples as scipy.ndimage.zoom(order=1, grid_mode=True,
-    mode='mirror'): output sample o reads input coordinate (o + 0.5) * n / size - 0.5.
+    mode='mirror') does it (see zoom_sources).
 
     SCRATCH and OUT, when given, are preallocated tensors of the output's shape (reused buffers
     avoid the page faults of a fresh large allocation on every image)."""
