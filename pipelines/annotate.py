@@ -91,7 +91,10 @@ def build(ds, config: AnnotateConfig, storage_options: dict, use_gpu: bool):
                             ("detect", DetectRegions, config.detect)):
         pool = pools[stage]
         gpu_args = {"num_gpus": pool.num_gpus} if pool.num_gpus > 0 else {}
-        ds = ds.map_batches(cls, fn_constructor_kwargs={"config": cfg}, batch_size=cfg.batch_size,
+        # The phrase stage takes one block per call (its batch_size is nlp.pipe's): bundling many blocks of
+        # decoded images into one call would emit one huge block and stall the stages around it.
+        batch_size = config.input.block_rows if stage == "phrase" else cfg.batch_size
+        ds = ds.map_batches(cls, fn_constructor_kwargs={"config": cfg}, batch_size=batch_size,
                             compute=ray.data.ActorPoolStrategy(size=pool.size), num_cpus=pool.num_cpus,
                             **gpu_args, **common)
     return ds, pools
@@ -114,7 +117,7 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and "cpu" not in (config.caption.device, config.detect.device)
     # Everything that can refuse the job (input, models) is checked before OUTPUT is touched.
     models = model_provenance(config)
-    inputs, kind = read_inputs(input_uri, config.input, storage_options)
+    inputs, kind = read_inputs(input_uri, config.input, storage_options, num_cpus=config.ray.read_num_cpus)
     mode = prepare_output(output_uri, input_uri, config.label_hash(), config.output.on_existing, storage_options)
     run_id = uuid.uuid4().hex[:8]
     # Planning pass over ids only: how many inputs, which ids repeat, what earlier runs finished.

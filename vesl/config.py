@@ -46,6 +46,11 @@ class RayConfig(StageConfig):
     phrase_pool: PoolConfig = PoolConfig()
     detect_pool: PoolConfig = PoolConfig()
     decode_num_cpus: float = Field(default=1.0, gt=0, description="CPUs per decode task.")
+    read_num_cpus: float = Field(
+        default=0.25, gt=0,
+        description="CPUs reserved by an input-reading task. One such task streams a whole manifest file and "
+        "lives as long as the run, mostly waiting on backpressure: a whole CPU for it would idle the decoders.",
+    )
     object_store_budget_mb: float | None = Field(
         default=1024, gt=0,
         description="Cap on the object-store memory the job's blocks in flight may take (Ray Data's "

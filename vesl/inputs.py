@@ -268,8 +268,9 @@ def detect_format(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | N
     return "folder", uris
 
 
-def read_inputs(uri: str, config: InputConfig, storage_options: Mapping[str, Mapping[str, Any]] | None):
-    """A Ray Dataset of INPUT_SCHEMA rows for URI. (Ray is imported here, not at module import.)"""
+def read_inputs(uri: str, config: InputConfig, storage_options: Mapping[str, Mapping[str, Any]] | None,
+                num_cpus: float = 1.0):
+    """A Ray Dataset of INPUT_SCHEMA rows for URI; NUM_CPUS per reading task. (Ray is imported here.)"""
     import ray.data
 
     kind, files = detect_format(uri, storage_options)
@@ -282,10 +283,10 @@ def read_inputs(uri: str, config: InputConfig, storage_options: Mapping[str, Map
                                    override_num_blocks=max(1, min(len(files), 256)))
     if kind == "manifest":
         bases = {f: parent_uri(f) for f in files}
-        ds = files_ds.map_batches(read_manifest_files, batch_size=1, batch_format="pyarrow",
+        ds = files_ds.map_batches(read_manifest_files, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
                                   fn_kwargs={"config": config, "storage_options": storage_options, "bases": bases})
     elif kind == "webdataset":
-        ds = files_ds.map_batches(read_webdataset_files, batch_size=1, batch_format="pyarrow",
+        ds = files_ds.map_batches(read_webdataset_files, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
                                   fn_kwargs={"storage_options": storage_options})
     else:
         exts = tuple(e.lower() for e in config.image_extensions)
