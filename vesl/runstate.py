@@ -72,7 +72,7 @@ def prepare_output(output: str, input_uri: str, label_hash: str, on_existing: st
     return mode
 
 
-def _parquet_files(output: str, subdir: str, storage_options) -> list[tuple[Any, str]]:
+def parquet_files(output: str, subdir: str, storage_options) -> list[tuple[Any, str]]:
     fs, root = filesystem(output, storage_options)
     folder = f"{root.rstrip('/')}/{subdir}"
     if not fs.exists(folder):
@@ -87,23 +87,51 @@ def _read_columns(fs, path: str, columns: list[str]) -> pa.Table:
 
 def completed(output: str, storage_options) -> tuple[np.ndarray, np.ndarray]:
     """(image_ids in shards, ordinals in rejects files), each sorted, for the resume anti-join."""
-    ids = [_read_columns(fs, p, ["image_id"]).column("image_id") for fs, p in _parquet_files(output, DATA_DIR, storage_options)]
-    ords = [_read_columns(fs, p, ["ordinal"]).column("ordinal") for fs, p in _parquet_files(output, REJECTS_DIR, storage_options)]
+    ids = [_read_columns(fs, p, ["image_id"]).column("image_id") for fs, p in parquet_files(output, DATA_DIR, storage_options)]
+    ords = [_read_columns(fs, p, ["ordinal"]).column("ordinal") for fs, p in parquet_files(output, REJECTS_DIR, storage_options)]
     # object arrays: fixed-width numpy strings would truncate longer ids when compared
     id_array = np.array(sorted(i for chunk in ids for i in chunk.to_pylist()), dtype=object)
     ord_array = np.sort(np.array([o for chunk in ords for o in chunk.to_pylist() if o is not None], dtype=np.int64))
     return id_array, ord_array
 
 
-def find_duplicates(inputs) -> tuple[int, dict[str, int]]:
-    """(number of inputs, {image_id: ordinal kept} for the ids that occur more than once)."""
-    from ray.data.aggregate import Count, Min
+def hash_ids(ids: np.ndarray) -> np.ndarray:
+    import pandas as pd
 
-    grouped = inputs.select_columns(["image_id", "ordinal"]).groupby("image_id").aggregate(
-        Count(), Min("ordinal")).materialize()
-    total = int(grouped.sum("count()") or 0)
-    dups = grouped.filter(lambda r: r["count()"] > 1).take_all()
-    return total, {r["image_id"]: int(r["min(ordinal)"]) for r in dups}
+    return pd.util.hash_array(ids.astype(object), categorize=False).view(np.int64)
+
+
+def id_hashes(table: pa.Table, keep: np.ndarray | None = None, hasher=hash_ids) -> pa.Table:
+    """64-bit hashes of TABLE's image_ids (column `h`); with KEEP (sorted hashes), the rows whose
+    hash is in KEEP, with their image_id and ordinal."""
+    hashes = hasher(table.column("image_id").to_numpy(zero_copy_only=False))
+    if keep is None:
+        return pa.table({"h": hashes})
+    return table.select(["image_id", "ordinal"]).filter(pa.array(_isin(list(hashes), keep)))
+
+
+def find_duplicates(inputs, hasher=hash_ids) -> tuple[int, dict[str, int]]:
+    """(number of inputs, {image_id: ordinal kept} for the ids that occur more than once).
+
+    Two light passes instead of a distributed group-by (whose hash shuffle alone took 7-14 s to start
+    on a small cluster): tasks hash the ids, the driver finds repeated hashes (8 bytes per input), and
+    only the rows with a repeated hash come back with their ids (a hash collision is resolved there)."""
+    chunks = [np.asarray(b["h"]) for b in inputs.map_batches(
+        id_hashes, fn_kwargs={"hasher": hasher}, batch_format="pyarrow").iter_batches(batch_format="numpy",
+                                                                                      batch_size=None)]
+    hashes = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+    values, counts = np.unique(hashes, return_counts=True)
+    repeated = values[counts > 1]
+    if not len(repeated):
+        return len(hashes), {}
+    seen: Counter = Counter()
+    first: dict[str, int] = {}
+    for batch in inputs.map_batches(id_hashes, fn_kwargs={"keep": repeated, "hasher": hasher},
+                                    batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None):
+        for image_id, ordinal in zip(batch.column("image_id").to_pylist(), batch.column("ordinal").to_pylist()):
+            seen[image_id] += 1
+            first[image_id] = min(ordinal, first.get(image_id, ordinal))
+    return len(hashes), {i: first[i] for i, n in seen.items() if n > 1}
 
 
 def _isin(values: list, sorted_array: np.ndarray) -> np.ndarray:
@@ -132,14 +160,14 @@ def count_outputs(output: str, storage_options) -> dict[str, Any]:
     """Counts read back from every shard and rejects file in OUTPUT (all runs that wrote there)."""
     rows = regions = phrases = 0
     ids: set[str] = set()
-    for fs, path in _parquet_files(output, DATA_DIR, storage_options):
+    for fs, path in parquet_files(output, DATA_DIR, storage_options):
         table = _read_columns(fs, path, ["image_id", "phrases", "regions"])
         rows += table.num_rows
         ids.update(table.column("image_id").to_pylist())
         regions += int(pc.sum(pc.list_value_length(table.column("regions"))).as_py() or 0)
         phrases += int(pc.sum(pc.list_value_length(table.column("phrases"))).as_py() or 0)
     by_reason: Counter = Counter()
-    for fs, path in _parquet_files(output, REJECTS_DIR, storage_options):
+    for fs, path in parquet_files(output, REJECTS_DIR, storage_options):
         table = _read_columns(fs, path, ["stage", "reason"])
         by_reason.update(f"{s}/{r}" for s, r in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()))
     return {"rows": rows, "unique_row_ids": len(ids), "rejects": sum(by_reason.values()), "regions": regions,
@@ -159,8 +187,8 @@ def funnel(inputs: int, by_stage: Mapping[str, int]) -> list[dict[str, Any]]:
 
 def output_files(output: str, storage_options) -> list[str]:
     return [join_uri(output, sub, p.rsplit("/", 1)[-1]) for sub in (DATA_DIR, REJECTS_DIR)
-            for _, p in _parquet_files(output, sub, storage_options)]
+            for _, p in parquet_files(output, sub, storage_options)]
 
 
 __all__ = ["MANIFEST", "OutputConflictError", "RUN_STATE", "completed", "count_outputs", "find_duplicates", "funnel",
-           "output_files", "plan_batch", "prepare_output"]
+           "output_files", "parquet_files", "plan_batch", "prepare_output"]

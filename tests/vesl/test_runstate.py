@@ -57,3 +57,25 @@ def test_funnel_accounts_per_stage():
     stages = funnel(10, {"read": 1, "decode": 3, "detect": 1})
     assert [(s["stage"], s["entered"], s["rejected"], s["passed"]) for s in stages] == [
         ("read", 10, 1, 9), ("decode", 9, 3, 6), ("caption", 6, 0, 6), ("phrases", 6, 0, 6), ("detect", 6, 1, 5)]
+
+
+@pytest.mark.slow
+def test_find_duplicates_resolves_hash_collisions(ray_local):
+    """Repeated ids are found from 64-bit hashes; rows whose hashes collide are told apart by id."""
+    import ray.data
+
+    from vesl import runstate
+
+    rows = [{"image_id": i, "ordinal": o} for i, o in
+            [("a", 5), ("b", 1), ("a", 2), ("c", 3), ("a", 9), ("b", 0), ("d", 4)]]
+    ds = ray.data.from_items(rows, override_num_blocks=3)
+    assert runstate.find_duplicates(ds) == (7, {"a": 2, "b": 0})
+    assert runstate.find_duplicates(ray.data.from_items(rows[3:4] + rows[6:])) == (2, {})
+    # every id hashes alike: all rows come back for the exact check, and the answer is the same
+    def collide(ids):
+        return np.zeros(len(ids), np.int64)
+
+    assert runstate.find_duplicates(ray.data.from_items(rows, override_num_blocks=3), hasher=collide) == (
+        7, {"a": 2, "b": 0})
+    unique = [r for r in rows if r["image_id"] in ("c", "d")]
+    assert runstate.find_duplicates(ray.data.from_items(unique), hasher=collide) == (2, {})
