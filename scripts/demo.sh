@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command: set up .venv, then run the annotate job on the built-in sample (local Ray, local
-# files, tiny offline random-weight models) into out/demo, and show what it wrote.
+# files, tiny offline random-weight models) into out/demo, show what it wrote, and write the HTML
+# report out/demo-report.html (open it in a browser: boxes drawn on the images).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -13,3 +14,4 @@ print(df[["image_id", "width", "height", "caption", "phrases"]].to_string(max_co
 print(f"{len(df)} rows, {df.regions.map(len).sum()} regions; first region:", df.regions.iloc[0][:1])
 print("(tiny random-weight models: the captions and boxes are structurally valid and meaningless)")
 PY
+.venv/bin/vesl inspect out/demo --out out/demo-report.html

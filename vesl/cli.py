@@ -1,4 +1,4 @@
-"""`vesl` command line: annotate, train, eval, config, sample, models."""
+"""`vesl` command line: annotate, train, inspect, eval, config, sample, models."""
 
 from __future__ import annotations
 
@@ -16,11 +16,17 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.train import main as train_main
 
         return train_main(argv[1:])
-    p = argparse.ArgumentParser(prog="vesl", description="region-text training data: annotate, train, eval, config, "
-                                "sample, models")
+    if argv and argv[0] == "inspect":
+        from vesl.inspect import main as inspect_main
+
+        return inspect_main(argv[1:])
+    p = argparse.ArgumentParser(prog="vesl", description="region-text training data: annotate, train, inspect, eval, "
+                                "config, sample, models")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("annotate", help="run the annotate pipeline (see `vesl annotate --help`)")
     sub.add_parser("train", help="train CLOC on region-text shards (see `vesl train --help`)")
+    sub.add_parser("inspect", help="statistics of an annotate OUTPUT, and an HTML report with boxes drawn "
+                   "(see `vesl inspect --help`)")
     ev = sub.add_parser("eval", help="region recognition mAcc and region<->text retrieval of a CLOC checkpoint")
     ev.add_argument("shards", help="region-text shards with ground-truth boxes (annotate OUTPUT, folder or file)")
     ev.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a training OUT (its model/)")

@@ -49,6 +49,23 @@ def test_annotate_reads_and_writes_s3(tmp_path, tiny_dir, ray_local, s3_endpoint
     assert SECRET not in text and KEY not in text
     assert manifest["config"]["storage"]["secret"] == "**********"
 
+    # inspect and read_regions straight from S3 (flat fsspec options, and vesl's by-protocol form)
+    import vesl
+    from vesl.inspect import collect_stats
+    from vesl.report import write_report
+
+    options = {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": s3_endpoint}}
+    regions = vesl.read_regions("s3://vesl-out/labels", storage_options=options)
+    assert len(regions) == manifest["counts"]["regions"]
+    images = vesl.read_regions("s3://vesl-out/labels", explode=False, storage_options={"s3": options})
+    assert sorted(images["image_id"]) == sorted(rows["image_id"])
+    stats = collect_stats("s3://vesl-out/labels", {"s3": options}, sample=3)
+    assert (stats["rows"], stats["rejects"], stats["images"]) == (len(rows), len(rejects), manifest["counts"]["inputs"])
+    assert stats["accounted"] and len(stats["sample"]) == 3
+    write_report(stats, "s3://vesl-out/report.html", {"s3": options})
+    page = fs.cat("vesl-out/report.html").decode()
+    assert page.count("data:image/jpeg;base64,") == 3  # images fetched from S3 and embedded
+
 
 def test_credentials_from_the_environment_through_the_script(tmp_path, tiny_dir, s3_endpoint):
     """The usual AWS variables, nothing in the config; the secret never appears in output or logs."""

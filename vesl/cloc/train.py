@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     window = dict.fromkeys(reported, 0.0) | {"images": 0, "steps": 0}
     window_start = time.perf_counter()
     stop = state["step"] >= total_steps
+    quiet = bool(loop_config.get("driver_bar"))  # the driver draws a bar from metrics.jsonl instead of lines
     while not stop and state["epoch"] < config.optim.epochs:
         batches = shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True,
                                      local_shuffle_buffer_size=config.data.shuffle_buffer_rows or None,
@@ -222,9 +224,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 metrics.append(record)
                 if rank == 0:
                     parts_text = " ".join(f"{k} {record[k]:.4f}" for k in ("clip", "cloc", "grounding") if k in record)
-                    _say(f"step {state['step']}/{total_steps} epoch {state['epoch']} "
-                         f"loss {record.get('loss', 0):.4f} ({parts_text}) {record['images_per_s'] or 0:.0f} img/s"
-                         + (f" {int(skipped)} rows skipped" if skipped else ""))
+                    if not quiet:
+                        _say(f"step {state['step']}/{total_steps} epoch {state['epoch']} loss "
+                             f"{record.get('loss', 0):.4f} ({parts_text}) {record['images_per_s'] or 0:.0f} img/s"
+                             + (f" {int(skipped)} rows skipped" if skipped else ""))
                     if out_local:
                         with open(out_local, "a") as f:
                             f.write(json.dumps(record, sort_keys=True) + "\n")
@@ -262,6 +265,51 @@ def _report(save, rank: int, record: dict[str, Any]) -> None:
 
 class TrainConflictError(RuntimeError):
     """OUT holds a training run with a different configuration."""
+
+
+class MetricsBar:
+    """A tqdm bar of training steps on the driver, fed by polling the rank-0 worker's metrics.jsonl
+    (one record per `run.log_every_steps`). PATH None: no bar."""
+
+    def __init__(self, path: Path | None, total_steps: int, poll_s: float = 1.0, file=None):
+        self.path, self.total, self.poll_s, self.file = path, total_steps, poll_s, file
+        self.stop = None
+
+    def _run(self, bar) -> None:
+        shown = 0
+        while True:
+            stopping = self.stop.wait(self.poll_s)
+            try:
+                lines = self.path.read_text().splitlines() if self.path.exists() else []
+                last = json.loads(lines[-1]) if lines else None
+            except (OSError, ValueError):
+                last = None
+            if last and last.get("step", 0) != shown:
+                bar.update(last["step"] - shown)
+                shown = last["step"]
+                bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}",
+                                img_s=f"{last.get('images_per_s') or 0:.0f}")
+            if stopping:
+                return
+
+    def __enter__(self):
+        import threading
+
+        if self.path is None:
+            return self
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, desc="vesl train", unit="step", file=self.file or sys.stderr)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(self.bar,), daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.stop is not None:
+            self.stop.set()
+            self.thread.join()
+            self.bar.close()
 
 
 def _local(uri: str) -> bool:
@@ -371,10 +419,12 @@ def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = F
     if not _local(out):
         storage_fs, storage_path = pyarrow_filesystem(out, options)
     resources = {"CPU": config.run.cpus_per_worker}
+    # a terminal and a local OUT: a step bar drawn here from the live metrics file; else progress lines
+    bar_on = sys.stdout.isatty() and _local(out)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"config": config.public_dict() | {"storage": config.storage.model_dump(mode="python")},
-                           "total_steps": total_steps,
+                           "total_steps": total_steps, "driver_bar": bar_on,
                            "metrics_path": str(Path(out) / "metrics.jsonl") if _local(out) else None},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -384,7 +434,8 @@ def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = F
         datasets={"train": ds},
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    with MetricsBar(Path(out) / "metrics.jsonl" if bar_on else None, total_steps):
+        result = trainer.fit()
     if result.error:
         raise result.error
     if result.checkpoint is None:

@@ -1,0 +1,338 @@
+"""`vesl inspect OUTPUT`: what a run produced, as a printed summary and a self-contained HTML report.
+
+Statistics stream over the shards one file at a time (image bytes never read for them): images,
+rows, rejects by stage and reason, regions and phrases per image (mean and histogram), words per
+region phrase, score quantiles, region sources, the most frequent phrases, and the models and
+thresholds recorded in the shard footers. The gallery draws N images picked by a seeded hash of
+their image_id (the same N for the same output and seed, whatever the file order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vesl.read import by_protocol, iter_tables
+from vesl.storage import filesystem, join_uri
+
+log = logging.getLogger("vesl.inspect")
+
+# CLOC (arXiv 2410.02746) reports these for its VESL labels; a real run should land near them.
+PAPER = {"regions_per_image": 11.5, "words_per_phrase": 2.1}
+STAT_COLUMNS = ["image_id", "phrases", "regions"]
+HIST_CAP = 30  # histograms of per-image counts: the last bin is "HIST_CAP or more"
+SCORE_BINS = 20  # score histogram: 20 bins of 0.05 over [0, 1]
+QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+def sample_key(image_id: str, seed: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{image_id}".encode(), digest_size=8).digest(), "big")
+
+
+def _histogram(counts: np.ndarray, cap: int = HIST_CAP) -> np.ndarray:
+    return np.bincount(np.minimum(counts, cap), minlength=cap + 1)
+
+
+def _mean_from_hist(hist: Mapping[int, int] | np.ndarray, total: float) -> float | None:
+    n = float(np.sum(hist))
+    return total / n if n else None
+
+
+def _read_json(uri: str, storage_options) -> dict[str, Any] | None:
+    fs, path = filesystem(uri, storage_options)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def _rejects(output: str, storage_options, examples_per_reason: int = 3) -> tuple[Counter, dict[str, list[dict]]]:
+    """Reject counts by "stage/reason", and the first few rejects of each reason."""
+    from vesl.runstate import parquet_files
+    from vesl.writer import REJECTS_DIR
+
+    by_reason: Counter = Counter()
+    examples: dict[str, list[dict]] = {}
+    for fs, path in parquet_files(output, REJECTS_DIR, storage_options):
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["image_id", "image_uri", "stage", "reason", "message"])
+        for row in table.to_pylist():
+            key = f"{row['stage']}/{row['reason']}"
+            by_reason[key] += 1
+            if len(examples.setdefault(key, [])) < examples_per_reason:
+                examples[key].append(row)
+    return by_reason, examples
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise a log line at most every INTERVAL seconds."""
+
+    def __init__(self, total: int, what: str, interval: float = 10.0):
+        self.total, self.what, self.interval, self.done = total, what, interval, 0
+        self.bar = None
+        self.last = time.monotonic()
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=what, unit="file", file=sys.stderr, leave=False)
+            except ImportError:
+                pass
+
+    def update(self, n: int = 1, **info: Any) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            if info:
+                self.bar.set_postfix(info, refresh=False)
+        elif time.monotonic() - self.last >= self.interval:
+            self.last = time.monotonic()
+            extra = "".join(f", {k} {v}" for k, v in info.items())
+            log.info("%s: %d/%d files%s", self.what, self.done, self.total, extra)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def collect_stats(output: str, storage_options: Mapping[str, Any] | None = None, *, sample: int = 0, seed: int = 0,
+                  top: int = 25) -> dict[str, Any]:
+    """Statistics of an annotate OUTPUT (or a folder of shards / one shard).
+
+    With SAMPLE > 0 the result also holds `sample`: that many shard rows (image bytes included when
+    the shards carry them), chosen by a seeded hash of image_id."""
+    from vesl.cloc.data import find_shards
+    from vesl.runstate import funnel
+    from vesl.writer import MANIFEST, stage_totals
+
+    options = by_protocol(output, storage_options)
+    uris = find_shards(output, options)
+    manifest = _read_json(join_uri(output, MANIFEST), options)
+    rows = regions_total = phrases_total = empty = 0
+    region_hist = np.zeros(HIST_CAP + 1, dtype=np.int64)
+    phrase_hist = np.zeros(HIST_CAP + 1, dtype=np.int64)
+    words_hist: Counter = Counter()
+    sources: Counter = Counter()
+    phrase_freq: Counter = Counter()
+    scores: list[np.ndarray] = []
+    footers: dict[str, Counter] = {"models": Counter(), "thresholds": Counter(), "version": Counter(),
+                                   "config_hash": Counter(), "schema_version": Counter()}
+    picked: list[tuple[int, str, int]] = []  # max-heap by key (negated): the SAMPLE smallest keys
+    progress = Progress(len(uris), "inspect")
+    for uri, table, meta in iter_tables(uris, STAT_COLUMNS, options):
+        n = table.num_rows
+        rows += n
+        region_counts = pc.list_value_length(table.column("regions")).to_numpy(zero_copy_only=False).astype(np.int64)
+        phrase_counts = pc.list_value_length(table.column("phrases")).to_numpy(zero_copy_only=False).astype(np.int64)
+        region_hist += _histogram(region_counts)
+        phrase_hist += _histogram(phrase_counts)
+        regions_total += int(region_counts.sum())
+        phrases_total += int(phrase_counts.sum())
+        empty += int((region_counts == 0).sum())
+        flat = pc.list_flatten(table.column("regions").combine_chunks())
+        if len(flat):
+            texts = flat.field("phrase").to_pylist()
+            phrase_freq.update(texts)
+            words_hist.update(len(t.split()) for t in texts)
+            sources.update(flat.field("source").to_pylist())
+            scores.append(np.asarray(flat.field("score").to_numpy(zero_copy_only=False), dtype=np.float32))
+        for key in ("models", "thresholds", "version", "config_hash", "schema_version"):
+            value = meta.get(f"vesl.{key}")
+            if value is not None:
+                footers[key][value] += 1
+        if sample > 0:
+            for i, image_id in enumerate(table.column("image_id").to_pylist()):
+                k = sample_key(image_id, seed)
+                if len(picked) < sample:
+                    heapq.heappush(picked, (-k, uri, i))
+                elif -picked[0][0] > k:
+                    heapq.heapreplace(picked, (-k, uri, i))
+        progress.update(rows=rows, regions=regions_total)
+    progress.close()
+    by_reason, reject_examples = _rejects(output, options)
+    all_scores = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+    words_total = sum(k * v for k, v in words_hist.items())
+    rejects = sum(by_reason.values())
+    inputs = int(manifest["counts"]["inputs"]) if manifest and "counts" in manifest else rows + rejects
+    by_stage = stage_totals(by_reason)
+    stats: dict[str, Any] = {
+        "output": output,
+        "shards": len(uris),
+        "images": inputs,
+        "rows": rows,
+        "rejects": rejects,
+        "accounted": rows + rejects == inputs,
+        "by_stage": by_stage,
+        "by_reason": dict(sorted(by_reason.items())),
+        "reject_examples": reject_examples,
+        "funnel": funnel(inputs, by_stage),
+        "regions": {
+            "total": regions_total,
+            "per_image_mean": _mean_from_hist(region_hist, regions_total),
+            "per_image_histogram": region_hist.tolist(),
+            "images_without_regions": empty,
+        },
+        "phrases": {
+            "total": phrases_total,
+            "per_image_mean": _mean_from_hist(phrase_hist, phrases_total),
+            "per_image_histogram": phrase_hist.tolist(),
+            "distinct_region_phrases": len(phrase_freq),
+        },
+        "words_per_region_phrase": {
+            "mean": words_total / regions_total if regions_total else None,
+            "histogram": {str(k): v for k, v in sorted(words_hist.items())},
+        },
+        "scores": {
+            "quantiles": {f"p{int(q * 100)}": float(np.quantile(all_scores, q)) for q in QUANTILES}
+            if len(all_scores) else {},
+            "mean": float(all_scores.mean()) if len(all_scores) else None,
+            "histogram": np.histogram(all_scores, bins=SCORE_BINS, range=(0.0, 1.0))[0].tolist(),
+        },
+        "sources": dict(sources.most_common()),
+        "top_phrases": phrase_freq.most_common(top),
+        "footer": {k: [json.loads(v) if k in ("models", "thresholds") else v for v, _ in c.most_common()]
+                   for k, c in footers.items()},
+        "paper": PAPER,
+        "run": {k: manifest.get(k) for k in ("run_id", "input", "started_at", "finished_at", "timings_s")}
+        if manifest else None,
+    }
+    if sample > 0:
+        stats["sample"] = _sample_rows(sorted((-k, uri, i) for k, uri, i in picked), options)
+    return stats
+
+
+def _sample_rows(picked: list[tuple[int, str, int]], storage_options) -> list[dict[str, Any]]:
+    """The picked rows in full (image bytes too when the shards carry them), in key order."""
+    from schemas.region_text import region_text_schema
+
+    wanted: dict[str, list[int]] = {}
+    for _, uri, i in picked:
+        wanted.setdefault(uri, []).append(i)
+    found: dict[tuple[str, int], dict] = {}
+    for uri, indices in wanted.items():
+        fs, path = filesystem(uri, storage_options)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            columns = [c for c in region_text_schema().names if c in pf.schema_arrow.names]
+            table = pf.read(columns=columns)
+        for i, row in zip(indices, table.take(pa.array(indices)).to_pylist()):
+            found[(uri, i)] = row
+    return [found[(uri, i)] for _, uri, i in picked]
+
+
+# text summary ----------------------------------------------------------------------------------
+
+def _bar(value: int, peak: int, width: int = 30) -> str:
+    return "#" * (max(1, round(width * value / peak)) if value and peak else 0)
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def format_summary(stats: Mapping[str, Any]) -> str:
+    lines: list[str] = []
+    add = lines.append
+    run = stats.get("run") or {}
+    add(f"vesl inspect {stats['output']}")
+    if run:
+        add(f"  run         {run.get('run_id')}  input {run.get('input')}  finished {run.get('finished_at')}")
+    add(f"  images      {stats['images']} inputs -> {stats['rows']} rows + {stats['rejects']} rejects"
+        f"  ({'all accounted for' if stats['accounted'] else 'NOT accounted: inputs != rows + rejects'}),"
+        f" {stats['shards']} shard file(s)")
+    if stats["by_reason"]:
+        add("  rejects     " + ", ".join(f"{k} {v}" for k, v in stats["by_reason"].items()))
+    reg, phr, words = stats["regions"], stats["phrases"], stats["words_per_region_phrase"]
+    paper = stats["paper"]
+    add(f"  regions     {reg['total']} total, {_fmt(reg['per_image_mean'])} per image "
+        f"(paper: ~{paper['regions_per_image']}); {reg['images_without_regions']} image(s) without regions")
+    add(f"  phrases     {_fmt(phr['per_image_mean'])} candidate phrases per image; "
+        f"{phr['distinct_region_phrases']} distinct region phrases")
+    add(f"  words       {_fmt(words['mean'])} per region phrase (paper: ~{paper['words_per_phrase']})")
+    q = stats["scores"]["quantiles"]
+    if q:
+        add("  scores      " + "  ".join(f"{k} {v:.3f}" for k, v in q.items()))
+    if stats["sources"]:
+        total = sum(stats["sources"].values())
+        add("  sources     " + ", ".join(f"{k} {v} ({100 * v / total:.0f}%)" for k, v in stats["sources"].items()))
+    hist = reg["per_image_histogram"]
+    last = max((i for i, v in enumerate(hist) if v), default=0)
+    peak = max(hist) if hist else 0
+    add("  regions per image:")
+    for i in range(last + 1):
+        label = f"{i}+" if i == len(hist) - 1 else str(i)
+        add(f"    {label:>4} {hist[i]:7d} {_bar(hist[i], peak)}")
+    if stats["top_phrases"]:
+        add("  top phrases " + ", ".join(f"{p!r} {n}" for p, n in stats["top_phrases"][:15]))
+    models = stats["footer"].get("models") or []
+    for m in models:
+        for stage, info in m.items():
+            extra = f" ({info.get('class')}, revision {info.get('revision')})" if "class" in info else ""
+            add(f"  model       {stage}: {info.get('id')}{extra}")
+    for t in stats["footer"].get("thresholds") or []:
+        add("  thresholds  " + ", ".join(f"{k} {v}" for k, v in t.items()))
+    if len(models) > 1 or len(stats["footer"].get("thresholds") or []) > 1:
+        add("  note        shards disagree on models or thresholds (several runs wrote here)")
+    return "\n".join(lines)
+
+
+def one_line(stats: Mapping[str, Any], report: str | None = None) -> str:
+    reg = stats["regions"]
+    words = stats["words_per_region_phrase"]["mean"]
+    tail = f"; report: {report}" if report else ""
+    return (f"vesl inspect: {stats['images']} images -> {stats['rows']} rows, {stats['rejects']} rejects, "
+            f"{reg['total']} regions ({_fmt(reg['per_image_mean'])}/image, {_fmt(words)} words/phrase){tail}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="vesl inspect", description=__doc__.split("\n\n")[0])
+    p.add_argument("output", help="an annotate OUTPUT, a folder of shards or one shard (local or s3://...)")
+    p.add_argument("--out", help="write a self-contained HTML report here (local path or s3://...)")
+    p.add_argument("--sample", type=int, default=24, help="images in the report's gallery (default 24)")
+    p.add_argument("--seed", type=int, default=0, help="which images the gallery samples")
+    p.add_argument("--top", type=int, default=25, help="most frequent phrases to list")
+    p.add_argument("--json", dest="json_out", help="also write the statistics as JSON here ('-': stdout)")
+    p.add_argument("--thumb-size", type=int, default=512, help="longer side of the gallery images, pixels")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from vesl.storage import StorageConfig
+
+    storage = StorageConfig().options()  # S3 credentials from the AWS environment
+    try:
+        stats = collect_stats(args.output, storage, sample=args.sample if args.out else 0, seed=args.seed,
+                              top=args.top)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"vesl inspect: error: {e}", file=sys.stderr)
+        return 2
+    print(format_summary(stats))
+    if args.out:
+        from vesl.report import write_report
+
+        write_report(stats, args.out, storage, thumb_size=args.thumb_size)
+    if args.json_out:
+        text = json.dumps({k: v for k, v in stats.items() if k != "sample"}, indent=1, default=str)
+        if args.json_out == "-":
+            print(text)
+        else:
+            fs, path = filesystem(args.json_out, storage)
+            with fs.open(path, "w") as f:
+                f.write(text + "\n")
+    print(one_line(stats, args.out))
+    return 0
+
+
+__all__ = ["PAPER", "collect_stats", "format_summary", "main", "one_line", "sample_key"]
