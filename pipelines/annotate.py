@@ -91,6 +91,8 @@ def build(ds, config: AnnotateConfig, storage_options: dict, use_gpu: bool):
                             ("detect", DetectRegions, config.detect)):
         pool = pools[stage]
         gpu_args = {"num_gpus": pool.num_gpus} if pool.num_gpus > 0 else {}
+        if pool.resources:
+            gpu_args["resources"] = dict(pool.resources)
         # The phrase stage takes one block per call (its batch_size is nlp.pipe's): bundling many blocks of
         # decoded images into one call would emit one huge block and stall the stages around it.
         batch_size = config.input.block_rows if stage == "phrase" else cfg.batch_size

@@ -31,6 +31,11 @@ class PoolConfig(StageConfig):
         default=None, ge=0,
         description="GPUs per actor; None: a share of the cluster's GPUs when it has any, else 0.",
     )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per actor, e.g. {detector_node: 1}: the pool's actors then run only on "
+        "nodes that advertise them (`ray start --resources`, or rayStartParams in a KubeRay worker group).",
+    )
 
 
 class RayConfig(StageConfig):

@@ -7,7 +7,7 @@ forever, and actor pools that take every CPU leave none for the read tasks, so t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vesl.config import PoolConfig, RayConfig
 
@@ -21,6 +21,7 @@ class Pool:
     num_cpus: float  # per actor
     num_gpus: float  # per actor
     torch_threads: int  # intra-op threads per actor
+    resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor
 
 
 def plan_pools(cpus: float, gpus: float, config: RayConfig, use_gpu: bool = True) -> dict[str, Pool]:
@@ -52,5 +53,6 @@ def plan_pools(cpus: float, gpus: float, config: RayConfig, use_gpu: bool = True
             size = max(1, math.floor(cpu_share)) if cpu_share >= 1 else 1
         num_cpus = pool.num_cpus if pool.num_cpus is not None else (
             1.0 if num_gpus > 0 else round(min(max(cpu_share / size, 0.05), max(cpu_share, 0.05)), 3))
-        out[stage] = Pool(size=size, num_cpus=num_cpus, num_gpus=num_gpus, torch_threads=max(1, int(num_cpus)))
+        out[stage] = Pool(size=size, num_cpus=num_cpus, num_gpus=num_gpus, torch_threads=max(1, int(num_cpus)),
+                          resources=dict(pool.resources))
     return out
