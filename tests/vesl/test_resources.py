@@ -38,8 +38,6 @@ def test_explicit_pool_settings_win():
 
 
 def test_custom_resources_pass_through_to_the_pool():
-    from vesl.config import PoolConfig, RayConfig
-
     config = RayConfig(detect_pool=PoolConfig(size=2, num_gpus=1, resources={"h100": 1}))
     pools = plan_pools(8, 0, config)
     assert pools["detect"].resources == {"h100": 1.0} and pools["detect"].num_gpus == 1
