@@ -32,10 +32,10 @@ vertical-align:top}th{font-weight:600;background:#f0f0f0}td.num{text-align:right
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:18px}
 .card{margin:0;background:#fff;border:1px solid #e2e2e2;border-radius:6px;padding:10px;display:flex;flex-direction:column;
 gap:8px}
-.frame{position:relative;width:100%;line-height:0;background:#ddd}
-.frame img{width:100%;height:auto;display:block}
+.frame{position:relative;line-height:0;background:#ddd;align-self:center}
+.frame img{width:100%;height:100%;display:block}
 .frame .missing{display:flex;align-items:center;justify-content:center;line-height:1.3;color:#a00;padding:8px;
-box-sizing:border-box;width:100%;height:100%;position:absolute}
+box-sizing:border-box;width:100%;height:100%;position:absolute;font-size:12px;overflow:hidden}
 .box{position:absolute;box-sizing:border-box;border:3px solid;pointer-events:none}
 .label{position:absolute;left:-3px;bottom:100%;white-space:nowrap;font-size:11px;line-height:1.35;padding:0 4px;
 max-width:260px;overflow:hidden;text-overflow:ellipsis}
@@ -106,9 +106,28 @@ def thumbnail(row: Mapping[str, Any], thumb_size: int, storage_options) -> tuple
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii"), None
 
 
+FRAME_MAX = (400, 440)  # CSS pixels a gallery picture may take; small images are scaled up to it
+TEXT_MAX = 400  # characters of a caption or alt-text shown on a card
+
+
+def clip(text: str | None, limit: int = TEXT_MAX) -> str:
+    """TEXT escaped, cut at LIMIT characters with a note of how much was left out."""
+    if text is None:
+        return ""
+    if len(text) <= limit:
+        return esc(text)
+    return f'{esc(text[:limit])}… <span class="muted">({len(text) - limit} more characters)</span>'
+
+
+def frame_size(width: int, height: int) -> tuple[float, float]:
+    scale = min(FRAME_MAX[0] / width, FRAME_MAX[1] / height)
+    return width * scale, height * scale
+
+
 def gallery_card(row: Mapping[str, Any], thumb_size: int, storage_options) -> str:
     src, problem = thumbnail(row, thumb_size, storage_options)
     width, height = int(row.get("width") or 1), int(row.get("height") or 1)
+    frame_w, frame_h = frame_size(width, height)
     boxes, items = [], []
     for i, region in enumerate(row.get("regions") or []):
         colour = PALETTE[i % len(PALETTE)]
@@ -124,15 +143,14 @@ def gallery_card(row: Mapping[str, Any], thumb_size: int, storage_options) -> st
     if src:
         picture = f'<img class="photo" src="{src}" alt="{esc(row["image_id"])}">'
     else:
-        picture = (f'<div class="missing" style="position:relative;aspect-ratio:{width}/{height}">'
-                   f'image not available: {esc(problem)}</div>')
+        picture = f'<div class="missing">image not available: {esc(problem)}</div>'
     phrases = ", ".join(esc(p) for p in row.get("phrases") or []) or '<span class="muted">none</span>'
     return (f'<figure class="card" data-image-id="{esc(row["image_id"])}" data-regions="{len(boxes)}">'
-            f'<div class="frame">{picture}{"".join(boxes)}</div>'
+            f'<div class="frame" style="width:{frame_w:.1f}px;height:{frame_h:.1f}px">{picture}{"".join(boxes)}</div>'
             f'<figcaption class="text"><div><b>{esc(row["image_id"])}</b> <span class="muted">{width}×{height} · '
             f'{len(boxes)} region(s) · {esc(row.get("image_uri") or "embedded")}</span></div>'
-            f'<div><b>caption</b> {esc(row.get("caption"))}</div>'
-            f'<div><b>alt-text</b> {esc(row.get("alt_text")) or "<span class=muted>none</span>"}</div>'
+            f'<div><b>caption</b> {clip(row.get("caption"))}</div>'
+            f'<div><b>alt-text</b> {clip(row.get("alt_text")) or "<span class=muted>none</span>"}</div>'
             f'<div><b>phrases</b> {phrases}</div><ul class="regions">{"".join(items)}</ul></figcaption></figure>')
 
 

@@ -189,3 +189,16 @@ def test_inspect_command_writes_report_and_json(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "vesl.cli", "inspect", str(tmp_path / "nothing")],
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "vesl inspect: error:" in missing.stderr
+
+
+def test_report_cards_clip_long_texts_and_fit_pictures():
+    from vesl.report import FRAME_MAX, clip, frame_size
+
+    assert clip("<b>" * 10, limit=1000) == "&lt;b&gt;" * 10
+    long = clip("a red car " * 8000)  # an 80 KB alt-text
+    assert len(long) < 1000 and "79600 more characters" in long
+    assert clip(None) == ""
+    for w, h in ((40, 30), (20, 60), (4000, 1000), (1, 1)):
+        fw, fh = frame_size(w, h)
+        assert fw / fh == pytest.approx(w / h) and fw <= FRAME_MAX[0] + 1e-9 and fh <= FRAME_MAX[1] + 1e-9
+        assert fw == pytest.approx(FRAME_MAX[0]) or fh == pytest.approx(FRAME_MAX[1])
