@@ -53,10 +53,12 @@ class InputConfig(StageConfig):
     image_extensions: list[str] = Field(default=list(IMAGE_SUFFIXES), description="Files a folder input reads.")
     limit: int | None = Field(default=None, ge=1, description="Read only the first N inputs (smoke runs).")
     block_rows: int = Field(
-        default=32, ge=1,
+        default=64, ge=1,
         description="Rows per Ray Data block, the unit that streams from stage to stage. A reader emits a whole "
         "manifest file as one block; it is split into blocks of this size so stages overlap and shards land "
-        "progressively (32 decoded 1024-px images are about 100 MB).",
+        "progressively (64 decoded 1024x768 images are about 150 MB). Measured on 2 cores, 4,800 images: "
+        "16 rows 75 s, 32 rows 55 s, 64 rows 46 s, 96 rows 43 s, 128 rows 48 s (per-block overhead vs. "
+        "pipeline fill and the object-store budget).",
     )
 
 
