@@ -90,15 +90,15 @@ def build(ds, config: AnnotateConfig, storage_options: dict, use_gpu: bool):
     for stage, cls, cfg in (("caption", CaptionImages, config.caption), ("phrase", ExtractPhrases, config.phrases),
                             ("detect", DetectRegions, config.detect)):
         pool = pools[stage]
-        gpu_args = {"num_gpus": pool.num_gpus} if pool.num_gpus > 0 else {}
+        remote_args = {"num_gpus": pool.num_gpus} if pool.num_gpus > 0 else {}
         if pool.resources:
-            gpu_args["resources"] = dict(pool.resources)
+            remote_args["resources"] = dict(pool.resources)
         # The phrase stage takes one block per call (its batch_size is nlp.pipe's): bundling many blocks of
         # decoded images into one call would emit one huge block and stall the stages around it.
         batch_size = config.input.block_rows if stage == "phrase" else cfg.batch_size
         ds = ds.map_batches(cls, fn_constructor_kwargs={"config": cfg}, batch_size=batch_size,
                             compute=ray.data.ActorPoolStrategy(size=pool.size), num_cpus=pool.num_cpus,
-                            **gpu_args, **common)
+                            **remote_args, **common)
     return ds, pools
 
 

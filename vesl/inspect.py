@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vesl.read import by_protocol, iter_tables
+from vesl.read import by_protocol, iter_tables, shard_uris
 from vesl.storage import filesystem, join_uri
 
 log = logging.getLogger("vesl.inspect")
@@ -113,12 +113,11 @@ def collect_stats(output: str, storage_options: Mapping[str, Any] | None = None,
 
     With SAMPLE > 0 the result also holds `sample`: that many shard rows (image bytes included when
     the shards carry them), chosen by a seeded hash of image_id."""
-    from vesl.cloc.data import find_shards
     from vesl.runstate import funnel
     from vesl.writer import MANIFEST, stage_totals
 
     options = by_protocol(output, storage_options)
-    uris = find_shards(output, options)
+    uris = shard_uris(output, options)
     manifest = _read_json(join_uri(output, MANIFEST), options)
     rows = regions_total = phrases_total = empty = 0
     region_hist = np.zeros(HIST_CAP + 1, dtype=np.int64)
@@ -238,7 +237,8 @@ def _bar(value: int, peak: int, width: int = 30) -> str:
     return "#" * (max(1, round(width * value / peak)) if value and peak else 0)
 
 
-def _fmt(x: float | None, digits: int = 2) -> str:
+def fmt(x: float | None, digits: int = 2) -> str:
+    """X with DIGITS decimals, '-' for a missing figure."""
     return "-" if x is None else f"{x:.{digits}f}"
 
 
@@ -256,11 +256,11 @@ def format_summary(stats: Mapping[str, Any]) -> str:
         add("  rejects     " + ", ".join(f"{k} {v}" for k, v in stats["by_reason"].items()))
     reg, phr, words = stats["regions"], stats["phrases"], stats["words_per_region_phrase"]
     paper = stats["paper"]
-    add(f"  regions     {reg['total']} total, {_fmt(reg['per_image_mean'])} per image "
+    add(f"  regions     {reg['total']} total, {fmt(reg['per_image_mean'])} per image "
         f"(paper: ~{paper['regions_per_image']}); {reg['images_without_regions']} image(s) without regions")
-    add(f"  phrases     {_fmt(phr['per_image_mean'])} candidate phrases per image; "
+    add(f"  phrases     {fmt(phr['per_image_mean'])} candidate phrases per image; "
         f"{phr['distinct_region_phrases']} distinct region phrases")
-    add(f"  words       {_fmt(words['mean'])} per region phrase (paper: ~{paper['words_per_phrase']})")
+    add(f"  words       {fmt(words['mean'])} per region phrase (paper: ~{paper['words_per_phrase']})")
     q = stats["scores"]["quantiles"]
     if q:
         add("  scores      " + "  ".join(f"{k} {v:.3f}" for k, v in q.items()))
@@ -293,7 +293,7 @@ def one_line(stats: Mapping[str, Any], report: str | None = None) -> str:
     words = stats["words_per_region_phrase"]["mean"]
     tail = f"; report: {report}" if report else ""
     return (f"vesl inspect: {stats['images']} images -> {stats['rows']} rows, {stats['rejects']} rejects, "
-            f"{reg['total']} regions ({_fmt(reg['per_image_mean'])}/image, {_fmt(words)} words/phrase){tail}")
+            f"{reg['total']} regions ({fmt(reg['per_image_mean'])}/image, {fmt(words)} words/phrase){tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -335,4 +335,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["PAPER", "collect_stats", "format_summary", "main", "one_line", "sample_key"]
+__all__ = ["PAPER", "collect_stats", "fmt", "format_summary", "main", "one_line", "sample_key"]

@@ -42,18 +42,21 @@ def by_protocol(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str
 def shard_uris(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     from vesl.cloc.data import find_shards
 
-    return find_shards(uri, by_protocol(uri, storage_options))
+    return find_shards(uri, by_protocol(uri, storage_options), check=False)  # iter_tables checks each footer
 
 
 def iter_tables(uris: list[str], columns: list[str], storage_options: Mapping[str, Any] | None) -> Iterator[
         tuple[str, pa.Table, dict[str, str]]]:
-    """(uri, table with COLUMNS, footer metadata) per shard, one file in memory at a time."""
+    """(uri, table with COLUMNS, footer metadata) per shard, one file in memory at a time. A file
+    whose footer is not schema v1 raises SchemaVersionError (a ValueError) before it is read."""
+    from schemas.region_text import check_schema_version
     from vesl.storage import filesystem
 
     for uri in uris:
         fs, path = filesystem(uri, storage_options)
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
+            check_schema_version(pf.schema_arrow.metadata, where=uri)
             meta = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
             table = pf.read(columns=columns)
         yield uri, table, meta

@@ -161,11 +161,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequen
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _num(x: float | None, digits: int = 2) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
 def render_report(stats: Mapping[str, Any], storage_options=None, thumb_size: int = 512) -> str:
+    from vesl.inspect import fmt
+
     reg, phr, words = stats["regions"], stats["phrases"], stats["words_per_region_phrase"]
     paper = stats["paper"]
     run = stats.get("run") or {}
@@ -175,10 +173,10 @@ def render_report(stats: Mapping[str, Any], storage_options=None, thumb_size: in
         ["rejects", stats["rejects"], ""],
         ["accounted (rows + rejects = inputs)", "yes" if stats["accounted"] else "NO", ""],
         ["regions", reg["total"], ""],
-        ["regions per image", _num(reg["per_image_mean"]), f"~{paper['regions_per_image']}"],
+        ["regions per image", fmt(reg["per_image_mean"]), f"~{paper['regions_per_image']}"],
         ["images without regions", reg["images_without_regions"], ""],
-        ["candidate phrases per image", _num(phr["per_image_mean"]), ""],
-        ["words per region phrase", _num(words["mean"]), f"~{paper['words_per_phrase']}"],
+        ["candidate phrases per image", fmt(phr["per_image_mean"]), ""],
+        ["words per region phrase", fmt(words["mean"]), f"~{paper['words_per_phrase']}"],
         ["distinct region phrases", phr["distinct_region_phrases"], ""],
         ["shard files", stats["shards"], ""],
     ], numeric=(1,))

@@ -42,9 +42,10 @@ class DataConfig(StageConfig):
     max_image_bytes: int = Field(default=50_000_000, ge=1, description="Refuse larger encoded images.")
 
 
-def find_shards(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+def find_shards(uri: str, storage_options: Mapping[str, Any] | None = None, check: bool = True) -> list[str]:
     """Parquet files of a region-text dataset: an annotate OUTPUT (its data/ folder), a folder of
-    shards, or one file. Returns full URIs, sorted, each checked for a v1 schema footer."""
+    shards, or one file. Returns full URIs, sorted, each checked for a v1 schema footer (CHECK False:
+    not opened here, for a caller that reads every footer anyway and checks it then)."""
     from vesl.storage import filesystem, protocol_of
 
     fs, path = filesystem(uri, storage_options)
@@ -61,9 +62,10 @@ def find_shards(uri: str, storage_options: Mapping[str, Any] | None = None) -> l
         raise FileNotFoundError(f"no .parquet shards under {uri}")
     proto = protocol_of(uri)
     uris = [p if proto == "file" else f"{proto}://{p}" for p in files]
-    for file_uri, path in zip(uris, files):
-        with fs.open(path, "rb") as f:
-            check_schema_version(pq.read_schema(f).metadata, where=file_uri)
+    if check:
+        for file_uri, path in zip(uris, files):
+            with fs.open(path, "rb") as f:
+                check_schema_version(pq.read_schema(f).metadata, where=file_uri)
     return uris
 
 
