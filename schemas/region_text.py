@@ -7,6 +7,7 @@ major version they do not know.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import pyarrow as pa
@@ -84,6 +85,134 @@ def check_schema_version(metadata: dict[bytes, bytes] | dict[str, str] | None, w
             f"{where} uses region-text schema {version}; this vesl reads major version {MAJOR_VERSION} only"
         )
     return version
+
+
+class SchemaMismatchError(SchemaVersionError):
+    """A shard's columns do not cast to schema v1: one is missing, of another kind, or holds values
+    (a null, a box of 3 numbers) that v1 does not allow."""
+
+
+@dataclass(frozen=True)
+class ShardSchema:
+    """How a file's schema relates to schema v1 (`check_shard_schema`)."""
+
+    version: str | None  # the footer's schema version; None: no vesl footer (a shard pandas or polars rewrote)
+    casts: tuple[str, ...] = ()  # "regions.score: double -> float" for every column that needs a cast
+    filled: tuple[str, ...] = ()  # nullable v1 columns the file lacks, read as nulls
+
+    @property
+    def exact(self) -> bool:
+        return not (self.casts or self.filled)
+
+
+_STRINGS = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view)
+_BINARIES = (pa.types.is_binary, pa.types.is_large_binary, pa.types.is_binary_view, pa.types.is_fixed_size_binary)
+_LISTS = (pa.types.is_list, pa.types.is_large_list, pa.types.is_list_view, pa.types.is_large_list_view,
+          pa.types.is_fixed_size_list)
+
+
+def _is(kinds, t: pa.DataType) -> bool:
+    return any(k(t) for k in kinds)
+
+
+def _short(t: pa.DataType) -> str:
+    """A type's name without its children: large_list, fixed_size_list[4], struct, double."""
+    if _is(_LISTS, t):
+        return str(t).split("<", 1)[0] + (f"[{t.list_size}]" if pa.types.is_fixed_size_list(t) else "")
+    return "struct" if pa.types.is_struct(t) else str(t)
+
+
+def _type_changes(src: pa.DataType, dst: pa.DataType, path: str) -> list[str]:
+    """The casts that take SRC to DST, as "path: src -> dst" lines; raises SchemaMismatchError when no
+    safe cast exists. Safe means: the same kind of value in another width or container (large_string ->
+    string, double -> float, int64 -> int32 with an overflow check, a list -> a fixed-size list of 4).
+    Value-level failures (a null, an overflow, a box of 3 numbers) surface when the data is cast."""
+    if src == dst:
+        return []
+    change = [f"{path}: {_short(src)} -> {_short(dst)}"]
+    if pa.types.is_null(src):
+        return change  # an all-null column (pandas writes None-only columns so); nulls are checked on data
+    if pa.types.is_struct(dst) and pa.types.is_struct(src):
+        names = [src.field(i).name for i in range(src.num_fields)]
+        out = []
+        for field in dst:
+            if field.name not in names:
+                raise SchemaMismatchError(f"column {path}.{field.name} is missing")
+            out += _type_changes(src.field(field.name).type, field.type, f"{path}.{field.name}")
+        extra = [n for n in names if n not in dst.names]
+        if extra:
+            out.append(f"{path}: fields {extra} dropped")
+        return out
+    if _is(_LISTS, dst) and _is(_LISTS, src):
+        inner = _type_changes(src.value_type, dst.value_type, f"{path}[]")
+        return inner if type(src) is type(dst) and getattr(src, "list_size", None) == getattr(dst, "list_size", None) \
+            else change + inner
+    for family in (_STRINGS, _BINARIES, (pa.types.is_integer,), (pa.types.is_floating,)):
+        if _is(family, dst) and _is(family, src):
+            return change
+    raise SchemaMismatchError(f"column {path} is {src}, which does not cast safely to schema v1's {dst}")
+
+
+def check_shard_schema(schema: pa.Schema, where: str = "shard") -> ShardSchema:
+    """Check a file's Arrow schema against schema v1 before reading its data.
+
+    With vesl's footer the major version must be 1. Without it (pandas, polars and most tools drop
+    custom footer metadata when they write a file back) the file is still a shard when its columns
+    cast safely to v1: SchemaMismatchError names the first column that is missing or of another kind."""
+    meta = schema.metadata or {}
+    version = check_schema_version(meta, where) if META_SCHEMA_VERSION.encode() in meta else None
+    casts: list[str] = []
+    filled: list[str] = []
+    lead = f"{where}: " if version else f"{where} is not a vesl region-text shard (no '{META_SCHEMA_VERSION}' footer): "
+    for field in region_text_schema():
+        if field.name not in schema.names:
+            if not field.nullable:
+                raise SchemaMismatchError(f"{lead}column {field.name!r} ({field.type}) is missing; "
+                                          "region-text schema v1 needs it")
+            filled.append(field.name)
+            continue
+        try:
+            casts += _type_changes(schema.field(field.name).type, field.type, field.name)
+        except SchemaMismatchError as e:
+            raise SchemaMismatchError(f"{lead}{e}") from None
+    return ShardSchema(version, tuple(casts), tuple(filled))
+
+
+def conform_table(table: pa.Table, where: str = "shard", columns: list[str] | None = None) -> pa.Table:
+    """TABLE's COLUMNS (default: all of v1) cast to schema v1, nullable columns it lacks filled with
+    nulls. Raises SchemaMismatchError naming the column when a value does not fit (a null where v1
+    has none, a box that is not 4 numbers, an integer out of range)."""
+    target = region_text_schema()
+    fields = [target.field(c) for c in (columns or target.names)]
+    arrays = []
+    for field in fields:
+        if field.name not in table.column_names:
+            if not field.nullable:
+                raise SchemaMismatchError(f"{where}: column {field.name!r} is missing")
+            arrays.append(pa.nulls(table.num_rows, field.type))
+            continue
+        column = table.column(field.name)
+        if not field.nullable and column.null_count:
+            raise SchemaMismatchError(f"{where}: column {field.name!r} has {column.null_count} null value(s); "
+                                      "region-text schema v1 allows none")
+        try:
+            arrays.append(column if column.type == field.type else column.cast(field.type, safe=True))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError) as e:
+            raise SchemaMismatchError(f"{where}: column {field.name!r} does not fit schema v1's {field.type}: "
+                                      f"{str(e).splitlines()[0]}") from None
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields, metadata=table.schema.metadata))
+
+
+def describe_footerless(checked: list[tuple[str, ShardSchema]]) -> str | None:
+    """One log line for the files of CHECKED (uri, check) that had no vesl footer, or None."""
+    footerless = [(uri, c) for uri, c in checked if c.version is None]
+    if not footerless:
+        return None
+    casts = sorted({cast for _, c in footerless for cast in c.casts} | {f"{n}: missing -> nulls"
+                                                                        for _, c in footerless for n in c.filled})
+    return (f"{len(footerless)} of {len(checked)} shard file(s) have no vesl footer (rewritten by pandas, polars or "
+            f"another tool?) and are read by their columns as schema v1, e.g. {footerless[0][0]}; casts: "
+            + ("; ".join(casts) or "none"))
 
 
 class Region(BaseModel):

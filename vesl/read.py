@@ -1,16 +1,21 @@
-"""Region-text shards as pandas DataFrames.
+"""Region-text shards as pandas DataFrames, and DataFrames back as shards.
 
     import vesl
     regions = vesl.read_regions("out/run")                  # one row per region
     images = vesl.read_regions("out/run", explode=False)    # one row per image
+    vesl.write_regions(images[images.num_regions > 0], "out/filtered")   # proper shards again
 
 URI is an annotate OUTPUT (its `data/` folder is read), a folder of shards or one shard, local or
-any fsspec URI (`s3://...`). Every file's footer is checked for schema v1 first. Image bytes are
-left out unless asked for: they are most of a shard's size when `embed_images` was on.
+any fsspec URI (`s3://...`). Every file is checked against schema v1 first: by its footer, or, for
+a file pandas or polars wrote back without vesl's footer, by its columns (cast to v1's types on
+read). Image bytes are left out unless asked for: they are most of a shard's size when
+`embed_images` was on.
 """
 
 from __future__ import annotations
 
+import logging
+import posixpath
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -19,6 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+log = logging.getLogger("vesl.read")
+FOOTER_ATTR = "vesl_footer"  # pandas df.attrs key: the footer entries read_regions found, for write_regions
+WRITTEN_BY = "vesl.written_by"
 IMAGE_COLUMNS = ["image_id", "image_uri", "width", "height", "alt_text", "caption", "phrases", "regions"]
 REGION_COLUMNS = ["image_id", "image_uri", "width", "height", "region", "phrase", "score", "source",
                   "x0", "y0", "x1", "y1", "x0_px", "y0_px", "x1_px", "y1_px"]
@@ -47,18 +55,26 @@ def shard_uris(uri: str, storage_options: Mapping[str, Any] | None = None) -> li
 
 def iter_tables(uris: list[str], columns: list[str], storage_options: Mapping[str, Any] | None) -> Iterator[
         tuple[str, pa.Table, dict[str, str]]]:
-    """(uri, table with COLUMNS, footer metadata) per shard, one file in memory at a time. A file
-    whose footer is not schema v1 raises SchemaVersionError (a ValueError) before it is read."""
-    from schemas.region_text import check_schema_version
+    """(uri, table with COLUMNS cast to schema v1, footer metadata) per shard, one file in memory at a
+    time. A file is checked before its data is read: a vesl footer of another major version, or
+    columns that do not cast to v1, raise SchemaVersionError (a ValueError) naming the file and column.
+    Files without vesl's footer (written back by pandas or polars) are read by their columns; the
+    first one is logged with the casts it needs."""
+    from schemas.region_text import check_shard_schema, conform_table, describe_footerless
     from vesl.storage import filesystem
 
+    logged = False
     for uri in uris:
         fs, path = filesystem(uri, storage_options)
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
-            check_schema_version(pf.schema_arrow.metadata, where=uri)
+            check = check_shard_schema(pf.schema_arrow, where=uri)
             meta = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
-            table = pf.read(columns=columns)
+            present = [c for c in columns if c in pf.schema_arrow.names]
+            table = conform_table(pf.read(columns=present), where=uri, columns=columns)
+        if check.version is None and not logged:
+            log.warning("%s (later files are not reported again)", describe_footerless([(uri, check)]))
+            logged = True
         yield uri, table, meta
 
 
@@ -106,8 +122,6 @@ def read_regions(uri: str, explode: bool = True, *, storage_options: Mapping[str
     num_regions; `image_bytes` only with WITH_IMAGES.
     STORAGE_OPTIONS: fsspec options, flat ({"anon": True}) or by protocol ({"s3": {...}}).
     """
-    import pandas as pd
-
     options = by_protocol(uri, storage_options)
     uris = shard_uris(uri, options)
     if explode:
@@ -116,10 +130,133 @@ def read_regions(uri: str, explode: bool = True, *, storage_options: Mapping[str
         table = pa.concat_tables(parts) if parts else pa.table({c: [] for c in REGION_COLUMNS})
         return table.to_pandas()
     columns = IMAGE_COLUMNS + (["image_bytes"] if with_images else [])
-    parts = [t for _, t, _ in iter_tables(uris, columns, options)]
+    parts, footers = [], []
+    for _, t, meta in iter_tables(uris, columns, options):
+        parts.append(t)
+        footers.append(meta)
     table = pa.concat_tables(parts)
     table = table.append_column("num_regions", pc.list_value_length(table.column("regions")).cast(pa.int32()))
-    return table.to_pandas()
+    df = table.to_pandas()
+    df.attrs[FOOTER_ATTR] = common_footer(footers)  # write_regions carries it over (models, thresholds)
+    return df
 
 
-__all__ = ["explode_regions", "iter_tables", "read_regions", "shard_uris"]
+def common_footer(footers: list[Mapping[str, str]]) -> dict[str, str]:
+    """The vesl.* footer entries every file agrees on (schema version and writer excepted)."""
+    from schemas.region_text import META_PREFIX, META_SCHEMA_VERSION
+
+    keys = [k for k in (footers[0] if footers else {}) if k.startswith(META_PREFIX)
+            and k not in (META_SCHEMA_VERSION, f"{META_PREFIX}version", WRITTEN_BY)]
+    return {k: footers[0][k] for k in keys if all(f.get(k) == footers[0][k] for f in footers)}
+
+
+def _to_arrow(data) -> tuple[pa.Table, dict[str, str]]:
+    """(an Arrow table, the vesl footer it carries) of a pandas or polars DataFrame or an Arrow table."""
+    from schemas.region_text import META_PREFIX
+
+    if isinstance(data, pa.Table):
+        meta = {k.decode(): v.decode() for k, v in (data.schema.metadata or {}).items()}
+        return data, {k: v for k, v in meta.items() if k.startswith(META_PREFIX)}
+    if hasattr(data, "to_arrow") and not hasattr(data, "attrs"):  # polars
+        return data.to_arrow(), {}
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame):
+        return pa.Table.from_pandas(data, preserve_index=False), dict(data.attrs.get(FOOTER_ATTR) or {})
+    raise TypeError(f"write_regions takes a pandas or polars DataFrame or a pyarrow Table, not {type(data).__name__}")
+
+
+def check_rows(table: pa.Table, where: str) -> None:
+    """The invariants schema v1 states beyond types: one row per image_id, and every region's box
+    normalised and proper (0 <= x0 < x1 <= 1, the same for y), its score in [0, 1], its source known."""
+    from schemas.region_text import SchemaMismatchError
+
+    ids = table.column("image_id")
+    if pc.count_distinct(ids).as_py() != len(ids):
+        counts = pc.value_counts(ids)
+        repeated = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
+        raise SchemaMismatchError(f"{where}: image_id must be unique; repeated: {repeated[:5]}")
+    regions = table.column("regions").combine_chunks()
+    flat = pc.list_flatten(regions)
+    if not len(flat):
+        return
+    owner = pc.take(ids, pc.list_parent_indices(regions))
+    box = np.asarray(pc.list_flatten(flat.field("box")).to_numpy(zero_copy_only=False)).reshape(-1, 4)
+    score = np.asarray(flat.field("score").to_numpy(zero_copy_only=False))
+    source = np.isin(np.asarray(flat.field("source").to_pylist(), dtype=object), ["caption", "alt_text"])
+    bad_box = ~((box[:, 0] >= 0) & (box[:, 0] < box[:, 2]) & (box[:, 2] <= 1)
+                & (box[:, 1] >= 0) & (box[:, 1] < box[:, 3]) & (box[:, 3] <= 1))
+    for bad, what in ((bad_box, "a box that is not 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1"),
+                      (~((score >= 0) & (score <= 1)), "a score outside [0, 1]"),
+                      (~source, "a source other than 'caption' or 'alt_text'")):
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise SchemaMismatchError(f"{where}: {int(bad.sum())} region(s) have {what}; the first is in image_id "
+                                      f"{owner[i].as_py()!r}: {flat[i].as_py()}")
+
+
+def write_regions(data, path: str, *, storage_options: Mapping[str, Any] | None = None, rows_per_shard: int = 2000,
+                  row_group_rows: int = 500, compression: str = "zstd", metadata: Mapping[str, str] | None = None,
+                  drop_extra: bool = False, overwrite: bool = False) -> list[str]:
+    """Write DATA (one row per image: `read_regions(..., explode=False)` after any filtering) as
+    region-text shards at PATH, the counterpart of `read_regions`.
+
+    DATA is a pandas or polars DataFrame or a pyarrow Table with schema v1's columns (pandas' and
+    polars' types are cast: double scores, variable-length boxes, large strings; absent nullable
+    columns become nulls). `num_regions` is dropped; other extra columns are refused unless DROP_EXTRA.
+    Rows are checked (unique image_id, proper boxes and scores) before anything is written. The footer
+    carries schema 1.x, this vesl's version and the models/thresholds/config hash the data came with
+    (pandas' `df.attrs`, kept by read_regions) plus METADATA. PATH ending in `.parquet` is one file;
+    otherwise a folder of `part-NNNNN.parquet` of ROWS_PER_SHARD rows, row groups of ROW_GROUP_ROWS.
+    Each file is written beside and moved into place whole. An existing PATH with shards is refused
+    unless OVERWRITE. Returns the URIs written."""
+    import uuid
+
+    from schemas.region_text import META_PREFIX, META_SCHEMA_VERSION, SCHEMA_VERSION, conform_table, region_text_schema
+    from vesl import __version__
+    from vesl.storage import filesystem, join_uri, parent_uri
+
+    table, carried = _to_arrow(data)
+    names = table.column_names
+    if "regions" not in names and {"phrase", "x0", "region"} <= set(names):
+        raise ValueError("this is read_regions' exploded frame (one row per region); write_regions takes one row per "
+                         "image: read with explode=False and filter each image's `regions` list")
+    extra = [c for c in names if c not in region_text_schema().names and c != "num_regions"]
+    if extra and not drop_extra:
+        raise ValueError(f"columns {extra} are not in region-text schema v1; drop them or pass drop_extra=True")
+    table = conform_table(table, where="write_regions")
+    check_rows(table, where="write_regions")
+    footer = {**carried, **(metadata or {}), META_SCHEMA_VERSION: SCHEMA_VERSION, f"{META_PREFIX}version": __version__,
+              WRITTEN_BY: "write_regions"}
+    table = table.replace_schema_metadata({k.encode(): str(v).encode() for k, v in footer.items()})
+    options = by_protocol(path, storage_options)
+    fs, root = filesystem(path, options)
+    single = root.endswith(".parquet")
+    folder = root.rsplit("/", 1)[0] if single else root.rstrip("/")
+    existing = [root] if single and fs.exists(root) else (
+        [p for p in fs.find(folder) if p.endswith(".parquet")] if not single and fs.exists(folder) else [])
+    if existing and not overwrite:
+        raise FileExistsError(f"{path} already holds {len(existing)} .parquet file(s); "
+                              "pass overwrite=True to replace them")
+    for p in existing:
+        fs.rm(p)
+    step = max(1, table.num_rows if single else rows_per_shard)
+    starts = range(0, max(1, table.num_rows), step)
+    names_out = [posixpath.basename(root)] if single else [f"part-{i:05d}.parquet" for i in range(len(starts))]
+    tmp = f"{folder}/_tmp-{uuid.uuid4().hex[:8]}"
+    fs.makedirs(tmp, exist_ok=True)
+    written = []
+    try:
+        for start, name in zip(starts, names_out):
+            staged = f"{tmp}/{name}"
+            with fs.open(staged, "wb") as f:
+                pq.write_table(table.slice(start, step), f, row_group_size=row_group_rows, compression=compression)
+            fs.mv(staged, f"{folder}/{name}")
+            written.append(join_uri(parent_uri(path) if single else path, name))
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp, recursive=True)
+    return written
+
+
+__all__ = ["explode_regions", "iter_tables", "read_regions", "shard_uris", "write_regions"]

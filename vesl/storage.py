@@ -8,6 +8,8 @@ the run manifest.
 
 from __future__ import annotations
 
+import json
+import os
 import posixpath
 from collections.abc import Mapping
 from typing import Any
@@ -48,6 +50,12 @@ def protocol_of(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
+def uri_prefix(uri: str) -> str:
+    """What turns a path inside URI's filesystem back into a URI: 's3://' for s3://..., '' locally."""
+    proto = protocol_of(uri)
+    return "" if proto == "file" else f"{proto}://"
+
+
 def options_for(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -> dict[str, Any]:
     return dict((storage_options or {}).get(protocol_of(uri), {}))
 
@@ -71,3 +79,27 @@ def parent_uri(uri: str) -> str:
         scheme, rest = uri.split("://", 1)
         return f"{scheme}://{posixpath.dirname(rest.rstrip('/'))}"
     return posixpath.dirname(uri.rstrip("/")) or "."
+
+
+def ray_job_working_dir() -> str | None:
+    """The `--working-dir` of the `ray job submit` this process is the entrypoint of, else None. Ray
+    runs such an entrypoint inside a temporary copy of that directory, deleted with the job."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return None
+    return (job.get("runtime_env") or {}).get("working_dir") if isinstance(job, dict) else None
+
+
+def resolve_output(uri: str, what: str = "OUTPUT") -> str:
+    """URI with a local path made absolute. A relative local path is refused inside a `ray job submit`
+    with a working dir: it would resolve into Ray's temporary copy of that dir and be lost."""
+    if "://" in uri and not uri.startswith("file://"):
+        return uri
+    path = uri.removeprefix("file://")
+    if not os.path.isabs(path) and ray_job_working_dir():
+        raise ValueError(
+            f"{what} {uri!r} is a relative path, and this Ray job runs in Ray's temporary copy of its working dir "
+            f"({os.getcwd()}), which Ray deletes when the job ends: the result would be lost. Give an absolute path "
+            "(on a multi-node cluster, one every node can reach) or an s3:// URI")
+    return os.path.abspath(path)

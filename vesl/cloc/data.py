@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -21,8 +22,9 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from operators.base import StageConfig, describe_error
-from schemas.region_text import check_schema_version
+from schemas.region_text import check_shard_schema, conform_table, describe_footerless
 
+log = logging.getLogger("vesl.cloc.data")
 # Columns the trainer reads; image_bytes may be null (then the image is fetched from image_uri).
 COLUMNS = ["image_id", "image_uri", "image_bytes", "caption", "regions"]
 
@@ -45,8 +47,9 @@ class DataConfig(StageConfig):
 def find_shards(uri: str, storage_options: Mapping[str, Any] | None = None, check: bool = True) -> list[str]:
     """Parquet files of a region-text dataset: an annotate OUTPUT (its data/ folder), a folder of
     shards, or one file. Returns full URIs, sorted, each checked for a v1 schema footer (CHECK False:
-    not opened here, for a caller that reads every footer anyway and checks it then)."""
-    from vesl.storage import filesystem, protocol_of
+    not opened here, for a caller that reads every footer anyway and checks it then). A file without
+    vesl's footer passes when its columns cast to v1 (see `schemas.region_text.check_shard_schema`)."""
+    from vesl.storage import filesystem, uri_prefix
 
     fs, path = filesystem(uri, storage_options)
     if fs.isdir(path) and fs.isdir(path.rstrip("/") + "/data"):
@@ -60,12 +63,15 @@ def find_shards(uri: str, storage_options: Mapping[str, Any] | None = None, chec
         raise FileNotFoundError(f"no region-text shards at {uri}")
     if not files:
         raise FileNotFoundError(f"no .parquet shards under {uri}")
-    proto = protocol_of(uri)
-    uris = [p if proto == "file" else f"{proto}://{p}" for p in files]
+    uris = [uri_prefix(uri) + p for p in files]
     if check:
+        checked = []
         for file_uri, path in zip(uris, files):
             with fs.open(path, "rb") as f:
-                check_schema_version(pq.read_schema(f).metadata, where=file_uri)
+                checked.append((file_uri, check_shard_schema(pq.read_schema(f), where=file_uri)))
+        note = describe_footerless(checked)
+        if note:
+            log.warning("%s", note)
     return uris
 
 
@@ -117,8 +123,10 @@ def load_image(row: Mapping[str, Any], size: int, storage_options: Mapping[str, 
 
 def prepare_batch(batch: pa.Table | Mapping[str, Any], *, tokenizer: str, revision: str | None, image_size: int,
                   caption_max_tokens: int, config: DataConfig,
-                  storage_options: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """Shard rows -> fixed-shape arrays (see the module doc). Bad rows are kept, flagged `ok = False`."""
+                  storage_options: Mapping[str, Any] | None = None, region_texts: bool = True) -> dict[str, np.ndarray]:
+    """Shard rows -> fixed-shape arrays (see the module doc). Bad rows are kept, flagged `ok = False`.
+    REGION_TEXTS False leaves out `region_phrases` (a 2-D array of strings, for evaluation only, which
+    Ray Data could only pickle)."""
     table = batch if isinstance(batch, pa.Table) else pa.table(dict(batch))
     rows = table.to_pylist()
     tok = load_tokenizer(tokenizer, revision)
@@ -147,7 +155,7 @@ def prepare_batch(batch: pa.Table | Mapping[str, Any], *, tokenizer: str, revisi
     input_ids, attention_mask = tokenize(tok, captions, caption_max_tokens)
     flat = [p for p in phrases.reshape(-1)]
     phrase_ids, phrase_mask = tokenize(tok, flat, lp)
-    return {
+    out = {
         "image_id": np.array([row["image_id"] for row in rows], dtype=object),
         "ok": ok, "skip_reason": reasons, "pixels": pixels,
         "input_ids": input_ids, "attention_mask": attention_mask,
@@ -155,6 +163,9 @@ def prepare_batch(batch: pa.Table | Mapping[str, Any], *, tokenizer: str, revisi
         "region_phrases": phrases,
         "phrase_ids": phrase_ids.reshape(n, r, lp), "phrase_mask": phrase_mask.reshape(n, r, lp),
     }
+    if not region_texts:
+        del out["region_phrases"]
+    return out
 
 
 def sample_regions(valid, m: int, generator=None):
@@ -170,16 +181,31 @@ def sample_regions(valid, m: int, generator=None):
     return image_index.to(valid.device), top.indices[keep].to(valid.device)
 
 
+def iter_shard_batches(uri: str, storage_options: Mapping[str, Any] | None = None,
+                       batch_rows: int = 64) -> Iterator[pa.Table]:
+    """The trainer's COLUMNS of one shard file, cast to schema v1, in tables of up to BATCH_ROWS rows
+    (a shard that pandas wrote back, without image_bytes or with a double score, reads the same)."""
+    from vesl.storage import filesystem
+
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        present = [c for c in COLUMNS if c in pf.schema_arrow.names]
+        for record_batch in pf.iter_batches(batch_size=batch_rows, columns=present):
+            yield conform_table(pa.Table.from_batches([record_batch]), where=uri, columns=COLUMNS)
+
+
+def read_shard_files(batch: pa.Table, storage_options: Mapping[str, Any] | None, batch_rows: int) -> Iterator[pa.Table]:
+    """Ray Data generator UDF: one row per shard URI in, `iter_shard_batches` tables out."""
+    for uri in batch.column("uri").to_pylist():
+        yield from iter_shard_batches(uri, storage_options, batch_rows)
+
+
 def iter_prepared(uris: list[str], *, tokenizer: str, revision: str | None, image_size: int,
                   caption_max_tokens: int, config: DataConfig, storage_options: Mapping[str, Any] | None = None,
                   batch_rows: int = 64) -> Iterator[dict[str, np.ndarray]]:
     """Prepared batches read straight from the shards, in order, without Ray (evaluation)."""
-    from vesl.storage import filesystem
-
     for uri in uris:
-        fs, path = filesystem(uri, storage_options)
-        with fs.open(path, "rb") as f:
-            for record_batch in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=COLUMNS):
-                yield prepare_batch(pa.Table.from_batches([record_batch]), tokenizer=tokenizer, revision=revision,
-                                    image_size=image_size, caption_max_tokens=caption_max_tokens, config=config,
-                                    storage_options=storage_options)
+        for table in iter_shard_batches(uri, storage_options, batch_rows):
+            yield prepare_batch(table, tokenizer=tokenizer, revision=revision, image_size=image_size,
+                                caption_max_tokens=caption_max_tokens, config=config, storage_options=storage_options)

@@ -162,10 +162,20 @@ class ClocModel(nn.Module):
                # a copy, not the Parameter itself: DDP (find_unused_parameters) must not see a parameter as an output
                "logit_scale": self.clip.logit_scale.clone()}
         if image_index is not None:  # even with no regions, so every worker runs the same graph
+            keep = image_index.shape[0]
+            if keep == 0:
+                # No region in this batch (images without labels, or every region filtered out): run the
+                # region branch on one placeholder (the first image, its whole frame, an all-padding
+                # phrase) and keep none of its rows. The outputs are empty but attached to every
+                # parameter, so the losses add a zero gradient and DDP sees the graph it always sees.
+                image_index = torch.zeros(1, dtype=torch.long, device=pixels.device)
+                boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]], device=pixels.device)
+                phrase_ids = torch.zeros((1, phrase_ids.shape[-1]), dtype=phrase_ids.dtype, device=pixels.device)
+                phrase_mask = torch.ones_like(phrase_ids)
             phrase = self.encode_text(phrase_ids, phrase_mask)
-            out["region"] = self.region_embeddings(patches, image_index, boxes)
-            out["phrase"] = phrase
-            out["pred_box"] = self.ground(patches, image_index, phrase)
+            out["region"] = self.region_embeddings(patches, image_index, boxes)[:keep]
+            out["phrase"] = phrase[:keep]
+            out["pred_box"] = self.ground(patches, image_index, phrase)[:keep]
         return out
 
 

@@ -353,19 +353,20 @@ def pyarrow_filesystem(uri: str, storage_options):
 
 
 def build_dataset(uris: list[str], config: TrainConfig, image_size: int, caption_max_tokens: int):
+    """Shards -> prepared arrays on Ray Data. Each shard file is read by one task and cast to schema v1
+    on the way (files written back by pandas or polars may differ in types and columns)."""
     import ray.data
 
-    from vesl.cloc.data import COLUMNS, prepare_batch
+    from vesl.cloc.data import prepare_batch, read_shard_files
 
     options = config.storage.options()
-    fs, _ = pyarrow_filesystem(uris[0], options)
-    paths = [u.split("://", 1)[1] if not _local(u) else u.removeprefix("file://") for u in uris]
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(COLUMNS)  # pushed down into the read
-    tokenizer = config.model.clip
+    files = ray.data.from_items([{"uri": u} for u in uris], override_num_blocks=max(1, min(len(uris), 1024)))
+    ds = files.map_batches(read_shard_files, batch_size=1, batch_format="pyarrow",
+                           fn_kwargs={"storage_options": options, "batch_rows": config.data.prep_batch_rows})
     ds = ds.map_batches(prepare_batch, batch_size=config.data.prep_batch_rows, batch_format="pyarrow",
-                        fn_kwargs=dict(tokenizer=tokenizer, revision=config.model.revision, image_size=image_size,
-                                       caption_max_tokens=caption_max_tokens, config=config.data,
-                                       storage_options=options))
+                        fn_kwargs=dict(tokenizer=config.model.clip, revision=config.model.revision,
+                                       image_size=image_size, caption_max_tokens=caption_max_tokens,
+                                       config=config.data, storage_options=options, region_texts=False))
     if config.data.materialize:
         ds = ds.materialize()
     return ds.randomize_block_order(seed=config.run.seed) if config.data.shuffle_buffer_rows else ds
@@ -388,22 +389,21 @@ def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = F
 
     from pipelines.annotate import init_ray
     from vesl.cloc.data import count_rows, find_shards
-    from vesl.storage import filesystem, join_uri
+    from vesl.storage import filesystem, join_uri, resolve_output
 
     options = config.storage.options()
     uris = find_shards(shards, options)
     rows = count_rows(uris, options)
     image_size, caption_tokens = model_geometry(config)
-    if _local(out):
-        out = str(Path(out.removeprefix("file://")).resolve())
-    resuming = prepare_train_output(out, config, overwrite)
-    init_ray()
-    use_gpu = config.run.use_gpu if config.run.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     workers = config.run.num_workers
     per_epoch = (rows // workers) // config.optim.batch_size
-    if per_epoch == 0:
+    if per_epoch == 0:  # checked before OUT is touched: a refused run leaves OUT as it was
         raise ValueError(f"{rows} rows cannot fill one batch of {config.optim.batch_size} per worker "
                          f"for {workers} workers; lower optim.batch_size")
+    out = resolve_output(out, "OUT")  # absolute; a relative one inside `ray job submit` is refused
+    resuming = prepare_train_output(out, config, overwrite)
+    init_ray(dashboard=True)  # without the state API, Ray Train's cleaner ends the run with a timeout traceback
+    use_gpu = config.run.use_gpu if config.run.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     total_steps = per_epoch * config.optim.epochs
     if config.optim.max_steps:
         total_steps = min(total_steps, config.optim.max_steps)

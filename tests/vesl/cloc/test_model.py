@@ -103,3 +103,34 @@ def test_roi_pool_averages_the_patches_inside_the_box(cloc):
     tiny = torch.tensor([[0.9, 0.9, 0.95, 0.95]])
     want = cloc.clip.visual_projection(cloc.clip.vision_model.post_layernorm(patches[0, [15]]))
     assert torch.allclose(roi_pool_embeddings(cloc, patches, torch.tensor([0]), tiny), want, atol=1e-5)
+
+
+def test_a_batch_without_regions_trains_on_the_image_text_loss_alone(cloc):
+    """No region in the batch: the region outputs are empty, the loss is L_CLIP exactly, and every
+    parameter still gets a (zero, for the region branch) gradient, so DDP sees its usual graph."""
+    from vesl.cloc.config import load_train_config
+    from vesl.cloc.loss import ClocLoss
+
+    size = cloc.clip.config.vision_config.image_size
+    torch.manual_seed(1)
+    pixels = torch.randint(0, 256, (3, size, size, 3), dtype=torch.uint8)
+    ids = torch.randint(0, 100, (3, 8))
+    cloc.train()
+    try:
+        out = cloc(pixels, ids, torch.ones_like(ids), image_index=torch.zeros(0, dtype=torch.long),
+                   boxes=torch.zeros(0, 4), phrase_ids=torch.zeros(0, 6, dtype=torch.long),
+                   phrase_mask=torch.zeros(0, 6, dtype=torch.long))
+        assert out["region"].shape == (0, cloc.clip.config.projection_dim) and out["pred_box"].shape == (0, 4)
+        loss = ClocLoss(load_train_config(None, "tiny", []).loss)
+        parts = loss(out, torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+        assert parts["cloc"].item() == 0.0 and parts["grounding"].item() == 0.0
+        assert torch.isfinite(parts["clip"]) and parts["loss"].item() == pytest.approx(parts["clip"].item())
+        cloc.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        missing = [n for n, p in cloc.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, missing
+        assert all(float(p.grad.abs().sum()) == 0.0 for p in cloc.prompter.parameters())
+        assert any(float(p.grad.abs().sum()) > 0 for p in cloc.clip.parameters())
+    finally:
+        cloc.zero_grad(set_to_none=True)
+        cloc.eval()

@@ -88,3 +88,64 @@ def test_lambda_zero_trains_plain_clip_under_ddp(tiny_dir, ray_local, tmp_path):
     record = _metrics(out)[-1]
     assert "cloc" not in record and record["loss"] == pytest.approx(record["clip"])
     assert load_file(str(out / "model" / "cloc.safetensors"))  # the (untrained) Prompter is still saved
+
+
+def _rewrite_shard(path, tool, keep_regions):
+    """PATH as TOOL writes it back after a read (no vesl footer, pandas/polars types), regions dropped
+    unless KEEP_REGIONS."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    df = pd.read_parquet(path)
+    if not keep_regions:
+        df["regions"] = [[] for _ in range(len(df))]
+    if tool == "pandas":
+        df.to_parquet(path)
+    else:
+        import polars as pl
+
+        pl.from_pandas(df).write_parquet(path)
+    assert b"vesl.schema_version" not in (pq.read_schema(path).metadata or {})
+
+
+def test_training_on_pandas_and_polars_shards_with_and_without_regions(tiny_dir, ray_local, tmp_path):
+    shards = tmp_path / "shapes"
+    write_shapes_dataset(shards, 64, seed=7, shard_rows=32)
+    first, second = sorted((shards / "data").glob("*.parquet"))
+    _rewrite_shard(first, "pandas", keep_regions=False)  # 32 rows without regions
+    _rewrite_shard(second, "polars", keep_regions=True)
+    out = tmp_path / "mixed"
+    summary = run_training(str(shards), str(out), _config("optim.max_steps=4", "run.num_workers=1"))
+    assert summary["steps"] == 4 and summary["rows"] == 64
+    records = _metrics(out)
+    assert all(math.isfinite(r[k]) for r in records for k in ("loss", "clip", "cloc", "grounding"))
+
+    # every row without regions: every batch trains on L_CLIP alone, under DDP with two workers
+    _rewrite_shard(second, "polars", keep_regions=False)
+    out = tmp_path / "none"
+    summary = run_training(str(shards), str(out), _config("optim.max_steps=2", "run.num_workers=2"))
+    assert summary["steps"] == 2
+    for record in _metrics(out):
+        assert record["cloc"] == 0.0 and record["grounding"] == 0.0
+        assert record["loss"] == pytest.approx(record["clip"]) and record["clip"] > 0
+
+
+def _tree(path):
+    return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*")}
+
+
+def test_a_refused_batch_size_leaves_out_as_it_was(tiny_dir, tmp_path):
+    shards = tmp_path / "shapes"
+    write_shapes_dataset(shards, 40, seed=8, shard_rows=40)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="40 rows cannot fill one batch of 64"):
+        run_training(str(shards), str(fresh), _config("optim.batch_size=64"))
+    assert not fresh.exists()
+    used = tmp_path / "used"  # an OUT holding an earlier run (here only its state file and a metrics line)
+    used.mkdir()
+    (used / "_vesl_train.json").write_text('{"training_hash": "other"}')
+    (used / "metrics.jsonl").write_text('{"step": 2}\n')
+    before = _tree(used)
+    with pytest.raises(ValueError, match="lower optim.batch_size"):
+        run_training(str(shards), str(used), _config("optim.batch_size=64"))
+    assert _tree(used) == before
