@@ -22,6 +22,10 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.preflight import require_dependencies  # noqa: E402  (standard library only)
+
+require_dependencies("vesl annotate")
+
 from operators.caption import CaptionImages  # noqa: E402
 from operators.decode import decode_images  # noqa: E402
 from operators.detect import DetectRegions  # noqa: E402
@@ -29,8 +33,9 @@ from operators.phrases import ExtractPhrases  # noqa: E402
 from schemas.region_text import META_PREFIX, META_SCHEMA_VERSION, SCHEMA_VERSION  # noqa: E402
 from vesl import __version__  # noqa: E402
 from vesl.config import AnnotateConfig, add_config_arguments, load_config  # noqa: E402
-from vesl.inputs import read_inputs  # noqa: E402
+from vesl.inputs import EmptyInputError, read_inputs  # noqa: E402
 from vesl.resources import plan_pools  # noqa: E402
+from vesl.storage import resolve_output  # noqa: E402
 from vesl.runstate import (  # noqa: E402
     OutputConflictError, completed, count_outputs, find_duplicates, funnel, output_files, plan_batch, prepare_output,
 )
@@ -65,7 +70,9 @@ def model_provenance(config: AnnotateConfig) -> dict[str, Any]:
     return out
 
 
-def init_ray(log_to_driver: bool = True) -> None:
+def init_ray(log_to_driver: bool = True, dashboard: bool = False) -> None:
+    """Join the cluster of RAY_ADDRESS, else start a fresh local instance. DASHBOARD starts the local
+    instance's dashboard, which Ray's state API needs (Ray Train's placement-group cleaner polls it)."""
     import ray
 
     if ray.is_initialized():
@@ -74,7 +81,7 @@ def init_ray(log_to_driver: bool = True) -> None:
         ray.init(log_to_driver=log_to_driver)  # inside `ray job submit`, or pointed at a cluster
     else:
         # "local": always a fresh instance, never a cluster some earlier `ray start` left behind
-        ray.init(address="local", include_dashboard=False, log_to_driver=log_to_driver)
+        ray.init(address="local", include_dashboard=dashboard, log_to_driver=log_to_driver)
 
 
 def build(ds, config: AnnotateConfig, storage_options: dict, use_gpu: bool):
@@ -119,11 +126,16 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and "cpu" not in (config.caption.device, config.detect.device)
     # Everything that can refuse the job (input, models) is checked before OUTPUT is touched.
     models = model_provenance(config)
-    inputs, kind = read_inputs(input_uri, config.input, storage_options, num_cpus=config.ray.read_num_cpus)
+    inputs, plan = read_inputs(input_uri, config.input, storage_options, num_cpus=config.ray.read_num_cpus)
+    log.info("input %s: %s, %d unit(s) to read; it holds %s", input_uri, plan.label, len(plan.units), plan.holds())
+    # Planning pass over ids only: how many inputs, which ids repeat (and, below, what earlier runs finished).
+    total_inputs, duplicates = find_duplicates(inputs)
+    if total_inputs == 0 and not config.input.allow_empty:
+        raise EmptyInputError(f"input {input_uri} yields no inputs: read as {plan.label}, its {len(plan.units)} "
+                              f"unit(s) hold no rows; it holds {plan.holds()}. Set input.allow_empty=true to accept "
+                              "an empty input")
     mode = prepare_output(output_uri, input_uri, config.label_hash(), config.output.on_existing, storage_options)
     run_id = uuid.uuid4().hex[:8]
-    # Planning pass over ids only: how many inputs, which ids repeat, what earlier runs finished.
-    total_inputs, duplicates = find_duplicates(inputs)
     done_ids, done_ordinals = completed(output_uri, storage_options)  # both empty on a fresh run
     todo = inputs.map_batches(plan_batch, batch_format="pyarrow", fn_kwargs={
         "duplicates": duplicates, "done_ids": done_ids, "done_ordinals": done_ordinals})
@@ -132,7 +144,10 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
     sink = make_datasink(output_uri, run_id, footer_metadata(config, models), storage_options,
                          config.output.rows_per_shard, config.output.compression)
     setup_s = time.perf_counter() - started
-    ds.write_datasink(sink)
+    if total_inputs:
+        ds.write_datasink(sink)
+    else:  # input.allow_empty: no model is loaded for nothing
+        log.warning("input %s yields no inputs (input.allow_empty is on): nothing to do", input_uri)
     execute_s = time.perf_counter() - started - setup_s
     this_run = merge_counts(sink.results)
     counts = count_outputs(output_uri, storage_options)  # every file in OUTPUT, all runs
@@ -148,7 +163,7 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
         "run_id": run_id,
         "mode": mode,
         "input": input_uri,
-        "input_format": kind,
+        "input_format": plan.label,
         "output": output_uri,
         "started_at": started_at,
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
@@ -182,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides = args.overrides + (["output.on_existing=overwrite"] if args.overwrite else [])
     try:
+        output = resolve_output(args.output)  # absolute; a relative one inside `ray job submit` is refused
         config = load_config(args.config, args.preset, overrides)
-        manifest = run_annotate(args.input, args.output, config)
+        manifest = run_annotate(args.input, output, config)
     except (OutputConflictError, FileNotFoundError, ValueError) as e:
         print(f"vesl annotate: error: {e}", file=sys.stderr)
         return 2
@@ -191,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     resumed = f" (resumed: {run['inputs']} processed now)" if manifest["mode"] == "resume" else ""
     print(f"vesl annotate: {c['inputs']} inputs -> {c['rows']} rows ({c['regions']} regions), "
           f"{c['rejects']} rejects {c['by_reason'] or ''}{resumed} in {manifest['timings_s']['total']} s; "
-          f"manifest: {args.output.rstrip('/')}/{MANIFEST}")
+          f"manifest: {output.rstrip('/')}/{MANIFEST}")
     if not c["accounted"]:
         print("vesl annotate: error: inputs != rows + rejects, or an image_id appears twice; see the manifest",
               file=sys.stderr)

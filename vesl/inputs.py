@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import re
 import tarfile
+from dataclasses import dataclass, field
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
@@ -15,7 +17,7 @@ import pyarrow as pa
 from pydantic import Field
 
 from operators.base import REJECT_MESSAGE, REJECT_REASON, REJECT_STAGE, StageConfig, describe_error
-from vesl.storage import filesystem, join_uri, parent_uri, protocol_of
+from vesl.storage import filesystem, join_uri, parent_uri, uri_prefix
 
 INPUT_SCHEMA = pa.schema(
     [
@@ -40,9 +42,18 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".ti
 class InputConfig(StageConfig):
     format: Literal["auto", "manifest", "webdataset", "folder"] = Field(
         default="auto",
-        description="'auto': a .parquet/.jsonl/.json/.csv file (or a folder of them) is a manifest, "
-        ".tar files are WebDataset shards, any other folder is a folder of images.",
+        description="'auto': img2dataset's output folders by their layout (NNNNN.tar -> webdataset, NNNNN.parquet "
+        "with images -> manifest, NNNNN/ image folders -> folder; their NNNNN.parquet status tables and "
+        "NNNNN_stats.json beside them), a .parquet/.jsonl/.json/.csv file (or a folder of them) is a manifest, "
+        ".tar files are WebDataset shards, any other folder is a folder of images. Any other value forces that "
+        "reading of the input (e.g. 'webdataset': only the folder's .tar files).",
     )
+    allow_empty: bool = Field(default=False, description="Accept an input that yields no inputs at all (the run "
+                              "then writes an empty OUTPUT). Off: that is an error naming what the input holds.")
+    status_column: str = Field(default="status", description="img2dataset's per-row download status: a row whose "
+                               "status is not 'success' becomes a `read` reject with that status as its reason and "
+                               "ERROR_COLUMN as its message, instead of a second download.")
+    error_column: str = Field(default="error_message", description="img2dataset's download error message.")
     id_column: list[str] = Field(default=["id", "key", "image_id"], description="Id column names, first found wins.")
     image_column: list[str] = Field(default=["image", "url", "path", "image_uri", "image_path"],
                                     description="Image path/URI column names (img2dataset: url).")
@@ -95,6 +106,16 @@ def resolve_image_uri(value: str | None, base: str) -> str | None:
     return join_uri(base, value)
 
 
+def upstream_failure(status: Any, message: Any) -> tuple[str | None, str | None]:
+    """(reject message, reason) for an img2dataset status that is not a success, else (None, None).
+    The reason is img2dataset's own status (failed_to_download, failed_to_resize, ...)."""
+    status = _text(status)
+    if status is None or status.strip() in ("", "success"):
+        return None, None
+    reason = re.sub(r"[^a-z0-9_]+", "_", status.strip().lower())[:48] or "upstream_failed"
+    return f"img2dataset {status}: {_text(message) or 'no error message'}"[:500], reason
+
+
 def normalize_rows(rows: list[Mapping[str, Any]], ordinals: list[int], config: InputConfig, base: str) -> pa.Table:
     """Map manifest rows (whatever their column names and value types) onto INPUT_SCHEMA.
 
@@ -110,6 +131,9 @@ def normalize_rows(rows: list[Mapping[str, Any]], ordinals: list[int], config: I
         data = bytes(data) if isinstance(data, (bytes, bytearray)) else None
         given = _text(row.get(id_col)) if id_col else None
         given = given.strip() if given else ""
+        if error is None and config.status_column in row and config.error_column in row:
+            error, reason = upstream_failure(row.get(config.status_column), row.get(config.error_column))
+            row = {**row, READ_REASON: reason} if error is not None else row
         if error is not None:
             uri = uri or row.get(SOURCE)
             given = given or derive_image_id(f"{row.get(SOURCE)}#{ordinal}", None)
@@ -178,17 +202,181 @@ def read_manifest_files(batch: pa.Table, config: InputConfig, storage_options, b
             yield normalize_rows(chunk, ordinals, config, bases[uri])
 
 
-def read_webdataset_files(batch: pa.Table, storage_options, chunk_rows: int = 256):
-    """Ray Data generator UDF: one row per tar in, INPUT_SCHEMA batches out."""
-    for uri, index in zip(batch.column("uri").to_pylist(), batch.column("index").to_pylist()):
-        chunk: list[dict[str, Any]] = []
-        for row, sample in enumerate(iter_webdataset(uri, storage_options)):
-            chunk.append({**sample, "ordinal": (index << ORDINAL_FILE_SHIFT) + row})
-            if len(chunk) >= chunk_rows:
-                yield pa.Table.from_pylist(chunk, schema=INPUT_SCHEMA)
-                chunk = []
-        if chunk:
+def _chunks(rows: Iterator[dict[str, Any]], chunk_rows: int) -> Iterator[pa.Table]:
+    chunk: list[dict[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) >= chunk_rows:
             yield pa.Table.from_pylist(chunk, schema=INPUT_SCHEMA)
+            chunk = []
+    if chunk:
+        yield pa.Table.from_pylist(chunk, schema=INPUT_SCHEMA)
+
+
+def read_webdataset_files(batch: pa.Table, config: InputConfig, storage_options, chunk_rows: int = 256):
+    """Ray Data generator UDF: one row per tar (with its img2dataset status table, if any) in,
+    INPUT_SCHEMA batches out."""
+    for unit in batch.to_pylist():
+        base = unit["index"] << ORDINAL_FILE_SHIFT
+        if unit.get("status"):
+            rows = iter_img2dataset_tar(unit["uri"], unit["status"], base, config, storage_options)
+        else:
+            samples = iter_webdataset(unit["uri"], storage_options)
+            rows = ({**sample, "ordinal": base + k} for k, sample in enumerate(samples))
+        yield from _chunks(rows, chunk_rows)
+
+
+def _reject_row(image_id: str, uri: str | None, ordinal: int, reason: str, message: str,
+                alt_text: str | None = None) -> dict[str, Any]:
+    return {"image_id": image_id, "image_uri": uri, "image_bytes": None, "alt_text": alt_text, "ordinal": ordinal,
+            REJECT_STAGE: "read", REJECT_REASON: reason, REJECT_MESSAGE: message[:500]}
+
+
+def read_status_table(uri: str, config: InputConfig, storage_options) -> list[dict[str, Any]]:
+    """img2dataset's per-shard status table (key, url, caption, status, error), in file order, without
+    its image bytes (the parquet layout's `jpg` column is read by the manifest reader instead)."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        pf = pq.ParquetFile(f)
+        columns = ("key", "url", "caption", config.status_column, config.error_column)
+        return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names]).to_pylist()
+
+
+def _status_rows(status_uri: str, base: int, config: InputConfig,
+                 storage_options) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the status table's rows, []), or ([], [one reject]) when the table cannot be read."""
+    try:
+        return read_status_table(status_uri, config, storage_options), []
+    except Exception as e:  # noqa: BLE001 - an unreadable status table is a reject, not a crash
+        return [], [_reject_row(derive_image_id(status_uri, None), status_uri, base + (1 << ORDINAL_FILE_SHIFT) - 1,
+                                "unreadable_manifest", f"{status_uri}: {describe_error(e)}")]
+
+
+def _by_key(rows: list[dict[str, Any]]) -> dict[str | None, tuple[int, dict[str, Any]]]:
+    return {_text(r.get("key")): (k, r) for k, r in enumerate(rows)}
+
+
+def _status_rejects(rows: list[dict[str, Any]], seen: set[str], base: int, config: InputConfig, where: str):
+    """The status table's rows that did not become inputs: img2dataset's failures (its status as the
+    reason, its error as the message), and successes whose image is not in the shard."""
+    for k, row in enumerate(rows):
+        key = _text(row.get("key")) or ""
+        if key in seen:
+            continue
+        message, reason = upstream_failure(row.get(config.status_column), row.get(config.error_column))
+        if message is None:
+            reason = "missing_image"
+            message = f"img2dataset recorded key {key!r} as a success, but {where} has no image for it"
+        yield _reject_row(key or derive_image_id(f"{where}#{k}", None), _text(row.get("url")), base + k, reason,
+                          message, _text(row.get("caption")))
+
+
+def iter_img2dataset_tar(tar_uri: str, status_uri: str, base: int, config: InputConfig,
+                         storage_options) -> Iterator[dict[str, Any]]:
+    """Rows of one img2dataset webdataset shard: its tar's samples (ordinal: the key's position in the
+    status table), then one reject per status row without a sample (failures keep img2dataset's error)."""
+    rows, unreadable = _status_rows(status_uri, base, config, storage_options)
+    yield from unreadable
+    by_key = _by_key(rows)
+    seen: set[str] = set()
+    extra = len(rows)
+    for sample in iter_webdataset(tar_uri, storage_options):
+        key = sample["image_id"]
+        if key in by_key and key not in seen:
+            position = by_key[key][0]
+        else:
+            position, extra = extra, extra + 1
+        seen.add(key)
+        yield {**sample, "ordinal": base + position}
+    yield from _status_rejects(rows, seen, base, config, tar_uri)
+
+
+def read_folder_files(batch: pa.Table, config: InputConfig, storage_options, chunk_rows: int = 256):
+    """Ray Data generator UDF for image folders. A row with `status` is one img2dataset shard of the
+    files layout (NNNNN.parquet + NNNNN/); any other row is one image with its .txt/.json sidecars."""
+    units = batch.to_pylist()
+    images = [u for u in units if not u.get("status")]
+    if images:
+        yield from _chunks((_folder_row(u, config, storage_options) for u in images), chunk_rows)
+    for unit in units:
+        if unit.get("status"):
+            yield from _chunks(iter_img2dataset_files(unit, config, storage_options), chunk_rows)
+
+
+def _read_sidecar(uri: str | None, storage_options) -> bytes | None:
+    if not uri:
+        return None
+    fs, path = filesystem(uri, storage_options)
+    with fs.open(path, "rb") as f:
+        return f.read(1 << 20)  # a caption, not a payload
+
+
+def _folder_row(unit: Mapping[str, Any], config: InputConfig, storage_options) -> dict[str, Any]:
+    """One image of a folder: its .txt beside it is the alt-text, its .json's key/url/caption (as
+    img2dataset's files layout writes them) the id, source URL and alt-text when present."""
+    uri = unit["uri"]
+    row = {"image_id": None, "image_uri": uri, "image_bytes": None, "alt_text": None, "ordinal": unit["index"],
+           REJECT_STAGE: None, REJECT_REASON: None, REJECT_MESSAGE: None}
+    try:
+        meta = json.loads(_read_sidecar(unit.get("json"), storage_options) or b"{}")
+        meta = meta if isinstance(meta, dict) else {}
+        text = _read_sidecar(unit.get("txt"), storage_options)
+    except Exception as e:  # noqa: BLE001 - a broken sidecar is that image's reject, not a crash
+        return {**row, "image_id": derive_image_id(uri, None), REJECT_STAGE: "read", REJECT_REASON: "bad_sidecar",
+                REJECT_MESSAGE: f"{unit.get('json') or unit.get('txt')}: {describe_error(e)}"[:500]}
+    id_key = _first(config.id_column, list(meta))
+    key = _text(meta.get(id_key)) if id_key else None
+    row["image_id"] = (key or "").strip() or derive_image_id(uri, None)
+    row["alt_text"] = text.decode("utf-8", errors="replace") if text is not None else _text(meta.get("caption"))
+    return row
+
+
+def iter_img2dataset_files(unit: Mapping[str, Any], config: InputConfig, storage_options) -> Iterator[dict[str, Any]]:
+    """Rows of one shard of img2dataset's files layout: NNNNN.parquet (the status table: key, url,
+    caption, status) and NNNNN/KEY.jpg. Successes point at their image file (alt-text from the table,
+    the same text as KEY.txt, without a read per image); failures and missing files are rejects;
+    images the table does not list are read with their sidecars."""
+    base = unit["index"] << ORDINAL_FILE_SHIFT
+    rows, unreadable = _status_rows(unit["status"], base, config, storage_options)
+    yield from unreadable
+    by_key = _by_key(rows)
+    fs, folder = filesystem(unit["folder"], storage_options)
+    prefix = uri_prefix(unit["folder"])
+    listing = sorted(fs.find(folder)) if fs.exists(folder) else []
+    by_stem: dict[str, dict[str, str]] = {}
+    for path in listing:
+        stem, suffix = posixpath.splitext(posixpath.basename(path))
+        by_stem.setdefault(stem, {})[suffix.lower()] = prefix + path
+    exts = tuple(e.lower() for e in config.image_extensions)
+    seen: set[str] = set()
+    for key, (position, row) in by_key.items():
+        files = by_stem.get(key or "", {})
+        image = next((files[e] for e in exts if e in files), None)
+        if image is None or upstream_failure(row.get(config.status_column), row.get(config.error_column))[0]:
+            continue  # a reject below
+        seen.add(key)
+        out = {"image_id": key, "image_uri": _text(row.get("url")) or image, "image_bytes": None,
+               "alt_text": _text(row.get("caption")), "ordinal": base + position,
+               REJECT_STAGE: None, REJECT_REASON: None, REJECT_MESSAGE: None}
+        try:  # read here, like the tar and parquet layouts, so image_uri can keep the source URL
+            fs_image, image_path = filesystem(image, storage_options)
+            with fs_image.open(image_path, "rb") as f:
+                out["image_bytes"] = f.read()
+        except Exception as e:  # noqa: BLE001 - one unreadable file is that image's reject
+            out.update({REJECT_STAGE: "read", REJECT_REASON: "unreadable_file",
+                        REJECT_MESSAGE: f"{image}: {describe_error(e)}"[:500]})
+        yield out
+    extra = len(rows)
+    for stem, files in by_stem.items():
+        image = next((files[e] for e in exts if e in files), None)
+        if image is None or stem in by_key:
+            continue
+        yield _folder_row({"uri": image, "txt": files.get(".txt"), "json": files.get(".json"), "index": base + extra},
+                          config, storage_options)
+        extra += 1
+    yield from _status_rejects(rows, seen, base, config, unit["folder"])
 
 
 def _webdataset_row(tar_uri: str, key: str, parts: Mapping[str, bytes],
@@ -245,58 +433,155 @@ def iter_webdataset(tar_uri: str, storage_options: Mapping[str, Mapping[str, Any
                "alt_text": None, REJECT_STAGE: "read", REJECT_REASON: "unreadable_shard", REJECT_MESSAGE: message}
 
 
-def detect_format(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -> tuple[str, list[str]]:
-    """('manifest' | 'webdataset' | 'folder', the files it covers)."""
+class EmptyInputError(ValueError):
+    """The input yields no inputs at all (and input.allow_empty is off)."""
+
+
+@dataclass
+class InputPlan:
+    """How an input is read: KIND (manifest | webdataset | folder) and the UNITS one reading task
+    each takes (a manifest file, a tar, an image, an img2dataset shard), plus what the listing held."""
+
+    uri: str
+    kind: str
+    units: list[dict[str, Any]]
+    img2dataset: bool = False
+    found: dict[str, int] = field(default_factory=dict)  # suffix (or "folder") -> count in the listing
+
+    @property
+    def label(self) -> str:
+        """The kind, with img2dataset's name for its layout: 'webdataset (img2dataset webdataset)'."""
+        if not self.img2dataset:
+            return self.kind
+        return f"{self.kind} (img2dataset {IMG2DATASET_LAYOUTS[self.kind]} layout)"
+
+    def holds(self) -> str:
+        return ", ".join(f"{n} {s}" for s, n in self.found.items()) or "nothing"
+
+
+def _suffix(path: str) -> str:
+    return posixpath.splitext(path)[1].lower() or "(no suffix)"
+
+
+STATS_SUFFIX = "_stats.json"  # img2dataset's per-shard summary, beside NNNNN.parquet
+IMG2DATASET_LAYOUTS = {"webdataset": "webdataset", "manifest": "parquet", "folder": "files"}  # its output_format
+
+
+def plan_input(uri: str, config: InputConfig, storage_options: Mapping[str, Mapping[str, Any]] | None) -> InputPlan:
+    """List INPUT once and decide how to read it (see InputConfig.format). Raises FileNotFoundError for
+    a missing input, ValueError for one that cannot be read as asked, and EmptyInputError when there
+    is nothing to read (unless input.allow_empty)."""
     fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
         raise FileNotFoundError(f"input {uri} does not exist")
-    proto = protocol_of(uri)
-    prefix = "" if proto == "file" else f"{proto}://"
-    if fs.isdir(path):
-        files = sorted(f for f in fs.find(path) if not posixpath.basename(f).startswith((".", "_")))
-    else:
-        files = [path]
-    suffixes = {posixpath.splitext(f)[1].lower() for f in files}
-    uris = [prefix + f for f in files]
-    if suffixes and suffixes <= {".tar"}:
-        return "webdataset", uris
-    if suffixes and suffixes <= set(MANIFEST_SUFFIXES):
-        if len({MANIFEST_SUFFIXES[s] for s in suffixes}) > 1:
-            raise ValueError(f"input {uri} mixes manifest formats {sorted(suffixes)}: use one")
-        return "manifest", uris
+    prefix = uri_prefix(uri)
+    forced = config.format
     if not fs.isdir(path):
-        raise ValueError(f"input {uri}: cannot tell its format from the suffix; expected one of "
-                         f"{sorted(MANIFEST_SUFFIXES)} or .tar, or a folder")
-    return "folder", uris
+        suffix = _suffix(path)
+        kind = "webdataset" if suffix == ".tar" else "manifest" if suffix in MANIFEST_SUFFIXES else None
+        if kind is None and forced == "auto":
+            raise ValueError(f"input {uri}: cannot tell its format from the suffix; expected one of "
+                             f"{sorted(MANIFEST_SUFFIXES)} or .tar, or a folder")
+        if forced not in ("auto", kind):
+            raise ValueError(f"input {uri} is one {suffix} file; input.format={forced} needs "
+                             + ("a folder" if forced == "folder" else "a .tar" if forced == "webdataset"
+                                else f"one of {sorted(MANIFEST_SUFFIXES)}"))
+        return InputPlan(uri, kind, [{"uri": prefix + path, "index": 0}], found={suffix: 1})
+    root = path.rstrip("/")
+    listing = sorted(f for f in fs.find(root) if not any(
+        part.startswith((".", "_")) for part in f[len(root):].split("/") if part))
+    top = [f for f in listing if posixpath.dirname(f) == root]
+    subdirs = sorted({f[len(root) + 1:].split("/", 1)[0] for f in listing if posixpath.dirname(f) != root})
+    found = dict(sorted(_count(_suffix(f) for f in listing).items()))
+    if subdirs:
+        found["folders"] = len(subdirs)
+    names = {posixpath.basename(f) for f in top}
+    stems = sorted({n[: -len(STATS_SUFFIX)] for n in names if n.endswith(STATS_SUFFIX)}
+                   | {posixpath.splitext(n)[0] for n in names if n.endswith(".parquet")
+                      and (posixpath.splitext(n)[0] + ".tar" in names or posixpath.splitext(n)[0] in subdirs)})
+    img2dataset = any(f"{s}.parquet" in names for s in stems)
+    tars = [f for f in top if f.endswith(".tar")] if img2dataset else [f for f in listing if f.endswith(".tar")]
+    manifests = [f for f in listing
+                 if _suffix(f) in MANIFEST_SUFFIXES and not (img2dataset and f.endswith(STATS_SUFFIX))]
+    exts = tuple(e.lower() for e in config.image_extensions)
+    kind = forced
+    if forced == "auto":
+        if img2dataset:
+            kind = "webdataset" if tars else "folder" if any(s in subdirs for s in stems) else "manifest"
+        else:
+            suffixes = {_suffix(f) for f in listing}
+            kind = ("webdataset" if suffixes and suffixes <= {".tar"}
+                    else "manifest" if suffixes and suffixes <= set(MANIFEST_SUFFIXES) else "folder")
+    plan = InputPlan(uri, kind, [], img2dataset=img2dataset, found=found)
+    if kind == "webdataset":
+        status = {f"{root}/{s}.tar": f"{root}/{s}.parquet" for s in stems if f"{s}.parquet" in names}
+        plan.units = [{"uri": prefix + t, "index": i, "status": prefix + status[t] if t in status else None}
+                      for i, t in enumerate(tars)]
+    elif kind == "manifest":
+        formats = {MANIFEST_SUFFIXES[_suffix(f)] for f in manifests}
+        if len(formats) > 1:
+            raise ValueError(f"input {uri} mixes manifest formats {sorted({_suffix(f) for f in manifests})}: use one")
+        plan.units = [{"uri": prefix + f, "index": i} for i, f in enumerate(manifests)]
+    else:
+        shard_dirs = {s for s in stems if s in subdirs and f"{s}.parquet" in names}
+        files_by_stem: dict[str, set[str]] = {}
+        for f in listing:
+            files_by_stem.setdefault(posixpath.splitext(f)[0], set()).add(_suffix(f))
+        images = [f for f in listing if f.lower().endswith(exts)
+                  and f[len(root) + 1:].split("/", 1)[0] not in shard_dirs]
+        for i, f in enumerate(images):  # an image, and the .txt / .json beside it when the listing has them
+            stem = posixpath.splitext(f)[0]
+            sidecars = {side: prefix + f"{stem}.{side}" if f".{side}" in files_by_stem[stem] else None
+                        for side in ("txt", "json")}
+            plan.units.append({"uri": prefix + f, "index": i, **sidecars})
+        for k, s in enumerate(sorted(shard_dirs)):  # an img2dataset files-layout shard: status table + folder
+            status = prefix + f"{root}/{s}.parquet"
+            plan.units.append({"uri": status, "index": len(images) + k, "status": status,
+                               "folder": prefix + f"{root}/{s}"})
+    if not plan.units and not config.allow_empty:
+        wanted = {"webdataset": ".tar files", "manifest": f"manifest files ({', '.join(sorted(MANIFEST_SUFFIXES))})",
+                  "folder": f"image files ({', '.join(exts)})"}[kind]
+        raise EmptyInputError(f"input {uri} yields no inputs: read as {plan.label}, it has no {wanted}; it holds "
+                              f"{plan.holds()}. Set input.format to read it another way, or input.allow_empty=true "
+                              "to accept an empty input")
+    return plan
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+def detect_format(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None,
+                  config: InputConfig | None = None) -> tuple[str, list[str]]:
+    """(kind, the URIs of its reading units): `plan_input` in short."""
+    plan = plan_input(uri, config or InputConfig(), storage_options)
+    return plan.kind, [u["uri"] for u in plan.units]
 
 
 def read_inputs(uri: str, config: InputConfig, storage_options: Mapping[str, Mapping[str, Any]] | None,
                 num_cpus: float = 1.0):
-    """A Ray Dataset of INPUT_SCHEMA rows for URI; NUM_CPUS per reading task. (Ray is imported here.)"""
+    """A Ray Dataset of INPUT_SCHEMA rows for URI, and its InputPlan; NUM_CPUS per reading task.
+    (Ray is imported here.)"""
     import ray.data
 
-    kind, files = detect_format(uri, storage_options)
-    if config.format != "auto" and config.format != kind:
-        if config.format == "folder":
-            kind = "folder"
-        else:
-            raise ValueError(f"input {uri} looks like a {kind}, but the config says {config.format}")
-    files_ds = ray.data.from_items([{"uri": f, "index": i} for i, f in enumerate(files)],
-                                   override_num_blocks=max(1, min(len(files), 256)))
-    if kind == "manifest":
-        bases = {f: parent_uri(f) for f in files}
-        ds = files_ds.map_batches(read_manifest_files, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
-                                  fn_kwargs={"config": config, "storage_options": storage_options, "bases": bases})
-    elif kind == "webdataset":
-        ds = files_ds.map_batches(read_webdataset_files, batch_size=1, batch_format="pyarrow", num_cpus=num_cpus,
-                                  fn_kwargs={"storage_options": storage_options})
+    plan = plan_input(uri, config, storage_options)
+    if not plan.units:  # allowed empty: an empty dataset of the input schema
+        return ray.data.from_arrow(INPUT_SCHEMA.empty_table()), plan
+    units = ray.data.from_items(plan.units, override_num_blocks=max(1, min(len(plan.units), 256)))
+    common = dict(batch_format="pyarrow", num_cpus=num_cpus)
+    if plan.kind == "manifest":
+        bases = {u["uri"]: parent_uri(u["uri"]) for u in plan.units}
+        ds = units.map_batches(read_manifest_files, batch_size=1, **common,
+                               fn_kwargs={"config": config, "storage_options": storage_options, "bases": bases})
+    elif plan.kind == "webdataset":
+        ds = units.map_batches(read_webdataset_files, batch_size=1, **common,
+                               fn_kwargs={"config": config, "storage_options": storage_options})
     else:
-        exts = tuple(e.lower() for e in config.image_extensions)
-        images = [f for f in files if f.lower().endswith(exts)]
-        table = normalize_rows([{"image": f} for f in images], list(range(len(images))), config, uri)
-        ds = ray.data.from_arrow(table)
+        ds = units.map_batches(read_folder_files, batch_size=config.block_rows, **common,
+                               fn_kwargs={"config": config, "storage_options": storage_options})
     if config.limit:
         ds = ds.limit(config.limit)
-    return ds, kind
-
-
+    return ds, plan

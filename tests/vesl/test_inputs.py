@@ -87,14 +87,14 @@ def test_csv_manifest_and_image_folder_through_ray_data(tmp_path, ray_local):
         (tmp_path / "imgs" / name).write_bytes(encode(photo(8, 8)))
     (tmp_path / "imgs" / "notes.md").write_text("ignored: not an image suffix")
     (tmp_path / "m.csv").write_text('id,image,alt_text\n7,imgs/a.jpg,"a dog, running ""fast"""\n8,imgs/b.png,\n')
-    ds, kind = read_inputs(str(tmp_path / "m.csv"), InputConfig(), None)
+    ds, plan = read_inputs(str(tmp_path / "m.csv"), InputConfig(), None)
     rows = sorted(ds.take_all(), key=lambda r: r["image_id"])
-    assert kind == "manifest"
+    assert plan.kind == "manifest"
     assert [(r["image_id"], r["image_uri"], r["alt_text"]) for r in rows] == [
         ("7", str(tmp_path / "imgs" / "a.jpg"), 'a dog, running "fast"'), ("8", str(tmp_path / "imgs" / "b.png"), None)]
 
-    ds, kind = read_inputs(str(tmp_path / "imgs"), InputConfig(), None)
-    assert kind == "folder"
+    ds, plan = read_inputs(str(tmp_path / "imgs"), InputConfig(), None)
+    assert plan.kind == "folder"
     assert sorted(r["image_uri"] for r in ds.take_all()) == [str(tmp_path / "imgs" / n) for n in ("a.jpg", "b.png")]
 
 
@@ -108,3 +108,173 @@ def test_a_tar_that_breaks_off_keeps_its_finished_samples(tmp_path):
     rows = list(iter_webdataset(str(tmp_path / "cut.tar"), None))
     assert [(r["image_id"], r["reject_reason"]) for r in rows][:2] == [("0000", None), ("0001", None)]
     assert all(r["reject_reason"] == "unreadable_shard" for r in rows[2:]) and len(rows) >= 3
+
+
+# img2dataset's output folders, laid out as img2dataset 1.47 writes them (measured; the real tool runs in
+# tests/pipelines/test_img2dataset.py): NNNNN.parquet is a status table of every row it tried, success or not.
+
+def _status_table(path, rows, with_jpg=None):
+    cols = {"caption": [r[2] for r in rows], "url": [f"http://h/{r[0]}.jpg" for r in rows],
+            "key": [r[0] for r in rows], "status": [r[1] for r in rows],
+            "error_message": [None if r[1] == "success" else "HTTP Error 404: File not found" for r in rows]}
+    if with_jpg is not None:
+        cols["jpg"] = pa.array([with_jpg if r[1] == "success" else None for r in rows], pa.binary())
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(cols), path)
+
+
+STATUS = [("000000000", "success", "a dog"), ("000000001", "failed_to_download", "a cat"),
+          ("000000002", "success", "a cow"), ("000000003", "failed_to_resize", None)]
+
+
+def _read_plan(plan, config=None):
+    from vesl.inputs import read_folder_files, read_manifest_files, read_webdataset_files
+
+    config = config or InputConfig()
+    batch = pa.Table.from_pylist(plan.units)
+    if plan.kind == "manifest":
+        bases = {u["uri"]: str(u["uri"]).rsplit("/", 1)[0] for u in plan.units}
+        tables = read_manifest_files(batch, config, None, bases)
+    elif plan.kind == "webdataset":
+        tables = read_webdataset_files(batch, config, None)
+    else:
+        tables = read_folder_files(batch, config, None)
+    return sorted(pa.concat_tables(list(tables)).to_pylist(), key=lambda r: r["ordinal"])
+
+
+def _summary(rows):
+    return [(r["image_id"], r["alt_text"], r["reject_reason"]) for r in rows]
+
+
+WANT = [("000000000", "a dog", None), ("000000001", "a cat", "failed_to_download"), ("000000002", "a cow", None),
+        ("000000003", None, "failed_to_resize")]
+
+
+def test_img2dataset_webdataset_layout_reads_tar_samples_and_status_failures(tmp_path):
+    from vesl.inputs import plan_input
+
+    jpg = encode(photo(12, 8))
+    write_tar(tmp_path / "00000.tar", [x for key, status, cap in STATUS if status == "success" for x in (
+        (f"{key}.jpg", jpg), (f"{key}.txt", cap.encode()),
+        (f"{key}.json", json.dumps({"key": key, "url": f"http://h/{key}.jpg", "status": "success"}).encode()))])
+    _status_table(tmp_path / "00000.parquet", STATUS)
+    (tmp_path / "00000_stats.json").write_text('{"count": 4}')
+    plan = plan_input(str(tmp_path), InputConfig(), None)
+    assert (plan.kind, plan.img2dataset) == ("webdataset", True)
+    assert plan.found == {".json": 1, ".parquet": 1, ".tar": 1}
+    rows = _read_plan(plan)
+    assert _summary(rows) == WANT
+    assert rows[0]["image_bytes"] == jpg and rows[0]["image_uri"] == "http://h/000000000.jpg"
+    assert rows[1]["reject_message"] == "img2dataset failed_to_download: HTTP Error 404: File not found"
+    assert [r["ordinal"] for r in rows] == [0, 1, 2, 3]
+    # forcing webdataset reads the same; forcing a folder finds no images and says what is there
+    assert _summary(_read_plan(plan_input(str(tmp_path), InputConfig(format="webdataset"), None))) == WANT
+    from vesl.inputs import EmptyInputError
+
+    with pytest.raises(EmptyInputError, match=r"no image files.*1 \.json, 1 \.parquet, 1 \.tar"):
+        plan_input(str(tmp_path), InputConfig(format="folder"), None)
+
+
+def test_img2dataset_success_missing_from_its_tar_is_a_reject_not_a_silent_loss(tmp_path):
+    from vesl.inputs import plan_input
+
+    write_tar(tmp_path / "00000.tar", [("000000000.jpg", encode(photo(8, 8)))])
+    _status_table(tmp_path / "00000.parquet", STATUS)
+    rows = _read_plan(plan_input(str(tmp_path), InputConfig(), None))
+    assert [(r["image_id"], r["reject_reason"]) for r in rows] == [
+        ("000000000", None), ("000000001", "failed_to_download"), ("000000002", "missing_image"),
+        ("000000003", "failed_to_resize")]
+
+
+def test_img2dataset_parquet_layout_is_a_manifest_with_statuses(tmp_path):
+    from vesl.inputs import plan_input
+
+    jpg = encode(photo(8, 8))
+    _status_table(tmp_path / "00000.parquet", STATUS, with_jpg=jpg)
+    (tmp_path / "00000_stats.json").write_text('{"count": 4}')  # not a second manifest format
+    plan = plan_input(str(tmp_path), InputConfig(), None)
+    assert (plan.kind, plan.img2dataset, len(plan.units)) == ("manifest", True, 1)
+    rows = _read_plan(plan)
+    assert _summary(rows) == WANT
+    assert rows[0]["image_bytes"] == jpg and rows[1]["image_bytes"] is None
+
+
+def test_img2dataset_files_layout_reads_images_beside_the_status_table(tmp_path):
+    from vesl.inputs import plan_input
+
+    jpg = encode(photo(8, 8))
+    (tmp_path / "00000").mkdir()
+    for key, status, cap in STATUS:
+        if status == "success":
+            (tmp_path / "00000" / f"{key}.jpg").write_bytes(jpg)
+            (tmp_path / "00000" / f"{key}.txt").write_text(cap)
+            (tmp_path / "00000" / f"{key}.json").write_text(json.dumps({"key": key}))
+    (tmp_path / "00000" / "000000009.jpg").write_bytes(jpg)  # an image the table does not list
+    (tmp_path / "00000" / "000000009.txt").write_text("an extra")
+    _status_table(tmp_path / "00000.parquet", STATUS)
+    (tmp_path / "00000_stats.json").write_text("{}")
+    plan = plan_input(str(tmp_path), InputConfig(), None)
+    assert (plan.kind, plan.img2dataset) == ("folder", True)
+    rows = _read_plan(plan)
+    got = {r["image_id"]: r for r in rows}
+    assert _summary([got[k] for k, *_ in STATUS]) == WANT
+    assert got["000000000"]["image_bytes"] == jpg and got["000000000"]["image_uri"] == "http://h/000000000.jpg"
+    extra = [r for r in rows if r["image_id"] not in {k for k, *_ in STATUS}]
+    assert [(r["alt_text"], r["image_uri"], r["reject_reason"]) for r in extra] == [
+        ("an extra", str(tmp_path / "00000" / "000000009.jpg"), None)]
+    assert len({r["ordinal"] for r in rows}) == len(rows) == 5
+    # the success whose file is gone is a reject
+    (tmp_path / "00000" / "000000002.jpg").unlink()
+    got = {r["image_id"]: r for r in _read_plan(plan_input(str(tmp_path), InputConfig(), None))}
+    assert got["000000002"]["reject_reason"] == "missing_image"
+
+
+def test_an_image_folder_takes_alt_text_and_id_from_sidecars(tmp_path):
+    from vesl.inputs import plan_input
+
+    (tmp_path / "a.jpg").write_bytes(encode(photo(8, 8)))
+    (tmp_path / "a.txt").write_text("a red kite")
+    (tmp_path / "b.png").write_bytes(encode(photo(8, 8), "PNG"))
+    (tmp_path / "b.json").write_text(json.dumps({"key": "bee", "caption": "a bee"}))
+    (tmp_path / "c.webp").write_bytes(b"x")
+    rows = _read_plan(plan_input(str(tmp_path), InputConfig(), None))
+    assert [(r["image_id"], r["alt_text"]) for r in rows] == [
+        (derive_image_id(str(tmp_path / "a.jpg"), None), "a red kite"), ("bee", "a bee"),
+        (derive_image_id(str(tmp_path / "c.webp"), None), None)]
+
+
+@pytest.mark.parametrize("files, config, message", [
+    ({"notes.md": "x", "data.bin": "y"}, {}, r"no image files .*1 \.bin, 1 \.md"),
+    ({}, {}, r"no image files .*holds nothing"),
+    ({"a.jpg": "x"}, {"format": "webdataset"}, r"no \.tar files.*1 \.jpg"),
+])
+def test_an_input_with_nothing_to_read_is_an_error_naming_what_it_holds(tmp_path, files, config, message):
+    from vesl.inputs import EmptyInputError, plan_input
+
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(EmptyInputError, match=message):
+        plan_input(str(tmp_path), InputConfig(**config), None)
+    assert plan_input(str(tmp_path), InputConfig(allow_empty=True, **config), None).units == []
+
+
+def test_a_forced_format_that_does_not_fit_one_file_is_refused(tmp_path):
+    from vesl.inputs import plan_input
+
+    (tmp_path / "m.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="input.format=webdataset needs a .tar"):
+        plan_input(str(tmp_path / "m.jsonl"), InputConfig(format="webdataset"), None)
+
+
+def test_an_unreadable_img2dataset_status_table_is_a_reject_and_the_tar_still_reads(tmp_path):
+    from vesl.inputs import plan_input
+
+    write_tar(tmp_path / "00000.tar", [("000000000.jpg", encode(photo(8, 8))), ("000000000.txt", b"a dog")])
+    (tmp_path / "00000.parquet").write_bytes(b"PAR1 broken")
+    (tmp_path / "00000_stats.json").write_text("{}")
+    rows = _read_plan(plan_input(str(tmp_path), InputConfig(), None))
+    assert [(r["image_id"], r["alt_text"], r["reject_reason"]) for r in rows] == [
+        ("000000000", "a dog", None), (derive_image_id(str(tmp_path / "00000.parquet"), None), None,
+                                       "unreadable_manifest")]
+    assert rows[1]["reject_message"].startswith(str(tmp_path / "00000.parquet"))
