@@ -90,8 +90,13 @@ def normalize_text(text: str) -> str:
     return _SPACE.sub(" ", text).strip()
 
 
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def describe_error(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
+    """'Type: message' for a reject or a log line, without object reprs ('<_io.BytesIO object at
+    0x7f...>' says nothing to a reader and differs on every run)."""
+    return f"{type(error).__name__}: {_OBJECT_REPR.sub('', str(error))}"
 
 
 def run_isolating_rows(

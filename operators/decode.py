@@ -75,6 +75,24 @@ def with_timeout(uri: str, options: dict[str, Any], timeout_s: float | None) -> 
     return options
 
 
+def fetch_error(uri: str, error: BaseException) -> DecodeError:
+    """The reject for a failed fetch. fsspec's http filesystem raises FileNotFoundError for every
+    failure (a 404, a 503, a refused connection) with the real cause chained: the HTTP status, or the
+    transport error, goes into the message, and only a 404/410 or a missing file is `not_found`."""
+    cause = error.__cause__ or error.__context__
+    status = getattr(cause, "status", None) if cause is not None else None
+    if isinstance(status, int) and 100 <= status <= 599:
+        text = f"HTTP {status} {str(getattr(cause, 'message', '') or '').strip()}".rstrip()
+        return DecodeError("not_found" if status in (404, 410) else "fetch_failed", f"{text}: {uri}")
+    if isinstance(error, FileNotFoundError) and uri.startswith(("http://", "https://")) and cause is not None:
+        return DecodeError("fetch_failed", f"{uri}: {describe_error(cause)}")
+    if isinstance(error, FileNotFoundError):
+        return DecodeError("not_found", f"no such file: {uri}")
+    if isinstance(error, IsADirectoryError):
+        return DecodeError("not_found", f"is a directory: {uri}")
+    return DecodeError("fetch_failed", f"{uri}: {describe_error(error)}")
+
+
 def fetch_bytes(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None, max_bytes: int,
                 timeout_s: float | None = None) -> bytes:
     """Read a local path or any fsspec URI, refusing files over MAX_BYTES without reading them whole.
@@ -87,12 +105,8 @@ def fetch_bytes(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | Non
     try:
         with fsspec.open(uri, "rb", **with_timeout(uri, options_for(uri, storage_options), timeout_s)) as f:
             data = f.read(max_bytes + 1)
-    except FileNotFoundError as e:
-        raise DecodeError("not_found", f"no such file: {uri}") from e
-    except IsADirectoryError as e:
-        raise DecodeError("not_found", f"is a directory: {uri}") from e
     except Exception as e:  # noqa: BLE001 - any transport error is a reject, not a crash
-        raise DecodeError("fetch_failed", f"{uri}: {describe_error(e)}") from e
+        raise fetch_error(uri, e) from e
     if len(data) > max_bytes:
         raise DecodeError("file_too_large", f"{uri}: more than {max_bytes} bytes")
     return data

@@ -19,6 +19,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipelines.preflight import require_dependencies  # noqa: E402  (standard library only)
+
+require_dependencies("vesl train")
+
 from schemas.region_text import SchemaVersionError  # noqa: E402
 from vesl.cloc.config import load_train_config  # noqa: E402
 from vesl.config import add_config_arguments  # noqa: E402

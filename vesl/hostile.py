@@ -110,7 +110,7 @@ def write_hostile_sample(root: str | Path) -> tuple[Path, dict[str, str | None]]
         {"id": "../../../etc/passwd", "image": "images/plain.jpg", "alt_text": "an id that looks like a path"},
         {"id": "plain", "image": "images/plain.jpg", "alt_text": "the same id again"},  # duplicate id
     ]
-    expected.update({"missing_path": "not_found", "bad_scheme": "fetch_failed", "refused_http": "not_found",
+    expected.update({"missing_path": "not_found", "bad_scheme": "fetch_failed", "refused_http": "fetch_failed",
                      "directory": "not_found", "no_image": "missing_input", "../../../etc/passwd": None})
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     lines.insert(3, "{this line is not json")

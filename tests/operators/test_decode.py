@@ -113,3 +113,49 @@ def test_network_fetches_get_a_timeout_unless_one_is_set():
     s3 = with_timeout("s3://b/a.jpg", {"config_kwargs": {"read_timeout": 1}}, 5.0)["config_kwargs"]
     assert s3 == {"read_timeout": 1, "connect_timeout": 5.0}
     assert with_timeout("/local/a.jpg", {}, 5.0) == {}
+
+
+def test_reject_messages_say_what_happened_without_object_reprs(tmp_path):
+    """http(s) failures carry the HTTP status (fsspec hides it behind a FileNotFoundError), a refused
+    connection is `fetch_failed`, not `not_found`, and no message shows '<_io.BytesIO object at 0x...>'."""
+    import http.server
+    import socket
+    import threading
+
+    from operators.base import REJECT_MESSAGE
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            if "busy" in self.path:
+                self.send_error(503, "Service Unavailable")
+            else:
+                super().do_GET()
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args):
+            pass
+
+    (tmp_path / "ok.jpg").write_bytes(encode(photo(8, 8)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: Handler(*a, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    uris = {"gone": f"{base}/gone.jpg", "busy": f"{base}/busy.jpg", "refused": f"http://127.0.0.1:{closed}/a.jpg",
+            "ok": f"{base}/ok.jpg", "text": None}
+    table = pa.table({"image_id": list(uris), "image_uri": list(uris.values()),
+                      "image_bytes": pa.array([None] * 4 + [b"hello, not an image"], pa.large_binary())})
+    try:
+        out = DecodeImages(DecodeConfig(fetch_timeout_s=10))(table)
+    finally:
+        server.shutdown()
+    got = {i: (r, m) for i, r, m in zip(out.column("image_id").to_pylist(), out.column(REJECT_REASON).to_pylist(),
+                                        out.column(REJECT_MESSAGE).to_pylist())}
+    assert got["gone"] == ("not_found", f"HTTP 404 File not found: {uris['gone']}")
+    assert got["busy"] == ("fetch_failed", f"HTTP 503 Service Unavailable: {uris['busy']}")
+    assert got["refused"][0] == "fetch_failed" and "Cannot connect to host" in got["refused"][1]
+    assert got["ok"] == (None, None)
+    assert got["text"][0] == "not_an_image" and " object at 0x" not in got["text"][1]
+    assert got["text"][1] == "UnidentifiedImageError: cannot identify image file"

@@ -1,4 +1,5 @@
-"""`ray job submit --working-dir . -- python pipelines/annotate.py ...` against a local `ray start --head`.
+"""`ray job submit --working-dir . -- .venv/bin/python pipelines/annotate.py ...` against a local head
+started as README says (`.venv/bin/ray start --head`, without the virtualenv on PATH).
 
 Ray 2.60 turns token auth on for `ray start` once ~/.ray/auth_token exists (it is written on first
 use), after which a plain `ray job submit` is refused; this local test cluster runs with
@@ -12,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 
@@ -37,7 +39,9 @@ def free_ports(n: int) -> list[int]:
 @pytest.fixture
 def ray_head(tmp_path):
     gcs, dash, client, agent, agent_grpc, env_agent, metrics = free_ports(7)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"}
+    # the virtualenv is NOT on the head's PATH: a plain `python` entrypoint would be some other interpreter
+    path = ":".join(p for p in os.environ["PATH"].split(":") if not p.startswith(str(REPO / ".venv")))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": path}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs}", f"--dashboard-port={dash}", "--include-dashboard=true",
@@ -64,18 +68,39 @@ def ray_head(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+def submit(address, env, tiny_dir, *entrypoint):
+    runtime_env = {"env_vars": {"VESL_TINY_DIR": str(tiny_dir), "HF_HUB_OFFLINE": "1"}}
+    return subprocess.run(
+        [RAY, "job", "submit", f"--address={address}", "--working-dir", ".", "--runtime-env-json",
+         json.dumps(runtime_env), "--", *entrypoint], cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+
+
 def test_ray_job_submit_runs_the_annotate_entrypoint(tmp_path, tiny_dir, ray_head):
     address, env, gcs_port = ray_head
     manifest = make_manifest(tmp_path / "in")
-    runtime_env = {"env_vars": {"VESL_TINY_DIR": str(tiny_dir), "HF_HUB_OFFLINE": "1"}}
-    proc = subprocess.run(
-        [RAY, "job", "submit", f"--address={address}", "--working-dir", ".", "--runtime-env-json",
-         json.dumps(runtime_env), "--", "python", "pipelines/annotate.py", str(manifest), str(tmp_path / "out"),
-         "--preset", "tiny"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    # README's recipe: the entrypoint names vesl's interpreter, so it holds however the head was started
+    proc = submit(address, env, tiny_dir, str(REPO / ".venv" / "bin" / "python"), "pipelines/annotate.py",
+                  str(manifest), str(tmp_path / "out"), "--preset", "tiny")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
+    assert f"manifest: {tmp_path / 'out'}/manifest.json" in proc.stdout  # the real location
     rows, rejects, manifest_json = read_output(tmp_path / "out")
     assert_accounted(rows, rejects, manifest_json, EXPECTED)
     # the job joined the cluster started above, not a fresh local instance
     assert manifest_json["resources"]["gcs_address"].endswith(f":{gcs_port}")
+
+    # a relative OUTPUT would land in Ray's temporary copy of the working dir: refused, saying why
+    proc = submit(address, env, tiny_dir, str(REPO / ".venv" / "bin" / "python"), "pipelines/annotate.py",
+                  str(manifest), "out/relative-run", "--preset", "tiny")
+    assert proc.returncode != 0
+    assert "OUTPUT 'out/relative-run' is a relative path" in proc.stdout + proc.stderr
+    assert "Ray deletes when the job ends" in proc.stdout + proc.stderr
+    assert not (REPO / "out" / "relative-run").exists()
+
+    # an interpreter without vesl's dependencies says what to do instead of `No module named 'PIL'`
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    if subprocess.run([base, "-c", "import PIL"], capture_output=True).returncode == 0:
+        pytest.skip(f"{base} has PIL: cannot show the message for an interpreter without vesl's dependencies")
+    proc = submit(address, env, tiny_dir, base, "pipelines/annotate.py", str(manifest), str(tmp_path / "o2"))
+    assert proc.returncode != 0
+    assert "cannot import PIL" in proc.stdout + proc.stderr and ".venv/bin/python pipelines/annotate.py" in proc.stdout
