@@ -88,8 +88,8 @@ class AnnotateConfig(StageConfig):
     def label_hash(self) -> str:
         """Hash of everything that changes the labels (not paths, credentials or resources)."""
         label = self.model_dump(mode="json", include={"input", "decode", "caption", "phrases", "detect"})
-        label["input"].pop("limit", None)
-        label["input"].pop("block_rows", None)
+        for key in ("limit", "block_rows", "allow_empty"):  # how much and how fast, not what
+            label["input"].pop(key, None)
         for section in label.values():  # how fast, not what: batch sizes and device may change on resume
             section.pop("batch_size", None)
             section.pop("device", None)

@@ -233,30 +233,30 @@ def write_regions(data, path: str, *, storage_options: Mapping[str, Any] | None 
     fs, root = filesystem(path, options)
     single = root.endswith(".parquet")
     folder = root.rsplit("/", 1)[0] if single else root.rstrip("/")
-    existing = [root] if single and fs.exists(root) else (
-        [p for p in fs.find(folder) if p.endswith(".parquet")] if not single and fs.exists(folder) else [])
+    if not single and fs.exists(f"{folder}/data"):
+        raise FileExistsError(f"{path} holds a data/ folder (an annotate OUTPUT?): write the shards somewhere else")
+    existing = [root] if single and fs.exists(root) else [  # the folder's own shards, not its subfolders'
+        p for p in (fs.ls(folder, detail=False) if not single and fs.exists(folder) else []) if p.endswith(".parquet")]
     if existing and not overwrite:
         raise FileExistsError(f"{path} already holds {len(existing)} .parquet file(s); "
                               "pass overwrite=True to replace them")
-    for p in existing:
-        fs.rm(p)
     step = max(1, table.num_rows if single else rows_per_shard)
     starts = range(0, max(1, table.num_rows), step)
     names_out = [posixpath.basename(root)] if single else [f"part-{i:05d}.parquet" for i in range(len(starts))]
     tmp = f"{folder}/_tmp-{uuid.uuid4().hex[:8]}"
     fs.makedirs(tmp, exist_ok=True)
-    written = []
-    try:
+    try:  # every file staged first: a failure leaves what PATH held before
         for start, name in zip(starts, names_out):
-            staged = f"{tmp}/{name}"
-            with fs.open(staged, "wb") as f:
+            with fs.open(f"{tmp}/{name}", "wb") as f:
                 pq.write_table(table.slice(start, step), f, row_group_size=row_group_rows, compression=compression)
-            fs.mv(staged, f"{folder}/{name}")
-            written.append(join_uri(parent_uri(path) if single else path, name))
+        for p in existing:
+            fs.rm(p)
+        for name in names_out:
+            fs.mv(f"{tmp}/{name}", f"{folder}/{name}")
     finally:
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)
-    return written
+    return [join_uri(parent_uri(path) if single else path, name) for name in names_out]
 
 
 __all__ = ["explode_regions", "iter_tables", "read_regions", "shard_uris", "write_regions"]

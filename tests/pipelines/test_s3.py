@@ -66,6 +66,13 @@ def test_annotate_reads_and_writes_s3(tmp_path, tiny_dir, ray_local, s3_endpoint
     page = fs.cat("vesl-out/report.html").decode()
     assert page.count("data:image/jpeg;base64,") == 3  # images fetched from S3 and embedded
 
+    # filtered with pandas and written back to S3 as proper shards, then read again
+    kept = images[images.num_regions > 0]
+    written = vesl.write_regions(kept, "s3://vesl-out/filtered", storage_options=options, rows_per_shard=2)
+    assert all(w.startswith("s3://vesl-out/filtered/part-") for w in written)
+    back = vesl.read_regions("s3://vesl-out/filtered", explode=False, storage_options=options)
+    assert sorted(back.image_id) == sorted(kept.image_id) and not fs.glob("vesl-out/filtered/_tmp*")
+
 
 def test_credentials_from_the_environment_through_the_script(tmp_path, tiny_dir, s3_endpoint):
     """The usual AWS variables, nothing in the config; the secret never appears in output or logs."""

@@ -116,3 +116,11 @@ def test_write_regions_refuses_what_would_break_the_contract(tmp_path):
     with pytest.raises(SchemaMismatchError, match="'caption' is missing"):
         vesl.write_regions(missing, str(tmp_path / "z"))
     assert not (tmp_path / "y").exists() and not (tmp_path / "z").exists()  # refused before anything is written
+
+
+def test_write_regions_never_writes_into_an_annotate_output(tmp_path):
+    out = write_known_output(tmp_path / "out")
+    images = vesl.read_regions(str(out), explode=False)
+    with pytest.raises(FileExistsError, match="data/ folder"):
+        vesl.write_regions(images, str(out), overwrite=True)
+    assert len(list((out / "data").glob("*.parquet"))) == 2 and (out / "rejects" / "part-1.parquet").exists()
