@@ -5,6 +5,7 @@ local or on any fsspec URI, into rows of INPUT_SCHEMA: image_id, image_uri, imag
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import posixpath
 import re
@@ -148,48 +149,166 @@ def normalize_rows(rows: list[Mapping[str, Any]], ordinals: list[int], config: I
     return pa.table(out, schema=INPUT_SCHEMA)
 
 
-def iter_manifest_rows(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None,
-                       chunk_rows: int = 2048) -> Iterator[list[dict[str, Any]]]:
-    """Chunks of raw rows of one manifest file, in file order. Parquet is read by record batch, CSV as
-    strings (so one odd value cannot change a column's type), JSON lines one by one: a line that is
-    not a JSON object becomes an error row, and an unreadable file one error row."""
-    import pyarrow.csv as pcsv
+CSV_MAX_RECORD_LINES = 64  # a quoted CSV field may span lines; an open quote longer than this is a broken row
+
+
+def _bad_row(uri: str, where: str, error: Any) -> dict[str, Any]:
+    return {READ_ERROR: f"{uri} {where}: {error}"[:500], SOURCE: uri}
+
+
+def _utf8_problem(fields: list[str]) -> str | None:
+    """What is wrong with fields decoded with surrogateescape (the marks of undecodable bytes)."""
+    for value in fields:
+        if value.isascii():
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                value.encode("utf-8", "surrogateescape").decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"invalid UTF-8: {e.reason} at byte {e.start} of a field"
+    return None
+
+
+def iter_csv_rows(lines: Iterator[bytes], uri: str) -> Iterator[dict[str, Any]]:
+    """Rows of a CSV file (header first), every value a string or None. A record that cannot be read
+    (bad quoting, invalid UTF-8, a wrong number of fields) becomes one error row naming its line, and
+    reading goes on with the next record: an unclosed quote costs the row it opens, not the rest of
+    the file (a record may span at most CSV_MAX_RECORD_LINES lines)."""
+    import csv
+
+    header: list[str] | None = None
+    pending: list[tuple[int, str]] = []  # physical lines of the record being assembled
+
+    def parse(text: str) -> list[str] | None:
+        """The record in TEXT, None when TEXT ends inside a quoted field; csv.Error when it is broken."""
+        if '"' not in text and "\r" not in text.rstrip("\r\n"):  # no quoting: a plain split is the CSV reading
+            return text.rstrip("\r\n").split(",") if text.strip("\r\n") else []
+        try:
+            records = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+        except csv.Error as e:
+            if "unexpected end of data" in str(e):
+                return None
+            raise
+        if len(records) > 1:
+            raise csv.Error("more than one record on one line (a bare carriage return?)")
+        return records[0] if records else []
+
+    def emit(lineno: int, fields: list[str]) -> dict[str, Any] | None:
+        nonlocal header
+        if not fields or fields == [""]:
+            return None  # a blank line
+        problem = _utf8_problem(fields)
+        if header is None:
+            if problem:
+                raise ValueError(f"header line: {problem}")
+            header = fields
+            return None
+        if problem:
+            return _bad_row(uri, f"line {lineno}", problem)
+        if len(fields) != len(header):
+            return _bad_row(uri, f"line {lineno}", f"{len(fields)} fields, the header has {len(header)}")
+        return {k: (v if v != "" else None) for k, v in zip(header, fields)}
+
+    def drain(final: bool) -> Iterator[dict[str, Any]]:
+        """Emit every record that PENDING's lines complete; keep an open one unless FINAL or too long."""
+        while pending:
+            lineno = pending[0][0]
+            for k in range(1, len(pending) + 1):  # the shortest run of lines that makes a record
+                try:
+                    fields = parse("".join(t for _, t in pending[:k]))
+                except csv.Error as e:
+                    if header is None:
+                        raise ValueError(f"header line: {e}") from None
+                    yield _bad_row(uri, f"line {lineno}", f"bad CSV: {e}")
+                    del pending[0]  # the next lines may be fine on their own: read them again
+                    break
+                if fields is not None:
+                    del pending[:k]
+                    row = emit(lineno, fields)
+                    if row is not None:
+                        yield row
+                    break
+            else:  # every run of lines ends inside a quoted field
+                if not final and len(pending) < CSV_MAX_RECORD_LINES:
+                    return  # the field goes on on the next line
+                if header is None:
+                    raise ValueError("header line: a quote that never closes")
+                yield _bad_row(uri, f"line {lineno}", "bad CSV: a quote that never closes")
+                del pending[0]
+
+    for lineno, raw in enumerate(lines, start=1):
+        pending.append((lineno, raw.decode("utf-8", errors="surrogateescape")))
+        yield from drain(final=False)
+    yield from drain(final=True)
+
+
+def iter_parquet_rows(f, uri: str, chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
+    """Chunks of rows of a Parquet manifest, by row group. A row group that cannot be read becomes one
+    error row per row it holds (the footer says how many), and the next row group is read; a row that
+    cannot be converted (invalid UTF-8 in a string column) becomes one error row."""
     import pyarrow.parquet as pq
 
+    pf = pq.ParquetFile(f)
+    for group in range(pf.metadata.num_row_groups):
+        try:
+            batches = list(pf.iter_batches(batch_size=chunk_rows, row_groups=[group]))
+        except Exception as e:  # noqa: BLE001 - a broken row group costs its rows, each counted
+            n = pf.metadata.row_group(group).num_rows
+            message = f"row group {group} unreadable: {describe_error(e)}"
+            yield [_bad_row(uri, f"row {k}", message) for k in range(n)]
+            continue
+        for batch in batches:
+            try:
+                yield batch.to_pylist()
+            except Exception:  # noqa: BLE001 - find the rows that do not convert
+                rows = []
+                for k in range(batch.num_rows):
+                    try:
+                        rows.append(batch.slice(k, 1).to_pylist()[0])
+                    except Exception as e:  # noqa: BLE001
+                        rows.append(_bad_row(uri, f"row group {group} row {k}", describe_error(e)))
+                yield rows
+
+
+def iter_manifest_rows(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None,
+                       chunk_rows: int = 2048) -> Iterator[list[dict[str, Any]]]:
+    """Chunks of raw rows of one manifest file, in file order: Parquet by row group, CSV record by
+    record as strings (one odd value cannot change a column's type), JSON lines one by one. A row that
+    cannot be read becomes an error row (a `read` reject naming its line) and the rest of the file is
+    still read; a file that cannot be opened at all becomes one error row."""
     kind = MANIFEST_SUFFIXES[posixpath.splitext(uri.split("?")[0])[1].lower()]
     fs, path = filesystem(uri, storage_options)
     try:
         with fs.open(path, "rb") as f:
             if kind == "parquet":
-                for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk_rows):
-                    yield batch.to_pylist()
-            elif kind == "csv":
-                header = pcsv.open_csv(f).schema.names
-                f.seek(0)
-                convert = pcsv.ConvertOptions(column_types={n: pa.string() for n in header},
-                                              strings_can_be_null=False)
-                for batch in pcsv.open_csv(f, convert_options=convert):
-                    rows = batch.to_pylist()
-                    yield [{k: (v if v != "" else None) for k, v in r.items()} for r in rows]
-            else:
-                chunk: list[dict[str, Any]] = []
-                for number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                        if not isinstance(row, dict):
-                            raise ValueError(f"a JSON {type(row).__name__}, not an object")
-                    except ValueError as e:
-                        row = {READ_ERROR: f"{uri} line {number}: {e}"[:500], SOURCE: uri}
-                    chunk.append(row)
-                    if len(chunk) >= chunk_rows:
-                        yield chunk
-                        chunk = []
-                if chunk:
+                yield from iter_parquet_rows(f, uri, chunk_rows)
+                return
+            rows = iter_csv_rows(iter(f), uri) if kind == "csv" else _iter_json_rows(f, uri)
+            chunk: list[dict[str, Any]] = []
+            for row in rows:
+                chunk.append(row)
+                if len(chunk) >= chunk_rows:
                     yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
     except Exception as e:  # noqa: BLE001 - an unreadable manifest file is a reject, not a crash
         yield [{READ_ERROR: f"{uri}: {describe_error(e)}"[:500], READ_REASON: "unreadable_manifest", SOURCE: uri}]
+
+
+def _iter_json_rows(f, uri: str) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except ValueError as e:  # invalid JSON, and invalid UTF-8 (UnicodeDecodeError is a ValueError)
+            row = _bad_row(uri, f"line {number}", e)
+        yield row
 
 
 def read_manifest_files(batch: pa.Table, config: InputConfig, storage_options, bases: Mapping[str, str]):

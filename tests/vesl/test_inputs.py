@@ -278,3 +278,57 @@ def test_an_unreadable_img2dataset_status_table_is_a_reject_and_the_tar_still_re
         ("000000000", "a dog", None), (derive_image_id(str(tmp_path / "00000.parquet"), None), None,
                                        "unreadable_manifest")]
     assert rows[1]["reject_message"].startswith(str(tmp_path / "00000.parquet"))
+
+
+# Every manifest row is counted: a row that cannot be read is one `read` reject naming its line, and
+# the rest of the file is read (before: one bad byte in a CSV dropped every row after it, silently).
+
+def _manifest_rows(path):
+    from vesl.inputs import iter_manifest_rows, normalize_rows
+
+    rows = []
+    for k, chunk in enumerate(iter_manifest_rows(str(path), None, chunk_rows=7)):
+        rows += normalize_rows(chunk, list(range(len(rows), len(rows) + len(chunk))), InputConfig(),
+                               str(path.parent)).to_pylist()
+    return rows
+
+
+def _write_manifest(path, kind, n, bad_at):
+    """N rows (id i, image i.jpg); the row at BAD_AT is broken in the way KIND allows."""
+    import pyarrow.parquet as pq
+
+    if kind == "csv":
+        lines = [b"id,image,alt_text\n"] + [b'%d,%d.jpg,"a dog, %d"\n' % (i, i, i) for i in range(n)]
+        lines[1 + bad_at] = b'%d,bad\xff\xfe.jpg,"x"\n' % bad_at
+        path.write_bytes(b"".join(lines))
+    elif kind == "csv-quote":
+        lines = [b"id,image,alt_text\n"] + [b'%d,%d.jpg,"a dog, %d"\n' % (i, i, i) for i in range(n)]
+        lines[1 + bad_at] = b'%d,%d.jpg,"an open quote\n' % (bad_at, bad_at)
+        path.write_bytes(b"".join(lines))
+    elif kind == "jsonl":
+        lines = [json.dumps({"id": str(i), "image": f"{i}.jpg"}).encode() + b"\n" for i in range(n)]
+        lines[bad_at] = b'{"id": "' + str(bad_at).encode() + b'", "image": "\xff.jpg"}\n'
+        path.write_bytes(b"".join(lines))
+    else:  # parquet: a string column holding invalid UTF-8
+        raw = [f"{i}.jpg".encode() for i in range(n)]
+        raw[bad_at] = b"\xff\xfe.jpg"
+        image = pa.array(raw, pa.binary()).view(pa.string())
+        pq.write_table(pa.table({"id": [str(i) for i in range(n)], "image": image}), path, row_group_size=8)
+
+
+@pytest.mark.parametrize("kind", ["csv", "csv-quote", "jsonl", "parquet"])
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_a_row_that_cannot_be_read_is_one_reject_and_the_rest_is_read(tmp_path, kind, where):
+    n = 30
+    bad_at = {"start": 0, "middle": n // 2, "end": n - 1}[where]
+    path = tmp_path / ("m.parquet" if kind == "parquet" else "m.jsonl" if kind == "jsonl" else "m.csv")
+    _write_manifest(path, kind, n, bad_at)
+    rows = _manifest_rows(path)
+    assert len(rows) == n  # every row counted
+    bad = [r for r in rows if r["reject_reason"] is not None]
+    assert [r["reject_reason"] for r in bad] == ["bad_manifest_row"]
+    assert str(path) in bad[0]["reject_message"]
+    if kind != "parquet":
+        assert f"line {bad_at + (2 if kind.startswith('csv') else 1)}" in bad[0]["reject_message"]
+    good = [r["image_id"] for r in rows if r["reject_reason"] is None]
+    assert good == [str(i) for i in range(n) if i != bad_at]

@@ -1,0 +1,81 @@
+"""The OUTPUT lease: one holder at a time, refusal naming the holder, takeover of a dead holder's lease,
+and the generation as a fencing token."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from vesl.lease import LEASE_DIR, Lease, LeaseHeldError, LeaseLostError, check_token
+
+
+def test_one_holder_and_a_refusal_that_names_it(tmp_path):
+    out = str(tmp_path / "out")
+    first = Lease(out, run_id="aaaa1111").acquire()
+    assert first.generation == 1 and first.took_over is None
+    with pytest.raises(LeaseHeldError, match=r"run aaaa1111 on host .* \(pid \d+\), last heartbeat \d+ s ago"):
+        Lease(out, run_id="bbbb2222").acquire()
+    first.release()
+    second = Lease(out, run_id="bbbb2222").acquire()
+    assert second.generation == 2 and second.took_over is None  # a released lease is free at once
+    record = json.loads((tmp_path / "out" / LEASE_DIR / "00000002.json").read_text())
+    assert record["run_id"] == "bbbb2222" and record["released"] is False
+
+
+def test_runs_that_start_together_get_one_lease(tmp_path):
+    out = str(tmp_path / "out")
+    won, refused = [], []
+    start = threading.Barrier(8)
+
+    def race(k):
+        start.wait()
+        try:
+            won.append(Lease(out, run_id=f"run{k}").acquire())
+        except LeaseHeldError:
+            refused.append(k)
+
+    threads = [threading.Thread(target=race, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(refused) == 7
+
+
+def test_a_dead_holder_is_taken_over_and_fenced_off(tmp_path):
+    out = str(tmp_path / "out")
+    dead = Lease(out, run_id="dead0000", ttl_s=0.5).acquire()  # never beats again: SIGKILLed, say
+    with pytest.raises(LeaseHeldError):
+        Lease(out, run_id="next0000", ttl_s=0.5).acquire()
+    time.sleep(0.7)
+    successor = Lease(out, run_id="next0000", ttl_s=0.5).acquire()
+    assert successor.generation == 2 and successor.took_over["run_id"] == "dead0000"
+    check_token(successor.token())  # the holder may commit
+    with pytest.raises(LeaseLostError, match="generation 2"):
+        check_token(dead.token())  # the old one may not
+    dead.heartbeat()
+    assert dead.lost and "taken over" in dead.lost
+    assert json.loads((tmp_path / "out" / LEASE_DIR / "00000002.json").read_text())["run_id"] == "next0000"
+
+
+def test_a_heartbeat_keeps_the_lease(tmp_path):
+    out = str(tmp_path / "out")
+    with Lease(out, run_id="alive000", ttl_s=0.6, heartbeat_s=0.1):
+        time.sleep(1.0)  # longer than the TTL: only the heartbeat keeps it
+        with pytest.raises(LeaseHeldError, match="alive000"):
+            Lease(out, ttl_s=0.6).acquire()
+    assert Lease(out).acquire().generation == 2  # released on exit
+
+
+def test_an_unreadable_lease_file_counts_by_its_age(tmp_path):
+    """A 0-byte lease (a full disk) is held while fresh and taken over when old, never a crash."""
+    folder = tmp_path / "out" / LEASE_DIR
+    folder.mkdir(parents=True)
+    (folder / "00000001.json").write_bytes(b"")
+    with pytest.raises(LeaseHeldError, match=r"run \? on host \?"):
+        Lease(str(tmp_path / "out"), ttl_s=0.3).acquire()
+    time.sleep(0.4)
+    assert Lease(str(tmp_path / "out"), ttl_s=0.3).acquire().generation == 2
