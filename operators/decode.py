@@ -25,11 +25,11 @@ STAGE = "decode"
 
 class DecodeConfig(StageConfig):
     max_pixels: int = Field(
-        default=100_000_000,
+        default=100_000_000, ge=1,
         description="Refuse images with more pixels than this, read from the header before decoding "
         "(decompression-bomb guard; 100 MP is a 10000x10000 photo).",
     )
-    max_bytes: int = Field(default=64 * 1024 * 1024, description="Refuse encoded files larger than this.")
+    max_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="Refuse encoded files larger than this.")
     fetch_timeout_s: float = Field(
         default=60.0, gt=0,
         description="Give up on one http(s):// or s3:// fetch after this long (a 'fetch_failed' reject), "
@@ -98,12 +98,12 @@ def fetch_bytes(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | Non
     """Read a local path or any fsspec URI, refusing files over MAX_BYTES without reading them whole.
 
     STORAGE_OPTIONS are fsspec options by protocol ({"s3": {...}})."""
-    import fsspec
-
-    from vesl.storage import options_for
+    from vesl.storage import filesystem, options_for, protocol_of
 
     try:
-        with fsspec.open(uri, "rb", **with_timeout(uri, options_for(uri, storage_options), timeout_s)) as f:
+        options = {protocol_of(uri): with_timeout(uri, options_for(uri, storage_options), timeout_s)}
+        fs, path = filesystem(uri, options)
+        with fs.open(path, "rb") as f:
             data = f.read(max_bytes + 1)
     except Exception as e:  # noqa: BLE001 - any transport error is a reject, not a crash
         raise fetch_error(uri, e) from e

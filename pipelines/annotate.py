@@ -15,7 +15,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +35,11 @@ from vesl.config import AnnotateConfig, add_config_arguments, load_config  # noq
 from vesl.inputs import EmptyInputError, read_inputs  # noqa: E402
 from vesl.resources import plan_pools  # noqa: E402
 from vesl.storage import resolve_output  # noqa: E402
+from vesl.errors import EXIT_ACCOUNTING, EXIT_OK, Terminated, classify, install_stop_handlers  # noqa: E402
+from vesl.lease import Lease, LeaseHeldError, LeaseLostError  # noqa: E402
 from vesl.runstate import (  # noqa: E402
-    OutputConflictError, completed, count_outputs, find_duplicates, funnel, output_files, plan_batch, prepare_output,
+    OutputConflictError, check_output_target, completed, count_outputs, find_duplicates, funnel, output_files,
+    plan_batch, prepare_output, repair_duplicates, take_lease,
 )
 from vesl.writer import MANIFEST, make_datasink, merge_counts, write_manifest  # noqa: E402
 
@@ -70,13 +72,18 @@ def model_provenance(config: AnnotateConfig) -> dict[str, Any]:
     return out
 
 
+_STARTED_RAY = False  # this process called ray.init (and so shuts Ray down when the job fails)
+
+
 def init_ray(log_to_driver: bool = True, dashboard: bool = False) -> None:
     """Join the cluster of RAY_ADDRESS, else start a fresh local instance. DASHBOARD starts the local
     instance's dashboard, which Ray's state API needs (Ray Train's placement-group cleaner polls it)."""
     import ray
 
+    global _STARTED_RAY
     if ray.is_initialized():
         return
+    _STARTED_RAY = True
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=log_to_driver)  # inside `ray job submit`, or pointed at a cluster
     else:
@@ -112,19 +119,17 @@ def build(ds, config: AnnotateConfig, storage_options: dict, use_gpu: bool):
 def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dict[str, Any]:
     """Run the whole job, or finish a killed one; returns the run manifest (also OUTPUT/manifest.json)."""
     import ray
-    import torch
 
     started = time.perf_counter()
-    started_at = dt.datetime.now(dt.timezone.utc).isoformat()
     storage_options = config.storage.options()
     init_ray()
+    install_stop_handlers()  # after ray.init, which sets a SIGTERM handler of its own
     ctx = ray.data.DataContext.get_current()
     ctx.execution_no_progress_timeout_s = config.ray.no_progress_timeout_s
     if config.ray.object_store_budget_mb:
         limits = ctx.execution_options.resource_limits
         ctx.execution_options.resource_limits = limits.copy(object_store_memory=config.ray.object_store_budget_mb * 2**20)
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and "cpu" not in (config.caption.device, config.detect.device)
-    # Everything that can refuse the job (input, models) is checked before OUTPUT is touched.
+    # Everything that can refuse the job (input, models, OUTPUT's bucket) is checked before OUTPUT is touched.
     models = model_provenance(config)
     inputs, plan = read_inputs(input_uri, config.input, storage_options, num_cpus=config.ray.read_num_cpus)
     log.info("input %s: %s, %d unit(s) to read; it holds %s", input_uri, plan.label, len(plan.units), plan.holds())
@@ -134,22 +139,49 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
         raise EmptyInputError(f"input {input_uri} yields no inputs: read as {plan.label}, its {len(plan.units)} "
                               f"unit(s) hold no rows; it holds {plan.holds()}. Set input.allow_empty=true to accept "
                               "an empty input")
-    mode = prepare_output(output_uri, input_uri, config.label_hash(), config.output.on_existing, storage_options)
-    run_id = uuid.uuid4().hex[:8]
+    check_output_target(output_uri, storage_options)
+    lease = take_lease(output_uri, storage_options, wait_s=config.output.lease_wait_s)
+    try:
+        mode = prepare_output(output_uri, input_uri, config.label_hash(), config.output.on_existing, storage_options)
+    except BaseException:
+        lease.discard()  # refused: OUTPUT is left as it was found
+        raise
+    try:
+        return run_holding_lease(input_uri, output_uri, config, lease, mode, inputs, plan, total_inputs,
+                                 duplicates, models, started)
+    finally:
+        lease.release()
+
+
+def run_holding_lease(input_uri: str, output_uri: str, config: AnnotateConfig, lease: Lease, mode: str, inputs,
+                      plan, total_inputs: int, duplicates: dict[str, int], models: dict[str, Any],
+                      started: float) -> dict[str, Any]:
+    """The part of the job that writes OUTPUT: only while this run holds its lease."""
+    import ray
+    import torch
+
+    started_at = dt.datetime.now(dt.timezone.utc).isoformat()
+    storage_options = config.storage.options()
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and "cpu" not in (config.caption.device, config.detect.device)
+    repairs = [r for r in [repair_duplicates(output_uri, storage_options)] if r]  # before resume reads OUTPUT
+    run_id = lease.run_id
     done_ids, done_ordinals = completed(output_uri, storage_options)  # both empty on a fresh run
     todo = inputs.map_batches(plan_batch, batch_format="pyarrow", fn_kwargs={
         "duplicates": duplicates, "done_ids": done_ids, "done_ordinals": done_ordinals})
     todo = todo.repartition(target_num_rows_per_block=config.input.block_rows)  # streaming split, no shuffle
     ds, pools = build(todo, config, storage_options, use_gpu)
     sink = make_datasink(output_uri, run_id, footer_metadata(config, models), storage_options,
-                         config.output.rows_per_shard, config.output.compression)
+                         config.output.rows_per_shard, config.output.compression, lease.token())
     setup_s = time.perf_counter() - started
     if total_inputs:
         ds.write_datasink(sink)
     else:  # input.allow_empty: no model is loaded for nothing
         log.warning("input %s yields no inputs (input.allow_empty is on): nothing to do", input_uri)
     execute_s = time.perf_counter() - started - setup_s
+    if lease.lost:
+        raise LeaseLostError(lease.lost)
     this_run = merge_counts(sink.results)
+    repairs += [r for r in [repair_duplicates(output_uri, storage_options)] if r]  # a writer that slipped past
     counts = count_outputs(output_uri, storage_options)  # every file in OUTPUT, all runs
     counts["inputs"] = total_inputs
     counts["duplicate_ids"] = len(duplicates)
@@ -171,6 +203,8 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
                       "total": round(time.perf_counter() - started, 3)},
         "counts": counts,
         "this_run": {k: this_run[k] for k in ("inputs", "rows", "rejects", "regions", "by_reason")},
+        "repairs": repairs,
+        "lease": {"generation": lease.generation, "took_over": lease.took_over},
         "models": models,
         "resources": {"cluster": ray.cluster_resources(), "gcs_address": ray.get_runtime_context().gcs_address,
                       "pools": {k: vars(v) for k, v in pools.items()}, "torch": torch.__version__},
@@ -192,6 +226,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+USAGE_ERRORS = (OutputConflictError, LeaseHeldError, FileNotFoundError, ValueError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -200,18 +237,38 @@ def main(argv: list[str] | None = None) -> int:
         output = resolve_output(args.output)  # absolute; a relative one inside `ray job submit` is refused
         config = load_config(args.config, args.preset, overrides)
         manifest = run_annotate(args.input, output, config)
-    except (OutputConflictError, FileNotFoundError, ValueError) as e:
-        print(f"vesl annotate: error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt, Terminated) as e:  # noqa: BLE001 - one line and an exit code each
+        code, message = classify(e, USAGE_ERRORS)
+        log.debug("annotate failed", exc_info=True)
+        print(f"vesl annotate: error: {message}", file=sys.stderr)
+        stop_ray()
+        return code
     c, run = manifest["counts"], manifest["this_run"]
     resumed = f" (resumed: {run['inputs']} processed now)" if manifest["mode"] == "resume" else ""
+    for repair in manifest["repairs"]:
+        print(f"vesl annotate: repaired OUTPUT: removed {repair['rows_removed']} duplicate row(s) of "
+              f"{repair['distinct_image_ids']} image_id(s) (e.g. {repair['image_ids'][:3]}) and "
+              f"{repair['rejects_removed']} duplicate reject(s), keeping the first committed copy; "
+              f"files changed: {len(repair['files_changed'])}", file=sys.stderr)
     print(f"vesl annotate: {c['inputs']} inputs -> {c['rows']} rows ({c['regions']} regions), "
           f"{c['rejects']} rejects {c['by_reason'] or ''}{resumed} in {manifest['timings_s']['total']} s; "
           f"manifest: {output.rstrip('/')}/{MANIFEST}")
     if not c["accounted"]:
         print("vesl annotate: error: inputs != rows + rejects, or an image_id appears twice; see the manifest",
               file=sys.stderr)
-    return 0 if c["accounted"] else 1
+    return EXIT_OK if c["accounted"] else EXIT_ACCOUNTING
+
+
+def stop_ray() -> None:
+    """Shut down the Ray this job started (a local instance takes its workers with it), so nothing
+    outlives a failed job. A Ray the caller started is left to the caller."""
+    try:
+        import ray
+
+        if _STARTED_RAY and ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from operators.base import StageConfig
 from operators.caption import CaptionConfig
@@ -22,6 +22,9 @@ from operators.detect import DetectConfig
 from operators.phrases import PhraseConfig
 from vesl.inputs import InputConfig
 from vesl.storage import StorageConfig
+
+
+PARQUET_CODECS = ("snappy", "gzip", "brotli", "zstd", "lz4")  # what pyarrow's Parquet writer names
 
 
 class PoolConfig(StageConfig):
@@ -72,7 +75,22 @@ class OutputConfig(StageConfig):
         "else refuse), refuse ('error'), or delete them first ('overwrite').",
     )
     rows_per_shard: int = Field(default=2000, ge=1, description="Target rows per Parquet shard.")
-    compression: str = Field(default="zstd", description="Parquet compression codec.")
+    lease_wait_s: float = Field(default=0.0, ge=0, description="When another run holds OUTPUT's lease, wait up to "
+                                "this long for it to finish or to go silent (taken over after 120 s without a "
+                                "heartbeat) instead of stopping at once with exit 2. Retried cluster jobs (KubeRay's "
+                                "backoffLimit) want a few minutes: the old driver may still be dying.")
+    compression: str = Field(default="zstd", description="Parquet compression codec: zstd, snappy, gzip, brotli, "
+                             "lz4 or none (checked against this pyarrow before the run starts).")
+
+    @field_validator("compression")
+    @classmethod
+    def _codec_exists(cls, value: str) -> str:
+        import pyarrow as pa
+
+        if value.lower() != "none" and not (value.lower() in PARQUET_CODECS and pa.Codec.is_available(value.lower())):
+            raise ValueError(f"unknown or unavailable Parquet compression {value!r}; use one of "
+                             f"{sorted(c for c in PARQUET_CODECS if pa.Codec.is_available(c))} or none")
+        return value.lower()
 
 
 class AnnotateConfig(StageConfig):

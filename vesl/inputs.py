@@ -36,6 +36,7 @@ INPUT_SCHEMA = pa.schema(
 )
 MANIFEST_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 ORDINAL_FILE_SHIFT = 32
+MAX_URI_CHARS = 8192  # longer "URIs" are data pasted into the wrong column, not places to fetch from
 READ_ERROR, READ_REASON, SOURCE = "__vesl_read_error__", "__vesl_read_reason__", "__vesl_source__"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
@@ -127,14 +128,21 @@ def normalize_rows(rows: list[Mapping[str, Any]], ordinals: list[int], config: I
         error = row.get(READ_ERROR)
         image_col, bytes_col = _first(config.image_column, names), _first(config.bytes_column, names)
         id_col, alt_col = _first(config.id_column, names), _first(config.alt_text_column, names)
-        uri = resolve_image_uri(_text(row.get(image_col)) if image_col else None, base)
+        image = row.get(image_col) if image_col else None
         data = row.get(bytes_col) if bytes_col else None
-        data = bytes(data) if isinstance(data, (bytes, bytearray)) else None
+        if isinstance(image, (bytes, bytearray, memoryview)):  # an `image` column of encoded bytes, not a path
+            data, image = (data if data is not None else image), None
+        uri = resolve_image_uri(_text(image), base)
+        data = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else None
         given = _text(row.get(id_col)) if id_col else None
         given = given.strip() if given else ""
         if error is None and config.status_column in row and config.error_column in row:
             error, reason = upstream_failure(row.get(config.status_column), row.get(config.error_column))
             row = {**row, READ_REASON: reason} if error is not None else row
+        if error is None and uri is not None and len(uri) > MAX_URI_CHARS:
+            error, row = (f"an image URI of {len(uri)} characters (more than {MAX_URI_CHARS}): {uri[:200]}…",
+                          {**row, READ_REASON: "bad_uri"})
+            uri = uri[:MAX_URI_CHARS]
         if error is not None:
             uri = uri or row.get(SOURCE)
             given = given or derive_image_id(f"{row.get(SOURCE)}#{ordinal}", None)

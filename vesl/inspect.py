@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vesl.read import by_protocol, iter_tables, shard_uris
+from vesl.runstate import funnel, hash_ids, parquet_files
 from vesl.storage import filesystem, join_uri
 
 log = logging.getLogger("vesl.inspect")
@@ -60,7 +61,6 @@ def _read_json(uri: str, storage_options) -> dict[str, Any] | None:
 
 def _rejects(output: str, storage_options, examples_per_reason: int = 3) -> tuple[Counter, dict[str, list[dict]]]:
     """Reject counts by "stage/reason", and the first few rejects of each reason."""
-    from vesl.runstate import parquet_files
     from vesl.writer import REJECTS_DIR
 
     by_reason: Counter = Counter()
@@ -113,7 +113,6 @@ def collect_stats(output: str, storage_options: Mapping[str, Any] | None = None,
 
     With SAMPLE > 0 the result also holds `sample`: that many shard rows (image bytes included when
     the shards carry them), chosen by a seeded hash of image_id."""
-    from vesl.runstate import funnel
     from vesl.writer import MANIFEST, stage_totals
 
     options = by_protocol(output, storage_options)
@@ -129,10 +128,12 @@ def collect_stats(output: str, storage_options: Mapping[str, Any] | None = None,
     footers: dict[str, Counter] = {"models": Counter(), "thresholds": Counter(), "version": Counter(),
                                    "config_hash": Counter(), "schema_version": Counter()}
     picked: list[tuple[int, str, int]] = []  # max-heap by key (negated): the SAMPLE smallest keys
+    id_hashes: list[np.ndarray] = []  # 8 bytes per row: repeated image_ids (two runs into one OUTPUT)
     progress = Progress(len(uris), "inspect")
     for uri, table, meta in iter_tables(uris, STAT_COLUMNS, options):
         n = table.num_rows
         rows += n
+        id_hashes.append(hash_ids(table.column("image_id").to_numpy(zero_copy_only=False)))
         region_counts = pc.list_value_length(table.column("regions")).to_numpy(zero_copy_only=False).astype(np.int64)
         phrase_counts = pc.list_value_length(table.column("phrases")).to_numpy(zero_copy_only=False).astype(np.int64)
         region_hist += _histogram(region_counts)
@@ -160,6 +161,11 @@ def collect_stats(output: str, storage_options: Mapping[str, Any] | None = None,
                     heapq.heapreplace(picked, (-k, uri, i))
         progress.update(rows=rows, regions=regions_total)
     progress.close()
+    hashes = np.concatenate(id_hashes) if id_hashes else np.zeros(0, dtype=np.int64)
+    repeated_rows = int(len(hashes) - len(np.unique(hashes)))
+    if repeated_rows:
+        log.warning("%s: %d row(s) repeat an image_id already in another row: the shards were written by two runs "
+                    "at once; `vesl annotate` with the same INPUT and OUTPUT repairs it", output, repeated_rows)
     by_reason, reject_examples = _rejects(output, options)
     all_scores = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
     words_total = sum(k * v for k, v in words_hist.items())
@@ -172,7 +178,8 @@ def collect_stats(output: str, storage_options: Mapping[str, Any] | None = None,
         "images": inputs,
         "rows": rows,
         "rejects": rejects,
-        "accounted": rows + rejects == inputs,
+        "accounted": rows + rejects == inputs and not repeated_rows,
+        "repeated_image_id_rows": repeated_rows,
         "by_stage": by_stage,
         "by_reason": dict(sorted(by_reason.items())),
         "reject_examples": reject_examples,
@@ -252,6 +259,9 @@ def format_summary(stats: Mapping[str, Any]) -> str:
     add(f"  images      {stats['images']} inputs -> {stats['rows']} rows + {stats['rejects']} rejects"
         f"  ({'all accounted for' if stats['accounted'] else 'NOT accounted: inputs != rows + rejects'}),"
         f" {stats['shards']} shard file(s)")
+    if stats.get("repeated_image_id_rows"):
+        add(f"  WARNING     {stats['repeated_image_id_rows']} row(s) repeat an image_id of another row: two runs wrote "
+            "this OUTPUT at once; re-run `vesl annotate` with the same INPUT and OUTPUT to repair it")
     if stats["by_reason"]:
         add("  rejects     " + ", ".join(f"{k} {v}" for k, v in stats["by_reason"].items()))
     reg, phr, words = stats["regions"], stats["phrases"], stats["words_per_region_phrase"]

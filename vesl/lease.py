@@ -99,6 +99,21 @@ class Lease:
                            "generation": self.generation, "heartbeat_at": _iso(now), "heartbeat_ts": now,
                            "ttl_s": self.ttl_s, "released": released}).encode()
 
+    @staticmethod
+    def _holder_dead_here(record: Mapping[str, Any]) -> bool:
+        """True when the holder ran on this host and its process is gone (a SIGKILLed driver re-run on
+        the same machine need not wait out the TTL). Other hosts' holders go by the TTL alone."""
+        pid = record.get("pid")
+        if record.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, someone else's
+            return False
+        return False
+
     def _age(self, record: Mapping[str, Any], mtime: float | None) -> float:
         """Seconds since the holder last showed life: the newer of its own heartbeat and the file's mtime."""
         marks = [t for t in (record.get("heartbeat_ts"), mtime) if isinstance(t, (int, float))]
@@ -114,7 +129,7 @@ class Lease:
                 newest = generations[-1]
                 record, mtime = self._read(fs, f"{folder}/{newest:08d}.json")
                 age = self._age(record, mtime)
-                if not record.get("released") and age < self.ttl_s:
+                if not record.get("released") and age < self.ttl_s and not self._holder_dead_here(record):
                     raise LeaseHeldError(
                         f"{self.output} is being written by run {record.get('run_id', '?')} on host "
                         f"{record.get('host', '?')} (pid {record.get('pid', '?')}), last heartbeat {age:.0f} s ago. "
@@ -131,6 +146,11 @@ class Lease:
                 continue  # another run took this generation first: look again
             if self._verify(fs, folder):
                 self.took_over = previous
+                for old in self._generations(fs, folder)[:-2]:  # superseded: keep ours and the one before
+                    try:
+                        fs.rm(f"{folder}/{old:08d}.json")
+                    except FileNotFoundError:
+                        pass
                 return self
         raise LeaseHeldError(f"{self.output}: could not take the lease (other runs keep taking it); try again")
 
@@ -177,6 +197,20 @@ class Lease:
             with fs.open(f"{folder}/{self.generation:08d}.json", "wb") as f:
                 f.write(self._record(released=True))
         except Exception:  # noqa: BLE001 - best effort: an unreleased lease goes stale after ttl_s
+            pass
+
+    def discard(self) -> None:
+        """Release and delete this run's lease file (and `_lease/` when nothing else is in it): for a run
+        refused before it wrote anything, so an OUTPUT it must not use is left as it found it."""
+        self.release()
+        if self.generation is None or self.lost:
+            return
+        try:
+            fs, folder = self._fs()
+            fs.rm(f"{folder}/{self.generation:08d}.json")
+            if not fs.ls(folder, detail=False):
+                fs.rm(folder, recursive=True)
+        except Exception:  # noqa: BLE001 - best effort
             pass
 
     def __enter__(self) -> "Lease":

@@ -125,8 +125,11 @@ def read_regions(uri: str, explode: bool = True, *, storage_options: Mapping[str
     options = by_protocol(uri, storage_options)
     uris = shard_uris(uri, options)
     if explode:
-        parts = [explode_regions(t) for _, t, _ in iter_tables(
-            uris, ["image_id", "image_uri", "width", "height", "regions"], options)]
+        parts, ids = [], []
+        for _, t, _ in iter_tables(uris, ["image_id", "image_uri", "width", "height", "regions"], options):
+            parts.append(explode_regions(t))
+            ids.append(t.column("image_id"))
+        warn_duplicates(uri, ids)
         table = pa.concat_tables(parts) if parts else pa.table({c: [] for c in REGION_COLUMNS})
         return table.to_pandas()
     columns = IMAGE_COLUMNS + (["image_bytes"] if with_images else [])
@@ -134,11 +137,36 @@ def read_regions(uri: str, explode: bool = True, *, storage_options: Mapping[str
     for _, t, meta in iter_tables(uris, columns, options):
         parts.append(t)
         footers.append(meta)
+    warn_duplicates(uri, [t.column("image_id") for t in parts])
     table = pa.concat_tables(parts)
     table = table.append_column("num_regions", pc.list_value_length(table.column("regions")).cast(pa.int32()))
     df = table.to_pandas()
     df.attrs[FOOTER_ATTR] = common_footer(footers)  # write_regions carries it over (models, thresholds)
     return df
+
+
+class DuplicateImageIdWarning(UserWarning):
+    """Shards hold an image_id in more than one row (two runs wrote one OUTPUT at once)."""
+
+
+def warn_duplicates(uri: str, ids: list[pa.ChunkedArray | pa.Array]) -> int:
+    """Warn loudly (a Python warning and a log line) when IDS repeat; returns how many rows repeat."""
+    import warnings
+
+    if not ids:
+        return 0
+    column = pa.chunked_array([c for part in ids for c in (part.chunks if hasattr(part, "chunks") else [part])],
+                              type=pa.string())
+    extra = len(column) - pc.count_distinct(column).as_py()
+    if extra:
+        counts = pc.value_counts(column)
+        repeated = [v["values"] for v in counts.filter(pc.greater(counts.field("counts"), 1)).to_pylist()[:5]]
+        message = (f"{uri}: {extra} row(s) repeat an image_id already in another row (e.g. {repeated}): the "
+                   "shards were written by two runs at once. `vesl annotate` with the same INPUT and OUTPUT repairs "
+                   "it (keeps the first committed copy); until then every such image counts twice")
+        log.warning("%s", message)
+        warnings.warn(message, DuplicateImageIdWarning, stacklevel=3)
+    return extra
 
 
 def common_footer(footers: list[Mapping[str, str]]) -> dict[str, str]:
@@ -259,4 +287,4 @@ def write_regions(data, path: str, *, storage_options: Mapping[str, Any] | None 
     return [join_uri(parent_uri(path) if single else path, name) for name in names_out]
 
 
-__all__ = ["explode_regions", "iter_tables", "read_regions", "shard_uris", "write_regions"]
+__all__ = ["DuplicateImageIdWarning", "explode_regions", "iter_tables", "read_regions", "shard_uris", "write_regions"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -25,10 +26,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from operators.base import mark_rejects
+from operators.base import describe_error, mark_rejects
 from vesl.storage import filesystem, join_uri
 from vesl.writer import DATA_DIR, MANIFEST, REJECTS_DIR, TMP_DIR, stage_totals
 
+log = logging.getLogger("vesl.runstate")
 RUN_STATE = "_vesl_run.json"
 STAGES = ("read", "decode", "caption", "phrases", "detect")
 
@@ -37,16 +39,99 @@ class OutputConflictError(RuntimeError):
     """OUTPUT holds something a run must not write into or resume."""
 
 
+BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "az")
+
+
+def check_output_target(output: str, storage_options) -> None:
+    """Refuse an OUTPUT in a bucket that does not exist: fsspec would create it (s3fs's makedirs makes
+    buckets), so a typo in a bucket name would silently become a new bucket."""
+    from vesl.storage import protocol_of
+
+    if protocol_of(output) not in BUCKET_PROTOCOLS:
+        return
+    fs, root = filesystem(output, storage_options)
+    bucket = root.strip("/").split("/", 1)[0]
+    fs.invalidate_cache(bucket)
+    try:
+        exists = fs.exists(bucket)
+    except Exception as e:  # noqa: BLE001 - any failure to look is a refusal before the run, with its reason
+        raise OutputConflictError(f"cannot check OUTPUT's bucket {bucket!r}: {describe_error(e)}") from e
+    if not exists:
+        raise OutputConflictError(f"OUTPUT's bucket {bucket!r} does not exist (or these credentials cannot see it); "
+                                  "vesl does not create buckets: create it, or fix the name")
+
+
+def take_lease(output: str, storage_options, wait_s: float = 0.0, poll_s: float = 5.0):
+    """This run's lease on OUTPUT, heartbeating (vesl.lease). A live holder is a LeaseHeldError (after
+    waiting up to WAIT_S for it to finish or go stale); an OUTPUT this run cannot write to is an
+    OutputConflictError; both before any work."""
+    import time
+
+    from vesl.errors import storage_problem
+    from vesl.lease import Lease, LeaseHeldError
+
+    lease = Lease(output, storage_options)
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                lease.acquire()
+                break
+            except LeaseHeldError as held:
+                if time.monotonic() + poll_s > deadline:
+                    raise
+                log.info("waiting for the lease (output.lease_wait_s): %s", held)
+                time.sleep(poll_s)
+    except OSError as e:
+        problem = storage_problem(e)
+        raise OutputConflictError(f"cannot write to OUTPUT {output}: "
+                                  f"{problem[1] if problem else 'write failed'}: {describe_error(e)}") from e
+    return lease.start()
+
+
+def read_state_file(fs, path: str, uri: str) -> dict[str, Any]:
+    """A JSON state file of OUTPUT; OutputConflictError naming it when it is empty or corrupt (a disk
+    that filled up while it was written by an older vesl, a hand edit)."""
+    try:
+        with fs.open(path, "rb") as f:
+            data = f.read()
+        state = json.loads(data)
+        if not isinstance(state, dict):
+            raise ValueError(f"a JSON {type(state).__name__}, not an object")
+        return state
+    except (ValueError, UnicodeDecodeError) as e:
+        raise OutputConflictError(
+            f"{uri} is {'empty' if not data else 'corrupt'} ({e}). It records which input and label config OUTPUT "
+            "holds. If OUTPUT holds a run of this same input and config, delete that file and re-run to resume; "
+            "otherwise use --overwrite or another OUTPUT") from None
+
+
+def write_state_file(fs, root: str, name: str, state: Mapping[str, Any]) -> None:
+    """Write OUTPUT/NAME whole or not at all: staged under _tmp/, then moved into place."""
+    tmp = f"{root}/{TMP_DIR}/{name}.{uuid.uuid4().hex}"
+    fs.makedirs(f"{root}/{TMP_DIR}", exist_ok=True)
+    with fs.open(tmp, "w") as f:
+        json.dump(state, f, indent=1, default=str)
+    fs.mv(tmp, f"{root}/{name}")
+
+
 def prepare_output(output: str, input_uri: str, label_hash: str, on_existing: str,
                    storage_options: Mapping[str, Any] | None) -> str:
-    """Decide 'fresh' or 'resume' for OUTPUT, clear stale staging files, record the run state."""
+    """Decide 'fresh' or 'resume' for OUTPUT, clear stale staging files, record the run state. The
+    caller holds OUTPUT's lease (vesl.lease), whose folder is never counted or deleted here."""
+    from vesl.lease import LEASE_DIR
+
     fs, root = filesystem(output, storage_options)
     root = root.rstrip("/")
     state_path = f"{root}/{RUN_STATE}"
+    fs.invalidate_cache(root)
+    entries = [p for p in (fs.ls(root, detail=False) if fs.exists(root) else [])
+               if p.rstrip("/").rsplit("/", 1)[-1] != LEASE_DIR]
     mode = "fresh"
-    if fs.exists(root) and fs.ls(root):
+    if entries:
         if on_existing == "overwrite":
-            fs.rm(root, recursive=True)
+            for path in entries:
+                fs.rm(path, recursive=True)
         elif on_existing == "error":
             raise OutputConflictError(f"output {output} is not empty (output.on_existing=error)")
         elif not fs.exists(state_path):
@@ -54,8 +139,7 @@ def prepare_output(output: str, input_uri: str, label_hash: str, on_existing: st
                 f"output {output} is not empty and holds no vesl run ({RUN_STATE} missing); "
                 "choose another OUTPUT or pass --overwrite to delete what is there")
         else:
-            with fs.open(state_path, "r") as f:
-                state = json.load(f)
+            state = read_state_file(fs, state_path, join_uri(output, RUN_STATE))
             if state.get("input") != input_uri or state.get("config_hash") != label_hash:
                 raise OutputConflictError(
                     f"output {output} holds a run of {state.get('input')} with config hash {state.get('config_hash')}; "
@@ -66,23 +150,36 @@ def prepare_output(output: str, input_uri: str, label_hash: str, on_existing: st
                 fs.rm(f"{root}/{TMP_DIR}", recursive=True)  # half-written files of a killed run
     if mode == "fresh":
         fs.makedirs(root, exist_ok=True)
-        with fs.open(state_path, "w") as f:
-            json.dump({"input": input_uri, "config_hash": label_hash, "run_id": uuid.uuid4().hex[:8],
-                       "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}, f)
+        write_state_file(fs, root, RUN_STATE, {"input": input_uri, "config_hash": label_hash,
+                                               "run_id": uuid.uuid4().hex[:8],
+                                               "created_at": dt.datetime.now(dt.timezone.utc).isoformat()})
     return mode
 
 
+class CorruptOutputError(OutputConflictError):
+    """A file in OUTPUT's data/ or rejects/ cannot be read."""
+
+
 def parquet_files(output: str, subdir: str, storage_options) -> list[tuple[Any, str]]:
+    """(filesystem, path) of OUTPUT/SUBDIR's Parquet files, sorted, from a fresh listing: fsspec
+    filesystems (s3fs) cache listings per instance, and other processes (this run's write tasks, an
+    earlier run) have written since."""
     fs, root = filesystem(output, storage_options)
     folder = f"{root.rstrip('/')}/{subdir}"
+    fs.invalidate_cache(folder)
     if not fs.exists(folder):
         return []
     return [(fs, p) for p in sorted(fs.ls(folder, detail=False)) if p.endswith(".parquet")]
 
 
 def _read_columns(fs, path: str, columns: list[str]) -> pa.Table:
-    with fs.open(path, "rb") as f:
-        return pq.read_table(f, columns=columns)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f, columns=columns)
+    except (pa.ArrowInvalid, pa.ArrowException, ValueError) as e:
+        raise CorruptOutputError(
+            f"{path} cannot be read ({describe_error(e)}). Move it out of OUTPUT and re-run the same command: "
+            "the inputs it held are processed again") from None
 
 
 def completed(output: str, storage_options) -> tuple[np.ndarray, np.ndarray]:
@@ -156,6 +253,66 @@ def plan_batch(table: pa.Table, duplicates: Mapping[str, int], done_ids: np.ndar
     return table.filter(pa.array(~done)) if done.any() else table
 
 
+def _commit_time(fs, path: str) -> float:
+    info = fs.info(path)
+    t = info.get("mtime") or info.get("LastModified") or info.get("created") or 0.0
+    return t.timestamp() if hasattr(t, "timestamp") else float(t)
+
+
+def _dedupe_files(output: str, subdir: str, key: str, storage_options) -> tuple[int, list[Any], list[str]]:
+    """Remove from OUTPUT/SUBDIR every row whose KEY an earlier-committed row already has (commit time,
+    then file name, then row order). Each changed file is rewritten whole (staged, then moved; a file
+    left empty is deleted). Returns (rows removed, their keys, the files changed)."""
+    files = [(fs, p) for fs, p in parquet_files(output, subdir, storage_options)]
+    files.sort(key=lambda fp: (_commit_time(*fp), fp[1]))
+    seen: set = set()
+    removed, keys, changed = 0, [], []
+    for fs, path in files:
+        values = _read_columns(fs, path, [key]).column(key).to_pylist()
+        drop = []
+        for i, v in enumerate(values):
+            if v is None:
+                continue
+            if v in seen:
+                drop.append(i)
+            else:
+                seen.add(v)
+        if not drop:
+            continue
+        removed += len(drop)
+        keys += [values[i] for i in drop]
+        changed.append(path)
+        if len(drop) == len(values):
+            fs.rm(path)
+            continue
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        mask = np.ones(len(values), dtype=bool)
+        mask[drop] = False
+        root = filesystem(output, storage_options)[1].rstrip("/")
+        tmp = f"{root}/{TMP_DIR}/repair-{uuid.uuid4().hex}.parquet"
+        fs.makedirs(f"{root}/{TMP_DIR}", exist_ok=True)
+        with fs.open(tmp, "wb") as f:
+            pq.write_table(table.filter(pa.array(mask)), f, compression="zstd")
+        fs.mv(tmp, path)
+    return removed, keys, changed
+
+
+def repair_duplicates(output: str, storage_options) -> dict[str, Any] | None:
+    """Make OUTPUT hold each image_id in one row and each input ordinal in one reject, keeping the
+    first committed copy. Duplicates only arise when two runs wrote into one OUTPUT at once (the lease
+    forbids it; this repairs an OUTPUT from before the lease, or one whose lease was broken). Returns
+    what was removed, or None when nothing was."""
+    rows, ids, row_files = _dedupe_files(output, DATA_DIR, "image_id", storage_options)
+    rejects, ordinals, reject_files = _dedupe_files(output, REJECTS_DIR, "ordinal", storage_options)
+    if not rows and not rejects:
+        return None
+    return {"rows_removed": rows, "image_ids": sorted(set(ids))[:20], "distinct_image_ids": len(set(ids)),
+            "rejects_removed": rejects, "ordinals": sorted(set(ordinals))[:20],
+            "files_changed": [join_uri(output, p.rsplit("/", 2)[-2], p.rsplit("/", 1)[-1])
+                              for p in row_files + reject_files]}
+
+
 def count_outputs(output: str, storage_options) -> dict[str, Any]:
     """Counts read back from every shard and rejects file in OUTPUT (all runs that wrote there)."""
     rows = regions = phrases = 0
@@ -190,5 +347,5 @@ def output_files(output: str, storage_options) -> list[str]:
             for _, p in parquet_files(output, sub, storage_options)]
 
 
-__all__ = ["MANIFEST", "OutputConflictError", "RUN_STATE", "completed", "count_outputs", "find_duplicates", "funnel",
+__all__ = ["CorruptOutputError", "MANIFEST", "OutputConflictError", "RUN_STATE", "repair_duplicates", "completed", "count_outputs", "find_duplicates", "funnel",
            "output_files", "parquet_files", "plan_batch", "prepare_output"]

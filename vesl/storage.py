@@ -26,10 +26,20 @@ class StorageConfig(StageConfig):
     secret: SecretStr | None = Field(default=None, description="S3 secret access key; else from the environment.")
     token: SecretStr | None = Field(default=None, description="S3 session token.")
     anon: bool = Field(default=False, description="Anonymous access to public buckets.")
+    connect_timeout_s: float = Field(default=10.0, gt=0, description="S3: give up connecting after this long.")
+    read_timeout_s: float = Field(default=30.0, gt=0, description="S3: give up on a request whose connection sends "
+                                  "nothing for this long (an endpoint that hangs).")
+    max_attempts: int = Field(default=3, ge=1, description="S3: attempts per request, retries included (botocore's "
+                              "standard retry mode with backoff); s3fs adds one more round on a timeout. A hung "
+                              "endpoint fails a request after about 2 x max_attempts x read_timeout_s (3 minutes), "
+                              "where botocore's and s3fs's defaults take about 14.")
 
     def options(self) -> dict[str, dict[str, Any]]:
         """fsspec storage options by protocol (plain data: safe to pickle to workers, never logged)."""
-        s3: dict[str, Any] = {}
+        s3: dict[str, Any] = {"config_kwargs": {
+            "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s,
+            "retries": {"total_max_attempts": self.max_attempts, "mode": "standard"}},
+            S3FS_RETRIES: 2}
         if self.anon:
             s3["anon"] = True
         for name in ("key", "secret", "token"):
@@ -43,7 +53,7 @@ class StorageConfig(StageConfig):
             client["region_name"] = self.region
         if client:
             s3["client_kwargs"] = client
-        return {"s3": s3, "s3a": s3} if s3 else {}
+        return {"s3": s3, "s3a": s3}
 
 
 def protocol_of(uri: str) -> str:
@@ -60,11 +70,19 @@ def options_for(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | Non
     return dict((storage_options or {}).get(protocol_of(uri), {}))
 
 
+S3FS_RETRIES = "vesl_s3fs_retries"  # our key: s3fs's own retry rounds (a class attribute, not an argument)
+
+
 def filesystem(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None = None):
     """(fsspec filesystem, path inside it) for URI."""
     import fsspec
 
-    return fsspec.core.url_to_fs(uri, **options_for(uri, storage_options))
+    options = options_for(uri, storage_options)
+    retries = options.pop(S3FS_RETRIES, None)
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    if retries is not None and hasattr(fs, "retries"):
+        fs.retries = int(retries)
+    return fs, path
 
 
 def join_uri(base: str, *parts: str) -> str:

@@ -53,8 +53,12 @@ def split_rows_and_rejects(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table
 
 
 def write_parquet_atomic(table: pa.Table, output: str, subdir: str, name: str,
-                         storage_options: Mapping[str, Any] | None, compression: str) -> str:
-    """Write TABLE to OUTPUT/SUBDIR/NAME via OUTPUT/_tmp/, so the final path appears only when whole."""
+                         storage_options: Mapping[str, Any] | None, compression: str, lease_token=None) -> str:
+    """Write TABLE to OUTPUT/SUBDIR/NAME via OUTPUT/_tmp/, so the final path appears only when whole.
+    With LEASE_TOKEN the move happens only while this run still holds OUTPUT's lease (a run whose lease
+    was taken over raises LeaseLostError instead of committing beside its successor)."""
+    from vesl.lease import check_token
+
     fs, root = filesystem(output, storage_options)
     tmp = f"{root.rstrip('/')}/{TMP_DIR}/{uuid.uuid4().hex}-{name}"
     final = f"{root.rstrip('/')}/{subdir}/{name}"
@@ -62,6 +66,7 @@ def write_parquet_atomic(table: pa.Table, output: str, subdir: str, name: str,
     fs.makedirs(f"{root.rstrip('/')}/{subdir}", exist_ok=True)
     with fs.open(tmp, "wb") as f:
         pq.write_table(table, f, compression=compression)
+    check_token(lease_token)
     fs.mv(tmp, final)
     return join_uri(output, subdir, name)
 
@@ -105,7 +110,7 @@ def stage_totals(by_reason: Mapping[str, int]) -> dict[str, int]:
 
 
 def make_datasink(output: str, run_id: str, footer: Mapping[str, str], storage_options: Mapping[str, Any] | None,
-                  rows_per_shard: int, compression: str):
+                  rows_per_shard: int, compression: str, lease_token=None):
     """A Ray Data Datasink writing shards + rejects; each write task returns its counts and files."""
     from ray.data import Datasink
 
@@ -126,7 +131,7 @@ def make_datasink(output: str, run_id: str, footer: Mapping[str, str], storage_o
                 return {"inputs": 0, "files": []}
             table = pa.concat_tables(tables, promote_options="permissive")
             return write_batch(table, output, f"part-{run_id}-{ctx.task_idx:05d}.parquet", footer,
-                               storage_options, compression)
+                               storage_options, compression, lease_token)
 
         def on_write_complete(self, write_result) -> None:
             self.results = list(write_result.write_returns)
@@ -135,15 +140,16 @@ def make_datasink(output: str, run_id: str, footer: Mapping[str, str], storage_o
 
 
 def write_batch(table: pa.Table, output: str, name: str, footer: Mapping[str, str],
-                storage_options: Mapping[str, Any] | None, compression: str) -> dict[str, Any]:
+                storage_options: Mapping[str, Any] | None, compression: str, lease_token=None) -> dict[str, Any]:
     """Write one finished batch's rows and rejects; return its counts and files (no Ray needed)."""
     rows, rejects = split_rows_and_rejects(table, region_text_schema(dict(footer)))
     counts = summarize(table)
     files = []
     if rows.num_rows:
-        files.append(write_parquet_atomic(rows, output, DATA_DIR, name, storage_options, compression))
+        files.append(write_parquet_atomic(rows, output, DATA_DIR, name, storage_options, compression, lease_token))
     if rejects.num_rows:
-        files.append(write_parquet_atomic(rejects, output, REJECTS_DIR, name, storage_options, compression))
+        files.append(write_parquet_atomic(rejects, output, REJECTS_DIR, name, storage_options, compression,
+                                          lease_token))
     counts["files"] = files
     return counts
 

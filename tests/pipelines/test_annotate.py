@@ -89,7 +89,7 @@ def test_an_existing_output_is_refused_unless_overwrite(tmp_path, tiny_dir, ray_
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(OutputConflictError, match="holds no vesl run"):
         run_annotate(str(SAMPLE / "manifest.jsonl"), str(tmp_path / "out"), load_config(preset_name="tiny"))
-    assert (tmp_path / "out" / "keep.txt").exists()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]  # as it was: not even a lease left
 
 
 def test_the_script_entry_point_on_a_manifest(tmp_path, tiny_dir):

@@ -149,3 +149,47 @@ def test_train_reads_shards_and_writes_checkpoints_on_s3(tmp_path, tiny_dir, ray
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     result = json.loads(capsys.readouterr().out)
     assert result["images"] == 40 and result["step"] == 2
+
+
+def test_an_s3_resume_that_writes_new_shards_counts_them(tmp_path, tiny_dir, ray_local, s3_endpoint):
+    """The driver's cached s3fs listing went stale while the run's tasks wrote: counts came out short
+    (rows 192 of 400) and the run exited 1 although S3 held everything."""
+    import s3fs
+
+    from tests.pipelines.test_failures import many_images
+
+    fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": s3_endpoint},
+                           skip_instance_cache=True)
+    fs.mkdir("vesl-resume")
+    local = many_images(tmp_path / "in", 40)
+    fs.put(str(local.parent) + "/", "vesl-resume/in/", recursive=True)
+    config = load_config(preset_name="tiny", overrides=[
+        f"storage.endpoint_url={s3_endpoint}", f"storage.key={KEY}", f"storage.secret={SECRET}",
+        "storage.region=us-east-1", "output.rows_per_shard=8", "input.block_rows=8"])
+    first = run_annotate("s3://vesl-resume/in/manifest.jsonl", "s3://vesl-resume/out", config)
+    assert first["counts"]["rows"] == 40 and first["counts"]["accounted"]
+    shards = sorted(fs.ls("vesl-resume/out/data"))
+    assert len(shards) >= 3
+    for path in shards[:2]:  # another process deletes shards: their inputs are redone, as new files
+        fs.rm(path)
+    again = run_annotate("s3://vesl-resume/in/manifest.jsonl", "s3://vesl-resume/out", config)
+    assert again["mode"] == "resume" and 0 < again["this_run"]["rows"] < 40
+    assert again["counts"]["rows"] == 40 and again["counts"]["unique_row_ids"] == 40 and again["counts"]["accounted"]
+    fs.invalidate_cache()
+    assert len(again["files"]) == len(fs.ls("vesl-resume/out/data"))
+
+
+def test_a_missing_output_bucket_is_refused_not_created(tmp_path, tiny_dir, s3_endpoint, capfd):
+    import s3fs
+
+    from pipelines.annotate import main
+
+    manifest = make_manifest(tmp_path / "in")
+    code = main([str(manifest), "s3://no-such-bucket-vesl/out", "--preset", "tiny",
+                 "--set", f"storage.endpoint_url={s3_endpoint}", "--set", f"storage.key={KEY}",
+                 "--set", f"storage.secret={SECRET}", "--set", "storage.region=us-east-1"])
+    assert code == 2
+    assert "bucket 'no-such-bucket-vesl' does not exist" in capfd.readouterr().err
+    fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": s3_endpoint},
+                           skip_instance_cache=True)
+    assert not fs.exists("no-such-bucket-vesl")

@@ -79,3 +79,38 @@ def test_an_unreadable_lease_file_counts_by_its_age(tmp_path):
         Lease(str(tmp_path / "out"), ttl_s=0.3).acquire()
     time.sleep(0.4)
     assert Lease(str(tmp_path / "out"), ttl_s=0.3).acquire().generation == 2
+
+
+def test_a_run_told_to_wait_takes_the_lease_once_the_holder_releases_it(tmp_path):
+    from vesl.runstate import take_lease
+
+    out = str(tmp_path / "out")
+    holder = Lease(out, run_id="holder00").acquire()
+    threading.Timer(1.0, holder.release).start()
+    with pytest.raises(LeaseHeldError):
+        take_lease(out, None, wait_s=0.3, poll_s=0.1)
+    lease = take_lease(out, None, wait_s=10, poll_s=0.1)
+    assert lease.generation == 2
+    lease.release()
+
+
+def test_a_discarded_lease_leaves_no_trace(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("someone else's folder")
+    lease = Lease(str(tmp_path / "out")).acquire()
+    lease.discard()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
+    """A SIGKILLed driver re-run on the same machine resumes without waiting out the TTL."""
+    import subprocess
+    import sys
+
+    out = str(tmp_path / "out")
+    code = f"from vesl.lease import Lease; Lease({out!r}, run_id='killed00').acquire()"
+    subprocess.run([sys.executable, "-c", code], check=True)  # holds the lease, exits without releasing it
+    lease = Lease(out).acquire()  # fresh heartbeat, but its pid is gone
+    assert lease.generation == 2 and lease.took_over["run_id"] == "killed00"
+    with pytest.raises(LeaseHeldError):  # a live holder on this host is still respected
+        Lease(out).acquire()

@@ -38,7 +38,7 @@ def test_output_policy(tmp_path):
     assert prepare_output(out, "in.jsonl", "h1", "resume", None) == "fresh"
     state = json.loads((tmp_path / "out" / RUN_STATE).read_text())
     assert state["input"] == "in.jsonl" and state["config_hash"] == "h1"
-    (tmp_path / "out" / "_tmp").mkdir()
+    (tmp_path / "out" / "_tmp").mkdir(exist_ok=True)  # staging (the run state itself was staged there)
     (tmp_path / "out" / "_tmp" / "half-written.parquet").write_bytes(b"PAR1 garbage")
     assert prepare_output(out, "in.jsonl", "h1", "resume", None) == "resume"
     assert not (tmp_path / "out" / "_tmp").exists()  # staging of a killed run is never read

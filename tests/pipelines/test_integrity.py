@@ -1,0 +1,288 @@
+"""Nothing silent, nothing doubled: one writer per OUTPUT, repair of doubled rows, state files that name
+themselves when broken, and one clear line with its own exit code for every failure a user can act on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.annotate import main, run_annotate
+from tests.conftest import REPO
+from tests.pipelines.helpers import read_output
+from tests.pipelines.test_failures import many_images, script_env
+from vesl.config import load_config
+from vesl.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_UNREACHABLE, EXIT_USAGE
+
+pytestmark = pytest.mark.slow
+SCRIPT = str(REPO / "pipelines" / "annotate.py")
+
+
+def start(manifest: Path, out: Path, env: dict, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, SCRIPT, str(manifest), str(out), "--preset", "tiny", *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def error_line(err: str) -> str:
+    """The one line the job ends with (Ray's own log lines may come before it)."""
+    lines = [line for line in err.splitlines() if line.startswith("vesl annotate: error:")]
+    assert len(lines) == 1, err[-3000:]
+    return lines[0]
+
+
+def assert_complete(out: Path, n: int) -> None:
+    rows, rejects, manifest = read_output(out)
+    assert len(rows) == n and rows.image_id.is_unique and len(rejects) == 0
+    assert manifest["counts"]["accounted"] and manifest["counts"]["rows"] == n
+
+
+@pytest.fixture
+def slow_image():
+    """An image URL whose server answers after 20 s: a run fetching it is still writing long after it
+    took the lease, so the other run surely meets it there."""
+    import http.server
+
+    from tests.conftest import encode, photo
+
+    jpg = encode(photo(32, 32))
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            time.sleep(20)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(jpg)))
+            self.end_headers()
+            self.wfile.write(jpg)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/slow.jpg"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("stagger", [False, True])
+def test_two_runs_into_one_output_one_is_refused_nothing_doubled(tmp_path, tiny_dir, slow_image, stagger):
+    """Two real runs of the same command: at once (either may win), or the second while the first writes."""
+    manifest = many_images(tmp_path / "in", 119)
+    with open(manifest, "a") as f:
+        f.write(f'{{"id": "slow", "image": "{slow_image}", "alt_text": "a red car"}}\n')
+    out = tmp_path / "out"
+    env = script_env(tiny_dir)
+    first = start(manifest, out, env)
+    if stagger:  # the second starts once the first holds the lease (it then has its whole job ahead)
+        deadline = time.time() + 120
+        while not (out / "_lease").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert (out / "_lease").exists() and first.poll() is None, first.communicate()[1][-2000:]
+    second = start(manifest, out, env)
+    results = [(p.wait(timeout=400), *p.communicate()) for p in (first, second)]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, EXIT_USAGE], [r[2][-1500:] for r in results]
+    refused = next(err for code, _, err in results if code == EXIT_USAGE)
+    assert "is being written by run" in refused and "pid" in refused
+    if stagger:
+        assert results[1][0] == EXIT_USAGE and first.returncode == 0  # the late one is refused, the first finishes
+    assert_complete(out, 120)
+
+
+def test_a_doubled_output_is_repaired_and_readers_warn_until_then(tmp_path, tiny_dir, ray_local, capfd):
+    import vesl
+    from vesl.inspect import collect_stats, format_summary
+    from vesl.read import DuplicateImageIdWarning
+
+    manifest = many_images(tmp_path / "in", 30)
+    config = load_config(preset_name="tiny", overrides=["output.rows_per_shard=10"])
+    run_annotate(str(manifest), str(tmp_path / "out"), config)
+    # what two runs at once left behind before the lease: the same rows committed twice, later
+    data = sorted((tmp_path / "out" / "data").glob("*.parquet"))
+    time.sleep(1.1)  # a later commit time than the originals
+    (tmp_path / "out" / "data" / "part-zzzzzzzz-00000.parquet").write_bytes(data[0].read_bytes())
+    doubled = pq.read_table(data[0]).num_rows
+    with pytest.warns(DuplicateImageIdWarning, match=f"{doubled} row"):
+        assert len(vesl.read_regions(str(tmp_path / "out"), explode=False)) == 30 + doubled
+    stats = collect_stats(str(tmp_path / "out"))
+    assert stats["repeated_image_id_rows"] == doubled and not stats["accounted"]
+    assert "WARNING" in format_summary(stats)
+
+    assert main([str(manifest), str(tmp_path / "out"), "--preset", "tiny", "--set", "output.rows_per_shard=10"]) == 0
+    err = capfd.readouterr().err
+    assert f"repaired OUTPUT: removed {doubled} duplicate row(s) of {doubled} image_id(s)" in err
+    assert not (tmp_path / "out" / "data" / "part-zzzzzzzz-00000.parquet").exists()  # the later copy went
+    assert data[0].exists()  # the first committed copy stayed
+    rows, _, result = read_output(tmp_path / "out")
+    assert rows.image_id.is_unique and len(rows) == 30 and result["counts"]["accounted"]
+    assert result["repairs"][0]["rows_removed"] == doubled
+
+
+def test_broken_state_and_corrupt_files_are_named(tmp_path, tiny_dir, ray_local, capfd):
+    manifest = many_images(tmp_path / "in", 12)
+    out = tmp_path / "out"
+    run_annotate(str(manifest), str(out), load_config(preset_name="tiny", overrides=["output.rows_per_shard=4"]))
+    args = [str(manifest), str(out), "--preset", "tiny", "--set", "output.rows_per_shard=4"]
+    state = (out / "_vesl_run.json").read_bytes()
+    (out / "_vesl_run.json").write_bytes(b"")  # what a full disk left behind before state files were staged
+    assert main(args) == EXIT_USAGE
+    err = error_line(capfd.readouterr().err)
+    assert "_vesl_run.json is empty" in err and "delete that file" in err
+    (out / "_vesl_run.json").write_bytes(state)
+    victim = sorted((out / "data").glob("*.parquet"))[0]
+    victim.write_bytes(b"PAR1 not really parquet")
+    assert main(args) == EXIT_USAGE
+    err = error_line(capfd.readouterr().err)
+    assert str(victim) in err and "Move it out of OUTPUT" in err
+    victim.unlink()  # as the message says: its inputs are processed again
+    assert main(args) == 0
+    assert_complete(out, 12)
+
+
+def test_config_and_input_mistakes_stop_before_any_work(tmp_path, tiny_dir, capfd):
+    manifest = many_images(tmp_path / "in", 3)
+    (tmp_path / "bad.yaml").write_text("detect:\n  threshold: [0.1\n")
+    cases = {
+        "yaml": (["--config", str(tmp_path / "bad.yaml")], "config is not valid YAML"),
+        "codec": (["--set", "output.compression=nosuchcodec"], "unknown or unavailable Parquet compression"),
+        "pixels": (["--set", "decode.max_pixels=-1"], "max_pixels"),
+        "bytes": (["--set", "decode.max_bytes=0"], "max_bytes"),
+    }
+    for name, (extra, message) in cases.items():
+        assert main([str(manifest), str(tmp_path / name), "--preset", "tiny", *extra]) == EXIT_USAGE, name
+        assert message in error_line(capfd.readouterr().err), name
+        assert not (tmp_path / name).exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_disk_is_one_line_and_its_own_exit_code(tmp_path, tiny_dir, ray_local, capfd):
+    from vesl.errors import EXIT_DISK_FULL
+
+    manifest = many_images(tmp_path / "in", 40)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        args = [str(manifest), str(disk / "out"), "--preset", "tiny", "--set", "decode.embed_images=true",
+                "--set", "output.rows_per_shard=5", "--set", "output.compression=none"]
+        assert main(args) == EXIT_DISK_FULL  # fills up while shards are written
+        assert error_line(capfd.readouterr().err).startswith("vesl annotate: error: no space left on the device")
+        state = disk / "out" / "_vesl_run.json"
+        assert state.stat().st_size > 0  # staged, then moved: never a 0-byte state file
+        for f in (disk / "out" / "data").glob("*.parquet"):
+            pq.read_metadata(f)  # what was committed is whole
+        # full from the start: refused before anything runs, and no 0-byte state file appears
+        other = disk / "other"
+        try:
+            with open(disk / "filler", "wb") as f:
+                while True:
+                    f.write(b"x" * 4096)
+        except OSError:
+            pass
+        assert main([str(manifest), str(other), "--preset", "tiny"]) == EXIT_USAGE
+        err = error_line(capfd.readouterr().err)
+        assert "cannot write to OUTPUT" in err and "no space left" in err
+        assert not (other / "_vesl_run.json").exists()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)])
+
+
+@pytest.fixture
+def silent_endpoint():
+    """A TCP server that accepts connections and never answers: a hung S3 endpoint."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held, stop = [], threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+def test_a_hung_or_gone_endpoint_fails_in_seconds_with_its_own_exit_code(tmp_path, tiny_dir, silent_endpoint, capfd):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        gone = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+    for endpoint, what in ((silent_endpoint, "hung"), (gone, "gone")):
+        started = time.monotonic()
+        code = main(["s3://bucket/manifest.jsonl", str(tmp_path / what), "--preset", "tiny",
+                     "--set", f"storage.endpoint_url={endpoint}", "--set", "storage.key=k", "--set", "storage.secret=s",
+                     "--set", "storage.read_timeout_s=1", "--set", "storage.connect_timeout_s=1",
+                     "--set", "storage.max_attempts=1"])
+        took = time.monotonic() - started
+        err = error_line(capfd.readouterr().err)
+        assert code == EXIT_UNREACHABLE, (what, err)
+        assert err.startswith("vesl annotate: error: storage endpoint unreachable or not answering")
+        assert took < 60, (what, took)
+
+
+def _wait_for_data(out: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if list((out / "data").glob("*.parquet")) if (out / "data").exists() else []:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"no shard appeared; exit {proc.poll()}: {proc.communicate()[1][-2000:]}")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)])
+def test_ctrl_c_and_sigterm_stop_cleanly(tmp_path, tiny_dir, sig, code):
+    manifest = many_images(tmp_path / "in", 900)
+    out = tmp_path / "out"
+    import tempfile
+
+    # every process of this run's Ray instance has it on its command line (short: Ray's socket paths live in it)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))
+    env = {**script_env(tiny_dir), "RAY_TMPDIR": str(ray_tmp)}
+    proc = start(manifest, out, env, "--set", "output.rows_per_shard=50")
+    _wait_for_data(out, proc)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) == code
+    err = error_line(proc.communicate()[1])
+    assert err.startswith(f"vesl annotate: error: {'interrupted' if sig == signal.SIGINT else 'terminated'}")
+    deadline = time.time() + 15
+    while time.time() < deadline and subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True).stdout:
+        time.sleep(0.5)
+    assert not subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True).stdout, "orphaned Ray processes"
+    for f in (out / "data").glob("*.parquet"):
+        pq.read_metadata(f)  # nothing half-written where readers look
+    rerun = start(manifest, out, env, "--set", "output.rows_per_shard=50")
+    assert rerun.wait(timeout=400) == 0, rerun.communicate()[1][-2000:]
+    assert_complete(out, 900)
+    import shutil
+
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_image_bytes_in_an_image_column_are_decoded_not_read_as_a_path(tmp_path, tiny_dir, ray_local):
+    from tests.conftest import encode, photo
+
+    jpg = encode(photo(40, 30))
+    pq.write_table(pa.table({"id": ["a", "b"], "image": pa.array([jpg, jpg], pa.binary()),
+                             "alt_text": ["a dog", "a cat"]}), tmp_path / "m.parquet")
+    run_annotate(str(tmp_path / "m.parquet"), str(tmp_path / "out"), load_config(preset_name="tiny"))
+    rows, rejects, _ = read_output(tmp_path / "out")
+    assert sorted(rows.image_id) == ["a", "b"] and len(rejects) == 0
+    assert rows.width.tolist() == [40, 40] and rows.image_uri.isna().all()
+
