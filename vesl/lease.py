@@ -80,10 +80,10 @@ class Lease:
 
     def _read(self, fs, path: str) -> tuple[dict[str, Any], float | None]:
         """(the holder's record, or {} when unreadable, e.g. 0 bytes after a full disk; storage mtime)."""
+        from vesl.storage import modified_time
+
         try:
-            info = fs.info(path)
-            mtime = info.get("mtime") or info.get("LastModified") or info.get("created")
-            mtime = mtime.timestamp() if hasattr(mtime, "timestamp") else (float(mtime) if mtime else None)
+            mtime = modified_time(fs, path)
         except FileNotFoundError:
             return {}, None
         try:

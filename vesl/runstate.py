@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from operators.base import describe_error, mark_rejects
-from vesl.storage import filesystem, join_uri
+from vesl.storage import filesystem, join_uri, modified_time
 from vesl.writer import DATA_DIR, MANIFEST, REJECTS_DIR, TMP_DIR, stage_totals
 
 log = logging.getLogger("vesl.runstate")
@@ -253,18 +253,11 @@ def plan_batch(table: pa.Table, duplicates: Mapping[str, int], done_ids: np.ndar
     return table.filter(pa.array(~done)) if done.any() else table
 
 
-def _commit_time(fs, path: str) -> float:
-    info = fs.info(path)
-    t = info.get("mtime") or info.get("LastModified") or info.get("created") or 0.0
-    return t.timestamp() if hasattr(t, "timestamp") else float(t)
-
-
 def _dedupe_files(output: str, subdir: str, key: str, storage_options) -> tuple[int, list[Any], list[str]]:
     """Remove from OUTPUT/SUBDIR every row whose KEY an earlier-committed row already has (commit time,
     then file name, then row order). Each changed file is rewritten whole (staged, then moved; a file
     left empty is deleted). Returns (rows removed, their keys, the files changed)."""
-    files = [(fs, p) for fs, p in parquet_files(output, subdir, storage_options)]
-    files.sort(key=lambda fp: (_commit_time(*fp), fp[1]))
+    files = sorted(parquet_files(output, subdir, storage_options), key=lambda fp: (modified_time(*fp) or 0.0, fp[1]))
     seen: set = set()
     removed, keys, changed = 0, [], []
     for fs, path in files:
@@ -347,5 +340,6 @@ def output_files(output: str, storage_options) -> list[str]:
             for _, p in parquet_files(output, sub, storage_options)]
 
 
-__all__ = ["CorruptOutputError", "MANIFEST", "OutputConflictError", "RUN_STATE", "repair_duplicates", "completed", "count_outputs", "find_duplicates", "funnel",
-           "output_files", "parquet_files", "plan_batch", "prepare_output"]
+__all__ = ["CorruptOutputError", "MANIFEST", "OutputConflictError", "RUN_STATE", "check_output_target", "completed",
+           "count_outputs", "find_duplicates", "funnel", "output_files", "parquet_files", "plan_batch", "prepare_output",
+           "repair_duplicates", "take_lease"]

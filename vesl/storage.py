@@ -85,6 +85,15 @@ def filesystem(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None
     return fs, path
 
 
+def modified_time(fs, path: str) -> float | None:
+    """PATH's last-modified time as a POSIX timestamp (local mtime, S3 LastModified), None if unknown."""
+    info = fs.info(path)
+    t = info.get("mtime") or info.get("LastModified") or info.get("created")
+    if t is None:
+        return None
+    return t.timestamp() if hasattr(t, "timestamp") else float(t)
+
+
 def join_uri(base: str, *parts: str) -> str:
     if "://" in base:
         scheme, rest = base.split("://", 1)
