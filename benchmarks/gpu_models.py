@@ -64,8 +64,15 @@ def phrase_lists(n: int, per_image: int = 20, vocabulary: int = 300, seed: int =
 def build_real_size_models(root: Path) -> dict[str, Path]:
     """OWLv2 base/16 @ 960 and BLIP large @ 384 with random weights and working processors."""
     from transformers import (
-        BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor, Owlv2Config,
-        Owlv2ForObjectDetection, Owlv2ImageProcessorPil, Owlv2Processor,
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessorPil,
+        Owlv2Processor,
     )
 
     from vesl.tiny import _clip_bpe_tokenizer, _wordpiece_vocab

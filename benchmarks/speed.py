@@ -49,11 +49,13 @@ PLACES = ["on a wooden table", "in a park", "next to a window", "on the beach at
 def caption_like(rng: random.Random) -> str:
     a, b = rng.sample(SUBJECTS, 2)
     return (f"a {rng.choice(ADJECTIVES)} {a} {rng.choice(['sitting', 'standing', 'lying', 'parked'])} "
-            f"{rng.choice(PLACES)} with a {rng.choice(ADJECTIVES)} {b} and {rng.choice(ADJECTIVES)} {rng.choice(SUBJECTS)}s")
+            f"{rng.choice(PLACES)} with a {rng.choice(ADJECTIVES)} {b} and {rng.choice(ADJECTIVES)} "
+            f"{rng.choice(SUBJECTS)}s")
 
 
 def alt_like(rng: random.Random) -> str:
-    return rng.choice([f"{rng.choice(SUBJECTS).title()} photo", f"Buy {rng.choice(ADJECTIVES)} {rng.choice(SUBJECTS)} online",
+    return rng.choice([f"{rng.choice(SUBJECTS).title()} photo",
+                       f"Buy {rng.choice(ADJECTIVES)} {rng.choice(SUBJECTS)} online",
                        f"IMG_{rng.randint(1000, 9999)}.jpg", f"{rng.choice(ADJECTIVES)} {rng.choice(SUBJECTS)} "
                        f"{rng.choice(PLACES)}"])
 
@@ -283,13 +285,14 @@ def table(results: dict) -> str:
         add("")
         add("1. OWLv2 preprocessing to 960x960, one thread each   ours img/s   HF img/s   ratio   max |diff|")
         for name, r in results["preprocess"].items():
-            add(f"   {name:<50} {r['ours_img_s']:10.1f} {r['hf_img_s']:10.2f} {r['ratio']:6.1f}x   {r['max_abs_diff']:.1e}")
+            add(f"   {name:<50} {r['ours_img_s']:10.1f} {r['hf_img_s']:10.2f} {r['ratio']:6.1f}x   "
+                f"{r['max_abs_diff']:.1e}")
     if "phrases" in results:
         r = results["phrases"]
         add("")
         add("2. phrase stage (captions + alt-texts)              ours texts/s   naive texts/s   ratio")
-        add(f"   nlp.pipe, tagger+matcher  vs  nlp(text) loop, full {r['ours_texts_s']:10.0f} {r['naive_texts_s']:15.0f} "
-            f"{r['ratio']:6.1f}x")
+        add(f"   nlp.pipe, tagger+matcher  vs  nlp(text) loop, full {r['ours_texts_s']:10.0f} "
+            f"{r['naive_texts_s']:15.0f} {r['ratio']:6.1f}x")
     if "pipeline" in results:
         r = results["pipeline"]
         s, j = r["sequential"], r["ray"]
@@ -299,7 +302,8 @@ def table(results: dict) -> str:
             f"{s['load_s'] + s['loop_s']:9.1f}")
         add(f"   Ray Data job (vesl annotate --preset tiny)      {j['img_s_steady']:9.1f} {j['startup_s']:10.1f} "
             f"{j['timings_s']['total']:9.1f}")
-        add(f"   ratio Ray / sequential: {r['ratio_steady']:.2f}x steady state, {r['ratio_end_to_end']:.2f}x end to end")
+        add(f"   ratio Ray / sequential: {r['ratio_steady']:.2f}x steady state, "
+            f"{r['ratio_end_to_end']:.2f}x end to end")
     if "memory" in results:
         r = results["memory"]
         add("")

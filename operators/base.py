@@ -14,10 +14,13 @@ import re
 import time
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import time
+    import pyarrow as pa
 
 REJECT_STAGE, REJECT_REASON, REJECT_MESSAGE = "reject_stage", "reject_reason", "reject_message"
 REJECT_COLUMNS = (REJECT_STAGE, REJECT_REASON, REJECT_MESSAGE)

@@ -8,15 +8,27 @@ whose processor has a chat template ("Describe this image in detail.", as VeCap 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 from pydantic import Field
 
 from operators.base import (
-    StageConfig, StageTimer, as_table, image_from_row, mark_rejects, normalize_text, pending_rows, put_column,
-    resolve_device, resolve_dtype, run_isolating_rows,
+    StageConfig,
+    StageTimer,
+    as_table,
+    image_from_row,
+    mark_rejects,
+    normalize_text,
+    pending_rows,
+    put_column,
+    resolve_device,
+    resolve_dtype,
+    run_isolating_rows,
 )
+
+if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import time
+    import pyarrow as pa
 
 STAGE = "caption"
 

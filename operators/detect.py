@@ -11,15 +11,26 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
 
 from operators.base import (
-    StageConfig, StageTimer, as_table, image_from_row, mark_rejects, pending_rows, put_column,
-    resolve_device, resolve_dtype, run_isolating_rows,
+    StageConfig,
+    StageTimer,
+    as_table,
+    image_from_row,
+    mark_rejects,
+    pending_rows,
+    put_column,
+    resolve_device,
+    resolve_dtype,
+    run_isolating_rows,
 )
+
+if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import time
+    import pyarrow as pa
 
 STAGE = "detect"
 
@@ -33,9 +44,11 @@ class DetectConfig(StageConfig):
         default=None, gt=0.0, le=1.0,
         description="Class-agnostic NMS IoU threshold; None disables NMS (CLOC uses none).",
     )
-    top_k: int | None = Field(default=None, ge=1, description="Keep at most this many regions per image; None keeps all.")
+    top_k: int | None = Field(default=None, ge=1,
+                              description="Keep at most this many regions per image; None keeps all.")
     min_box_pixels: float = Field(
-        default=1.0, ge=0.0, description="Drop boxes with a side shorter than this, in pixels of the image the detector saw."
+        default=1.0, ge=0.0,
+        description="Drop boxes with a side shorter than this, in pixels of the image the detector saw."
     )
     max_query_tokens: int = Field(default=16, ge=2, description="Tokens per text query (OWLv2 was trained with 16).")
     batch_size: int = Field(default=8, ge=1, description="Images per forward pass.")
@@ -198,7 +211,8 @@ class DetectRegions:
             cache.popitem(last=False)
         return rows
 
-    def detect(self, images: Sequence[np.ndarray], queries: list[list[str]]) -> list[list[tuple[np.ndarray, int, float]]]:
+    def detect(self, images: Sequence[np.ndarray],
+               queries: list[list[str]]) -> list[list[tuple[np.ndarray, int, float]]]:
         """Regions for each (H, W, 3) uint8 image: (normalised box, query index, score), best first."""
         torch = self._torch
         model = self.model

@@ -154,7 +154,8 @@ class ExtractPhrases:
         with self.timer:
             table = as_table(batch)
             rows = pending_rows(table)
-            captions = table.column("caption").to_pylist() if "caption" in table.column_names else [None] * table.num_rows
+            captions = (table.column("caption").to_pylist() if "caption" in table.column_names
+                        else [None] * table.num_rows)
             alts = table.column("alt_text").to_pylist() if "alt_text" in table.column_names else [None] * table.num_rows
             phrases: list[list[str] | None] = [None] * table.num_rows
             origins: list[list[str] | None] = [None] * table.num_rows

@@ -32,15 +32,24 @@ from operators.phrases import ExtractPhrases  # noqa: E402
 from schemas.region_text import META_PREFIX, META_SCHEMA_VERSION, SCHEMA_VERSION  # noqa: E402
 from vesl import __version__  # noqa: E402
 from vesl.config import AnnotateConfig, add_config_arguments, load_config  # noqa: E402
-from vesl.inputs import EmptyInputError, read_inputs  # noqa: E402
-from vesl.resources import plan_pools  # noqa: E402
-from vesl.storage import resolve_output  # noqa: E402
 from vesl.errors import EXIT_ACCOUNTING, EXIT_OK, Terminated, classify, install_stop_handlers  # noqa: E402
+from vesl.inputs import EmptyInputError, read_inputs  # noqa: E402
 from vesl.lease import Lease, LeaseHeldError, LeaseLostError  # noqa: E402
+from vesl.resources import plan_pools  # noqa: E402
 from vesl.runstate import (  # noqa: E402
-    OutputConflictError, check_output_target, completed, count_outputs, find_duplicates, funnel, output_files,
-    plan_batch, prepare_output, repair_duplicates, take_lease,
+    OutputConflictError,
+    check_output_target,
+    completed,
+    count_outputs,
+    find_duplicates,
+    funnel,
+    output_files,
+    plan_batch,
+    prepare_output,
+    repair_duplicates,
+    take_lease,
 )
+from vesl.storage import resolve_output  # noqa: E402
 from vesl.writer import MANIFEST, make_datasink, merge_counts, write_manifest  # noqa: E402
 
 log = logging.getLogger("vesl.annotate")
@@ -128,7 +137,8 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
     ctx.execution_no_progress_timeout_s = config.ray.no_progress_timeout_s
     if config.ray.object_store_budget_mb:
         limits = ctx.execution_options.resource_limits
-        ctx.execution_options.resource_limits = limits.copy(object_store_memory=config.ray.object_store_budget_mb * 2**20)
+        budget = config.ray.object_store_budget_mb * 2**20
+        ctx.execution_options.resource_limits = limits.copy(object_store_memory=budget)
     # Everything that can refuse the job (input, models, OUTPUT's bucket) is checked before OUTPUT is touched.
     models = model_provenance(config)
     inputs, plan = read_inputs(input_uri, config.input, storage_options, num_cpus=config.ray.read_num_cpus)

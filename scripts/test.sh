@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
-# One command: set up .venv, then run the whole test suite (CPU, tiny offline models, local Ray,
+# One command: set up .venv, lint, then run the whole test suite (CPU, tiny offline models, local Ray,
 # a moto S3 server on loopback, headless Chromium for the report, the real img2dataset in a venv of
 # its own). Extra arguments go to pytest.
+#   bash scripts/test.sh --fast   the fast loop: lint + every test that needs no Ray, subprocess,
+#                                 server or browser (pytest -m "not slow"), no browser/img2dataset set-up
 set -euo pipefail
 cd "$(dirname "$0")/.."
+fast=0
+if [ "${1:-}" = "--fast" ]; then
+  fast=1
+  shift
+fi
 bash scripts/setup.sh
-bash scripts/setup-browser.sh   # headless Chromium for the HTML report test
-bash scripts/setup-img2dataset.sh   # .venv-img2dataset: the real img2dataset, for the hand-off test
+if [ "$fast" = 0 ]; then
+  bash scripts/setup-browser.sh   # headless Chromium for the HTML report test
+  bash scripts/setup-img2dataset.sh   # .venv-img2dataset: the real img2dataset, for the hand-off test
+fi
+.venv/bin/ruff check .   # lint + import order (pyproject.toml [tool.ruff.lint])
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [ "$fast" = 1 ]; then
+  VESL_FAST=1 exec .venv/bin/python -m pytest -m "not slow" "$@"
+fi
 exec .venv/bin/python -m pytest "$@"

@@ -28,6 +28,25 @@ def tiny_dir(tmp_path_factory) -> Path:
     return root
 
 
+FAST = os.environ.get("VESL_FAST") == "1"  # scripts/test.sh --fast: no Ray, no subprocess, no browser
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that starts Ray (the ray_local fixture) is `slow`: it is left out of the fast loop."""
+    for item in items:
+        if "ray_local" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
+if FAST:  # a test that starts Ray without saying so fails loudly in the fast loop instead of slowing it
+    import ray
+
+    def _no_ray(*args, **kwargs):
+        raise RuntimeError("the fast loop (VESL_FAST=1) starts no Ray: mark this test slow")
+
+    ray.init = _no_ray
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import ray

@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     sample = sub.add_parser("sample", help="write sample inputs")
     ssub = sample.add_subparsers(dest="sample_command", required=True)
-    hostile = ssub.add_parser("hostile", help="write a hostile-input manifest (broken files, odd images, odd alt-texts)")
+    hostile = ssub.add_parser("hostile",
+                              help="write a hostile-input manifest (broken files, odd images, odd alt-texts)")
     hostile.add_argument("dir")
     shapes = ssub.add_parser("shapes", help="write synthetic region-text shards (coloured shapes, exact boxes)")
     shapes.add_argument("dir")

@@ -23,7 +23,6 @@ from operators.phrases import PhraseConfig
 from vesl.inputs import InputConfig
 from vesl.storage import StorageConfig
 
-
 PARQUET_CODECS = ("snappy", "gzip", "brotli", "zstd", "lz4")  # what pyarrow's Parquet writer names
 
 

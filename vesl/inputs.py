@@ -10,8 +10,8 @@ import json
 import posixpath
 import re
 import tarfile
-from dataclasses import dataclass, field
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pyarrow as pa

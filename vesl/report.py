@@ -28,10 +28,11 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 .meta{color:#666;margin:0 0 12px}
 table{border-collapse:collapse;margin:6px 0}td,th{padding:3px 10px;border-bottom:1px solid #e5e5e5;text-align:left;
 vertical-align:top}th{font-weight:600;background:#f0f0f0}td.num{text-align:right;font-variant-numeric:tabular-nums}
-.plots{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}.plot{background:#fff;border:1px solid #e2e2e2;border-radius:6px;padding:8px}
+.plots{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
+.plot{background:#fff;border:1px solid #e2e2e2;border-radius:6px;padding:8px}
 .gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(420px,1fr));gap:18px}
-.card{margin:0;background:#fff;border:1px solid #e2e2e2;border-radius:6px;padding:10px;display:flex;flex-direction:column;
-gap:8px}
+.card{margin:0;background:#fff;border:1px solid #e2e2e2;border-radius:6px;padding:10px;display:flex;
+flex-direction:column;gap:8px}
 .frame{position:relative;line-height:0;background:#ddd;align-self:center}
 .frame img{width:100%;height:100%;display:block}
 .frame .missing{display:flex;align-items:center;justify-content:center;line-height:1.3;color:#a00;padding:8px;
@@ -66,12 +67,14 @@ def svg_histogram(counts: Sequence[int], labels: Sequence[str], title: str, xlab
     bar_w = plot_w / n
     parts = [f'<svg class="hist" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">',
-             f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13" font-weight="600">{esc(title)}</text>',
+             f'<text x="{width / 2:.0f}" y="16" text-anchor="middle" font-size="13" font-weight="600">'
+             f'{esc(title)}</text>',
              f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>',
              f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#888"/>']
     for frac in (0.0, 0.5, 1.0):
         y = top + plot_h * (1 - frac)
-        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="10">{round(peak * frac)}</text>')
+        parts.append(f'<text x="{left - 4}" y="{y + 4:.1f}" text-anchor="end" font-size="10">'
+                     f'{round(peak * frac)}</text>')
     step = max(1, round(n / 10))
     for i, (c, label) in enumerate(zip(counts, labels)):
         h = plot_h * c / peak
@@ -208,7 +211,8 @@ def render_report(stats: Mapping[str, Any], storage_options=None, thumb_size: in
                   for m in stats["footer"].get("models") or [] for stage, info in m.items()]
     threshold_rows = [[k, "off" if v is None else v] for t in stats["footer"].get("thresholds") or []
                       for k, v in t.items()]
-    models = _table(["stage", "model", "class", "revision"], model_rows) + _table(["threshold", "value"], threshold_rows)
+    models = (_table(["stage", "model", "class", "revision"], model_rows)
+              + _table(["threshold", "value"], threshold_rows))
     sample = stats.get("sample") or []
     cards = "".join(gallery_card(row, thumb_size, storage_options) for row in sample)
     generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")

@@ -184,8 +184,10 @@ def _read_columns(fs, path: str, columns: list[str]) -> pa.Table:
 
 def completed(output: str, storage_options) -> tuple[np.ndarray, np.ndarray]:
     """(image_ids in shards, ordinals in rejects files), each sorted, for the resume anti-join."""
-    ids = [_read_columns(fs, p, ["image_id"]).column("image_id") for fs, p in parquet_files(output, DATA_DIR, storage_options)]
-    ords = [_read_columns(fs, p, ["ordinal"]).column("ordinal") for fs, p in parquet_files(output, REJECTS_DIR, storage_options)]
+    ids = [_read_columns(fs, p, ["image_id"]).column("image_id")
+           for fs, p in parquet_files(output, DATA_DIR, storage_options)]
+    ords = [_read_columns(fs, p, ["ordinal"]).column("ordinal")
+            for fs, p in parquet_files(output, REJECTS_DIR, storage_options)]
     # object arrays: fixed-width numpy strings would truncate longer ids when compared
     id_array = np.array(sorted(i for chunk in ids for i in chunk.to_pylist()), dtype=object)
     ord_array = np.sort(np.array([o for chunk in ords for o in chunk.to_pylist() if o is not None], dtype=np.int64))
@@ -319,7 +321,8 @@ def count_outputs(output: str, storage_options) -> dict[str, Any]:
     by_reason: Counter = Counter()
     for fs, path in parquet_files(output, REJECTS_DIR, storage_options):
         table = _read_columns(fs, path, ["stage", "reason"])
-        by_reason.update(f"{s}/{r}" for s, r in zip(table.column("stage").to_pylist(), table.column("reason").to_pylist()))
+        stages, reasons = table.column("stage").to_pylist(), table.column("reason").to_pylist()
+        by_reason.update(f"{s}/{r}" for s, r in zip(stages, reasons))
     return {"rows": rows, "unique_row_ids": len(ids), "rejects": sum(by_reason.values()), "regions": regions,
             "phrases": phrases, "by_stage": stage_totals(by_reason), "by_reason": dict(sorted(by_reason.items()))}
 
@@ -341,5 +344,5 @@ def output_files(output: str, storage_options) -> list[str]:
 
 
 __all__ = ["CorruptOutputError", "MANIFEST", "OutputConflictError", "RUN_STATE", "check_output_target", "completed",
-           "count_outputs", "find_duplicates", "funnel", "output_files", "parquet_files", "plan_batch", "prepare_output",
-           "repair_duplicates", "take_lease"]
+           "count_outputs", "find_duplicates", "funnel", "output_files", "parquet_files", "plan_batch",
+           "prepare_output", "repair_duplicates", "take_lease"]

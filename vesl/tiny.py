@@ -65,7 +65,8 @@ def _clip_bpe_tokenizer(vocab_size: int = 1000):
 def _merges_of(bpe) -> list[tuple[str, str]]:
     import json
 
-    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
 
 
 def _wordpiece_vocab() -> dict[str, int]:
@@ -110,7 +111,13 @@ def build_tiny_owlv2(out: Path, image_size: int = 64) -> Path:
 
 
 def build_tiny_blip(out: Path, image_size: int = 32) -> Path:
-    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessorPil, BlipProcessor
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
 
     tokenizer = BertTokenizer(vocab=_wordpiece_vocab(), bos_token="[DEC]", model_max_length=64)
     text = dict(
@@ -173,7 +180,11 @@ def build_tiny_vlm(out: Path, image_size: int = 32) -> Path:
     captioner path ("Describe this image in detail.") exercised offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (
-        CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast,
+        CLIPImageProcessorPil,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        PreTrainedTokenizerFast,
     )
 
     bpe = Tokenizer(models.BPE())

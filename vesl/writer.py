@@ -41,7 +41,8 @@ def split_rows_and_rejects(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table
     rejects = pa.table(
         {
             "image_id": bad.column("image_id"),
-            "image_uri": bad.column("image_uri") if "image_uri" in bad.column_names else pa.nulls(bad.num_rows, pa.string()),
+            "image_uri": (bad.column("image_uri") if "image_uri" in bad.column_names
+                          else pa.nulls(bad.num_rows, pa.string())),
             "stage": bad.column(REJECT_STAGE),
             "reason": bad.column(REJECT_REASON),
             "message": bad.column(REJECT_MESSAGE),

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from operators.detect import (
-    DetectConfig, DetectRegions, box_iou, nms, normalise_to_image, padded_square_boxes_to_original, select_regions,
+    DetectConfig,
+    DetectRegions,
+    box_iou,
+    nms,
+    normalise_to_image,
+    padded_square_boxes_to_original,
+    select_regions,
 )
 from tests.conftest import photo
 

@@ -5,7 +5,11 @@ import pytest
 import torch
 
 from operators.owlv2_preprocess import (
-    Owlv2Preprocess, gaussian_weights, mirror_indices, resample_matrix, zoom_axis,
+    Owlv2Preprocess,
+    gaussian_weights,
+    mirror_indices,
+    resample_matrix,
+    zoom_axis,
 )
 from tests.conftest import photo
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
 import tarfile
-import io
 
 import pandas as pd
 import pyarrow as pa
@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.annotate import run_annotate
-from vesl.runstate import OutputConflictError
 from tests.conftest import REPO, SAMPLE, encode, photo
 from tests.pipelines.helpers import EXPECTED, assert_accounted, make_manifest, read_output
 from vesl.config import load_config
+from vesl.runstate import OutputConflictError
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,12 @@ import pytest
 from pydantic import ValidationError
 
 from schemas.region_text import (
-    META_SCHEMA_VERSION, Region, RegionRow, SchemaVersionError, check_schema_version, region_text_schema,
+    META_SCHEMA_VERSION,
+    Region,
+    RegionRow,
+    SchemaVersionError,
+    check_schema_version,
+    region_text_schema,
 )
 
 

@@ -5,8 +5,15 @@ import errno
 import pytest
 
 from vesl.errors import (
-    EXIT_DISK_FULL, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PERMISSION, EXIT_TERMINATED, EXIT_UNREACHABLE, EXIT_USAGE,
-    Terminated, classify,
+    EXIT_DISK_FULL,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_PERMISSION,
+    EXIT_TERMINATED,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    Terminated,
+    classify,
 )
 
 

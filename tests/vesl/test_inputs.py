@@ -5,8 +5,8 @@ import tarfile
 import pyarrow as pa
 import pytest
 
-from vesl.inputs import InputConfig, derive_image_id, detect_format, iter_webdataset, normalize_rows
 from tests.conftest import encode, photo
+from vesl.inputs import InputConfig, derive_image_id, detect_format, iter_webdataset, normalize_rows
 
 
 def test_img2dataset_column_names_are_understood():

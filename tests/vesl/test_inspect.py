@@ -67,7 +67,8 @@ def write_known_output(root: Path, image_dir: Path | None = None) -> Path:
     for name, rows in (("part-1", SHARD_A), ("part-2", SHARD_B)):
         full = [{"image_uri": str(image_dir / f"{r['image_id']}.jpg") if image_dir else None, "image_bytes": None,
                  **r} for r in rows]
-        pq.write_table(pa.Table.from_pylist(full, schema=region_text_schema(footer())), root / "data" / f"{name}.parquet")
+        table = pa.Table.from_pylist(full, schema=region_text_schema(footer()))
+        pq.write_table(table, root / "data" / f"{name}.parquet")
     pq.write_table(pa.Table.from_pylist(REJECTS, schema=REJECT_SCHEMA), root / "rejects" / "part-1.parquet")
     (root / "manifest.json").write_text(json.dumps({"run_id": "r1", "input": "in.jsonl", "counts": {"inputs": 8}}))
     return root
@@ -167,6 +168,7 @@ def test_read_regions_refuses_what_is_not_a_shard(tmp_path):
         vesl.read_regions(str(tmp_path / "missing"))
 
 
+@pytest.mark.slow
 def test_inspect_command_writes_report_and_json(tmp_path):
     images = tmp_path / "images"
     images.mkdir()

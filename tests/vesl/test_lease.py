@@ -102,6 +102,7 @@ def test_a_discarded_lease_leaves_no_trace(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
     """A SIGKILLed driver re-run on the same machine resumes without waiting out the TTL."""
     import subprocess

@@ -82,7 +82,8 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_cloc(directory: str | Path, device: str = "cpu", attn_implementation: str | None = "sdpa") -> tuple[ClocModel, dict[str, Any]]:
+def load_cloc(directory: str | Path, device: str = "cpu",
+              attn_implementation: str | None = "sdpa") -> tuple[ClocModel, dict[str, Any]]:
     """(model, meta) from a checkpoint directory, weights through safetensors only."""
     from safetensors.torch import load_file
     from transformers import CLIPModel

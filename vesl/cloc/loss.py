@@ -122,6 +122,7 @@ class ClocLoss:
                 parts["grounding"] = grounding_loss(pred, true)
             else:  # no region in the whole global batch: zero, still attached to the graph
                 parts["cloc"] = parts["grounding"] = (region.sum() + phrase.sum() + pred.sum()) * 0.0
-            total = total + self.config.region_weight * (parts["cloc"] + self.config.grounding_weight * parts["grounding"])
+            regions = parts["cloc"] + self.config.grounding_weight * parts["grounding"]
+            total = total + self.config.region_weight * regions
         parts["loss"] = total
         return parts

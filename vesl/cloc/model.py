@@ -154,7 +154,8 @@ class ClocModel(nn.Module):
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_index: torch.Tensor | None = None, boxes: torch.Tensor | None = None,
-                phrase_ids: torch.Tensor | None = None, phrase_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                phrase_ids: torch.Tensor | None = None,
+                phrase_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One step's embeddings. Regions are flat: region r is box BOXES[r] in image IMAGE_INDEX[r],
         labelled by PHRASE_IDS[r]. Without regions (lambda = 0) only the CLIP part runs."""
         image_embeds, patches = self.encode_image(pixels)

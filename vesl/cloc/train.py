@@ -115,7 +115,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     config = TrainConfig.model_validate(loop_config["config"])
     total_steps, out_local = loop_config["total_steps"], loop_config.get("metrics_path")
     ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank = ctx.get_world_rank()
     torch.set_num_threads(config.run.torch_threads or max(1, math.ceil(config.run.cpus_per_worker)))
     device = ray.train.torch.get_device()
     use_bf16 = config.run.precision == "bf16" or (config.run.precision == "auto" and device.type == "cuda")

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from vesl.cloc.loss import (
-    ClocLoss, LossConfig, clip_loss, cloc_loss, duplicate_text_mask, gather_features, grounding_loss, info_nce,
+    ClocLoss,
+    LossConfig,
+    clip_loss,
+    cloc_loss,
+    duplicate_text_mask,
+    gather_features,
+    grounding_loss,
+    info_nce,
 )
 
 

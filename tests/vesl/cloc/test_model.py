@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from vesl.cloc.model import (
-    ClocModel, GroundingHead, Prompter, PrompterConfig, patch_centres, roi_pool_embeddings, sinusoidal_encoding,
+    ClocModel,
+    GroundingHead,
+    Prompter,
+    PrompterConfig,
+    patch_centres,
+    roi_pool_embeddings,
+    sinusoidal_encoding,
 )
 
 
