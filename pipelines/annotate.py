@@ -139,7 +139,8 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
         limits = ctx.execution_options.resource_limits
         budget = config.ray.object_store_budget_mb * 2**20
         ctx.execution_options.resource_limits = limits.copy(object_store_memory=budget)
-    # Everything that can refuse the job (input, models, OUTPUT's bucket) is checked before OUTPUT is touched.
+    # Everything that can refuse the job (OUTPUT's bucket, models, input) is checked before OUTPUT is touched.
+    check_output_target(output_uri, storage_options)
     models = model_provenance(config)
     inputs, plan = read_inputs(input_uri, config.input, storage_options, num_cpus=config.ray.read_num_cpus)
     log.info("input %s: %s, %d unit(s) to read; it holds %s", input_uri, plan.label, len(plan.units), plan.holds())
@@ -149,7 +150,6 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfig) -> dic
         raise EmptyInputError(f"input {input_uri} yields no inputs: read as {plan.label}, its {len(plan.units)} "
                               f"unit(s) hold no rows; it holds {plan.holds()}. Set input.allow_empty=true to accept "
                               "an empty input")
-    check_output_target(output_uri, storage_options)
     lease = take_lease(output_uri, storage_options, wait_s=config.output.lease_wait_s)
     try:
         mode = prepare_output(output_uri, input_uri, config.label_hash(), config.output.on_existing, storage_options)
