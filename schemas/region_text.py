@@ -1,8 +1,8 @@
 """Region-text shard schema v1: one row per image, its caption, phrases and detected regions.
 
 This module is the only place the columns and their types are written down. Writers cast to
-`region_text_schema()`, readers call `check_schema_version` on the footer metadata and refuse a
-major version they do not know.
+`region_text_schema()`; readers call `check_shard_schema` (the footer's version, else the columns)
+and refuse a major version they do not know.
 """
 
 from __future__ import annotations

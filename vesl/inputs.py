@@ -681,13 +681,6 @@ def _count(items) -> dict[str, int]:
     return out
 
 
-def detect_format(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None,
-                  config: InputConfig | None = None) -> tuple[str, list[str]]:
-    """(kind, the URIs of its reading units): `plan_input` in short."""
-    plan = plan_input(uri, config or InputConfig(), storage_options)
-    return plan.kind, [u["uri"] for u in plan.units]
-
-
 def read_inputs(uri: str, config: InputConfig, storage_options: Mapping[str, Mapping[str, Any]] | None,
                 num_cpus: float = 1.0):
     """A Ray Dataset of INPUT_SCHEMA rows for URI, and its InputPlan; NUM_CPUS per reading task.

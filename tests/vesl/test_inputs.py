@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from tests.conftest import encode, photo
-from vesl.inputs import InputConfig, derive_image_id, detect_format, iter_webdataset, normalize_rows
+from vesl.inputs import InputConfig, derive_image_id, iter_webdataset, normalize_rows, plan_input
 
 
 def test_img2dataset_column_names_are_understood():
@@ -68,15 +68,16 @@ def test_an_unreadable_tar_is_one_reject(tmp_path):
 
 def test_format_detection(tmp_path):
     (tmp_path / "m.jsonl").write_text("{}\n")
-    assert detect_format(str(tmp_path / "m.jsonl"), None)[0] == "manifest"
+    assert plan_input(str(tmp_path / "m.jsonl"), InputConfig(), None).kind == "manifest"
     (tmp_path / "shards").mkdir()
     write_tar(tmp_path / "shards" / "0.tar", [])
-    assert detect_format(str(tmp_path / "shards"), None)[0] == "webdataset"
+    assert plan_input(str(tmp_path / "shards"), InputConfig(), None).kind == "webdataset"
     (tmp_path / "imgs").mkdir()
     (tmp_path / "imgs" / "a.jpg").write_bytes(b"x")
-    assert detect_format(str(tmp_path / "imgs"), None) == ("folder", [str(tmp_path / "imgs" / "a.jpg")])
+    plan = plan_input(str(tmp_path / "imgs"), InputConfig(), None)
+    assert (plan.kind, [u["uri"] for u in plan.units]) == ("folder", [str(tmp_path / "imgs" / "a.jpg")])
     with pytest.raises(FileNotFoundError):
-        detect_format(str(tmp_path / "nope"), None)
+        plan_input(str(tmp_path / "nope"), InputConfig(), None)
 
 
 def test_csv_manifest_and_image_folder_through_ray_data(tmp_path, ray_local):
@@ -152,7 +153,6 @@ WANT = [("000000000", "a dog", None), ("000000001", "a cat", "failed_to_download
 
 
 def test_img2dataset_webdataset_layout_reads_tar_samples_and_status_failures(tmp_path):
-    from vesl.inputs import plan_input
 
     jpg = encode(photo(12, 8))
     write_tar(tmp_path / "00000.tar", [x for key, status, cap in STATUS if status == "success" for x in (
@@ -177,7 +177,6 @@ def test_img2dataset_webdataset_layout_reads_tar_samples_and_status_failures(tmp
 
 
 def test_img2dataset_success_missing_from_its_tar_is_a_reject_not_a_silent_loss(tmp_path):
-    from vesl.inputs import plan_input
 
     write_tar(tmp_path / "00000.tar", [("000000000.jpg", encode(photo(8, 8)))])
     _status_table(tmp_path / "00000.parquet", STATUS)
@@ -188,7 +187,6 @@ def test_img2dataset_success_missing_from_its_tar_is_a_reject_not_a_silent_loss(
 
 
 def test_img2dataset_parquet_layout_is_a_manifest_with_statuses(tmp_path):
-    from vesl.inputs import plan_input
 
     jpg = encode(photo(8, 8))
     _status_table(tmp_path / "00000.parquet", STATUS, with_jpg=jpg)
@@ -201,7 +199,6 @@ def test_img2dataset_parquet_layout_is_a_manifest_with_statuses(tmp_path):
 
 
 def test_img2dataset_files_layout_reads_images_beside_the_status_table(tmp_path):
-    from vesl.inputs import plan_input
 
     jpg = encode(photo(8, 8))
     (tmp_path / "00000").mkdir()
@@ -231,7 +228,6 @@ def test_img2dataset_files_layout_reads_images_beside_the_status_table(tmp_path)
 
 
 def test_an_image_folder_takes_alt_text_and_id_from_sidecars(tmp_path):
-    from vesl.inputs import plan_input
 
     (tmp_path / "a.jpg").write_bytes(encode(photo(8, 8)))
     (tmp_path / "a.txt").write_text("a red kite")
@@ -260,7 +256,6 @@ def test_an_input_with_nothing_to_read_is_an_error_naming_what_it_holds(tmp_path
 
 
 def test_a_forced_format_that_does_not_fit_one_file_is_refused(tmp_path):
-    from vesl.inputs import plan_input
 
     (tmp_path / "m.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="input.format=webdataset needs a .tar"):
@@ -268,7 +263,6 @@ def test_a_forced_format_that_does_not_fit_one_file_is_refused(tmp_path):
 
 
 def test_an_unreadable_img2dataset_status_table_is_a_reject_and_the_tar_still_reads(tmp_path):
-    from vesl.inputs import plan_input
 
     write_tar(tmp_path / "00000.tar", [("000000000.jpg", encode(photo(8, 8))), ("000000000.txt", b"a dog")])
     (tmp_path / "00000.parquet").write_bytes(b"PAR1 broken")
