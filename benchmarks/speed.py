@@ -118,7 +118,7 @@ def bench_phrases(n: int) -> dict:
     naive_rate = len(texts) / t_naive
     return {"texts": 2 * n, "ours_texts_s": ours_rate, "naive_texts_s": naive_rate, "ratio": ours_rate / naive_rate,
             "naive_texts_timed": len(texts), "pipeline_components": stage.nlp.pipe_names,
-            "ours_disabled": stage._disabled}
+            "ours_pipes": stage.nlp.pipe_names}
 
 
 # 3 and 4. the pipeline -------------------------------------------------------------------------

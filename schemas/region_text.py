@@ -1,8 +1,9 @@
 """Region-text shard schema v1: one row per image, its caption, phrases and detected regions.
 
-This module is the only place the columns and their types are written down. Writers cast to
-`region_text_schema()`; readers call `check_shard_schema` (the footer's version, else the columns)
-and refuse a major version they do not know.
+This module is the only place the shard's columns, types and footer keys are written down (the
+columns stages pass between them are in `schemas.columns`, reject reasons in `schemas.rejects`).
+Writers cast to `region_text_schema()`; readers call `check_shard_schema` (the footer's version,
+else the columns) and refuse a major version they do not know.
 """
 
 from __future__ import annotations
@@ -16,8 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 SCHEMA_VERSION = "1.0"
 MAJOR_VERSION = 1
 # Footer metadata keys (bytes in Parquet); every value is a UTF-8 string, JSON where structured.
-META_SCHEMA_VERSION = "vesl.schema_version"
 META_PREFIX = "vesl."
+META_SCHEMA_VERSION = "vesl.schema_version"  # "1.0"
+META_VERSION = "vesl.version"  # the vesl that wrote the file
+META_MODELS = "vesl.models"  # JSON: {"captioner": {id, revision, class}, "detector": {...}, "spacy": {id}}
+META_THRESHOLDS = "vesl.thresholds"  # JSON: the detection and phrase settings that shaped the regions
+META_CONFIG_HASH = "vesl.config_hash"  # hash of every label-affecting setting (AnnotateConfig.label_hash)
+META_WRITTEN_BY = "vesl.written_by"  # "write_regions" on shards written back from a DataFrame
 
 REGION_TYPE = pa.struct(
     [
@@ -51,6 +57,8 @@ def region_text_schema(metadata: dict[str, str] | None = None) -> pa.Schema:
     return schema
 
 
+# One row per rejected input: `reason` is a `schemas.rejects.RejectReason` (or, for an input
+# img2dataset already failed, img2dataset's own status).
 REJECT_SCHEMA = pa.schema(
     [
         pa.field("image_id", pa.string(), nullable=False),
@@ -247,16 +255,3 @@ class RegionRow(BaseModel):
     caption: str
     phrases: list[str]
     regions: list[Region]
-
-
-class RejectRow(BaseModel):
-    """One input that did not become a row, and why."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    image_id: str
-    image_uri: str | None = None
-    stage: str
-    reason: str
-    message: str | None = None
-    ordinal: int | None = None

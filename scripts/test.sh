@@ -2,7 +2,7 @@
 # One command: set up .venv, lint, then run the whole test suite (CPU, tiny offline models, local Ray,
 # a moto S3 server on loopback, headless Chromium for the report, the real img2dataset in a venv of
 # its own). Extra arguments go to pytest.
-#   bash scripts/test.sh --fast   the fast loop: lint + every test that needs no Ray, subprocess,
+#   bash scripts/test.sh --fast   the fast loop: lint, import contracts + every test that needs no Ray, subprocess,
 #                                 server or browser (pytest -m "not slow"), no browser/img2dataset set-up
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +17,7 @@ if [ "$fast" = 0 ]; then
   bash scripts/setup-img2dataset.sh   # .venv-img2dataset: the real img2dataset, for the hand-off test
 fi
 .venv/bin/ruff check .   # lint + import order (pyproject.toml [tool.ruff.lint])
+.venv/bin/lint-imports --no-cache   # the layers only point down, no cycles (pyproject.toml [tool.importlinter])
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ "$fast" = 1 ]; then
   VESL_FAST=1 exec .venv/bin/python -m pytest -m "not slow" "$@"

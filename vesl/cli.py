@@ -9,11 +9,11 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "annotate":
-        from pipelines.annotate import main as annotate_main
+        from vesl.jobs.annotate import main as annotate_main
 
         return annotate_main(argv[1:])
     if argv and argv[0] == "train":
-        from pipelines.train import main as train_main
+        from vesl.jobs.train import main as train_main
 
         return train_main(argv[1:])
     if argv and argv[0] == "inspect":

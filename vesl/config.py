@@ -1,11 +1,16 @@
 """The annotate job's configuration: one pydantic model composed of each stage's own config.
 
+The sections: input, storage, one per registered stage (operators.registry, in order), output, ray
+(with `ray.pools.<stage>` per stage). The model is built from the registry, so a new stage's config
+is a section with no edit here.
+
 Sources, later ones winning: defaults (real models, real thresholds) < preset (`--preset tiny`) <
 YAML file (`--config`) < `--set section.key=value` overrides.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -13,22 +18,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, create_model, field_validator
 
-from operators.base import StageConfig
-from operators.caption import CaptionConfig
-from operators.decode import DecodeConfig
-from operators.detect import DetectConfig
-from operators.phrases import PhraseConfig
+from operators.base import Stage
+from operators.registry import stages
+from vesl.core.settings import Settings
+from vesl.core.storage import StorageConfig
 from vesl.inputs import InputConfig
-from vesl.storage import StorageConfig
 
 PARQUET_CODECS = ("snappy", "gzip", "brotli", "zstd", "lz4")  # what pyarrow's Parquet writer names
 
 
-class PoolConfig(StageConfig):
-    size: int | None = Field(default=None, ge=1, description="Actors in the pool; None sizes it from the cluster.")
-    num_cpus: float | None = Field(default=None, gt=0, description="CPUs per actor; None sizes it from the cluster.")
+class PoolConfig(Settings):
+    size: int | None = Field(default=None, ge=1, description="Actors in the pool (a task stage: at most this many "
+                             "tasks at once); None sizes it from the cluster.")
+    num_cpus: float | None = Field(default=None, gt=0, description="CPUs per actor (or task); None sizes it from "
+                                   "the cluster (a task stage: the stage's own default).")
     num_gpus: float | None = Field(
         default=None, ge=0,
         description="GPUs per actor; None: a share of the cluster's GPUs when it has any, else 0.",
@@ -40,7 +45,7 @@ class PoolConfig(StageConfig):
     )
 
 
-class RayConfig(StageConfig):
+class RayConfig(Settings):
     no_progress_timeout_s: float = Field(
         default=900.0, gt=0, description="Fail the run with a message if no batch finishes for this long."
     )
@@ -49,10 +54,6 @@ class RayConfig(StageConfig):
         description="Share of the cluster's CPUs left to read/decode/write tasks when sizing the model pools "
         "(at least one CPU): an actor pool that takes every CPU starves the readers and hangs.",
     )
-    caption_pool: PoolConfig = PoolConfig()
-    phrase_pool: PoolConfig = PoolConfig()
-    detect_pool: PoolConfig = PoolConfig()
-    decode_num_cpus: float = Field(default=1.0, gt=0, description="CPUs per decode task.")
     read_num_cpus: float = Field(
         default=0.25, gt=0,
         description="CPUs reserved by an input-reading task. One such task streams a whole manifest file and "
@@ -67,7 +68,7 @@ class RayConfig(StageConfig):
     )
 
 
-class OutputConfig(StageConfig):
+class OutputConfig(Settings):
     on_existing: Literal["resume", "error", "overwrite"] = Field(
         default="resume",
         description="When OUTPUT already holds files: 'resume' the vesl run there (same input and label config, "
@@ -92,30 +93,52 @@ class OutputConfig(StageConfig):
         return value.lower()
 
 
-class AnnotateConfig(StageConfig):
+class AnnotateConfigBase(Settings):
+    """Base of the annotate config; `annotate_config_class` adds one section per registered stage."""
+
     input: InputConfig = InputConfig()
     storage: StorageConfig = StorageConfig()
-    decode: DecodeConfig = DecodeConfig()
-    caption: CaptionConfig = CaptionConfig()
-    phrases: PhraseConfig = PhraseConfig()
-    detect: DetectConfig = DetectConfig()
-    output: OutputConfig = OutputConfig()
-    ray: RayConfig = RayConfig()
+
+    @classmethod
+    def stage_classes(cls) -> tuple[type[Stage], ...]:
+        return getattr(cls, "_stages", ())
+
+    def stage_config(self, stage: type[Stage]) -> Settings:
+        return getattr(self, stage.name)
 
     def label_hash(self) -> str:
-        """Hash of everything that changes the labels (not paths, credentials or resources)."""
-        label = self.model_dump(mode="json", include={"input", "decode", "caption", "phrases", "detect"})
+        """Hash of everything that changes the labels (not paths, credentials, resources or speed)."""
+        label = {"input": self.input.model_dump(mode="json")}
         for key in ("limit", "block_rows", "allow_empty"):  # how much and how fast, not what
             label["input"].pop(key, None)
-        for section in label.values():  # how fast, not what: batch sizes and device may change on resume
-            section.pop("batch_size", None)
-            section.pop("device", None)
-            section.pop("text_cache_size", None)
+        for stage in self.stage_classes():
+            section = self.stage_config(stage).model_dump(mode="json")
+            for key in stage.speed_settings:  # how fast, not what: these may change on resume
+                section.pop(key, None)
+            label[stage.name] = section
         return hashlib.sha256(json.dumps(label, sort_keys=True).encode()).hexdigest()[:16]
 
     def public_dict(self) -> dict[str, Any]:
         """The config as JSON-ready data with secrets masked (SecretStr dumps as '**********')."""
         return json.loads(self.model_dump_json())
+
+
+@functools.lru_cache(maxsize=8)
+def annotate_config_class(chain: tuple[type[Stage], ...]) -> type[AnnotateConfigBase]:
+    """The annotate config model for the stages CHAIN: a section per stage, and a pool per stage."""
+    pools = create_model("PoolsConfig", __base__=Settings,
+                         **{stage.name: (PoolConfig, PoolConfig()) for stage in chain})
+    ray = create_model("RayConfig", __base__=RayConfig, pools=(pools, Field(
+        default=pools(), description="Per stage: its actor pool (a task stage: its tasks), e.g. ray.pools.caption")))
+    model = create_model("AnnotateConfig", __base__=AnnotateConfigBase,
+                         **{stage.name: (stage.config_class, stage.config_class()) for stage in chain},
+                         output=(OutputConfig, OutputConfig()), ray=(ray, ray()))
+    model._stages = chain
+    return model
+
+
+# The config of the stages registered at import; `load_config` builds it for the registry as it is then.
+AnnotateConfig = annotate_config_class(stages())
 
 
 def tiny_models_dir() -> Path:
@@ -176,5 +199,7 @@ def merge_sources(preset_data: dict[str, Any] | None, path: str | None,
 
 
 def load_config(path: str | None = None, preset_name: str | None = None,
-                overrides: list[str] | None = None) -> AnnotateConfig:
-    return AnnotateConfig.model_validate(merge_sources(preset(preset_name) if preset_name else None, path, overrides))
+                overrides: list[str] | None = None) -> AnnotateConfigBase:
+    """Defaults < preset < YAML file < --set overrides, validated for the registered stages."""
+    data = merge_sources(preset(preset_name) if preset_name else None, path, overrides)
+    return annotate_config_class(stages()).model_validate(data)

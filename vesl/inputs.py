@@ -17,23 +17,13 @@ from typing import Any, Literal
 import pyarrow as pa
 from pydantic import Field
 
-from operators.base import REJECT_MESSAGE, REJECT_REASON, REJECT_STAGE, StageConfig, describe_error
-from vesl.storage import filesystem, join_uri, parent_uri, uri_prefix
+from schemas.columns import INPUT_SCHEMA, REJECT_MESSAGE, REJECT_REASON, REJECT_STAGE
+from schemas.rejects import READ_STAGE
+from schemas.rejects import RejectReason as R
+from vesl.core.settings import Settings
+from vesl.core.storage import filesystem, join_uri, parent_uri, uri_prefix
+from vesl.core.text import describe_error
 
-INPUT_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),
-        pa.field("image_uri", pa.string()),
-        pa.field("image_bytes", pa.large_binary()),
-        pa.field("alt_text", pa.string()),
-        # position of the input: (file index << 32) + row in file. Decides which of several rows
-        # sharing an image_id is kept (the first), the same way on every run.
-        pa.field("ordinal", pa.int64()),
-        pa.field(REJECT_STAGE, pa.string()),
-        pa.field(REJECT_REASON, pa.string()),
-        pa.field(REJECT_MESSAGE, pa.string()),
-    ]
-)
 MANIFEST_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 ORDINAL_FILE_SHIFT = 32
 MAX_URI_CHARS = 8192  # longer "URIs" are data pasted into the wrong column, not places to fetch from
@@ -41,7 +31,7 @@ READ_ERROR, READ_REASON, SOURCE = "__vesl_read_error__", "__vesl_read_reason__",
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
-class InputConfig(StageConfig):
+class InputConfig(Settings):
     format: Literal["auto", "manifest", "webdataset", "folder"] = Field(
         default="auto",
         description="'auto': img2dataset's output folders by their layout (NNNNN.tar -> webdataset, NNNNN.parquet "
@@ -141,7 +131,7 @@ def normalize_rows(rows: list[Mapping[str, Any]], ordinals: list[int], config: I
             row = {**row, READ_REASON: reason} if error is not None else row
         if error is None and uri is not None and len(uri) > MAX_URI_CHARS:
             error, row = (f"an image URI of {len(uri)} characters (more than {MAX_URI_CHARS}): {uri[:200]}…",
-                          {**row, READ_REASON: "bad_uri"})
+                          {**row, READ_REASON: R.BAD_URI.value})
             uri = uri[:MAX_URI_CHARS]
         if error is not None:
             uri = uri or row.get(SOURCE)
@@ -151,8 +141,8 @@ def normalize_rows(rows: list[Mapping[str, Any]], ordinals: list[int], config: I
         out["image_bytes"].append(data)
         out["alt_text"].append(_text(row.get(alt_col)) if alt_col else None)
         out["ordinal"].append(ordinal)
-        out[REJECT_STAGE].append("read" if error is not None else None)
-        out[REJECT_REASON].append(row.get(READ_REASON, "bad_manifest_row") if error is not None else None)
+        out[REJECT_STAGE].append(READ_STAGE if error is not None else None)
+        out[REJECT_REASON].append(row.get(READ_REASON, R.BAD_MANIFEST_ROW.value) if error is not None else None)
         out[REJECT_MESSAGE].append(error)
     return pa.table(out, schema=INPUT_SCHEMA)
 
@@ -303,7 +293,7 @@ def iter_manifest_rows(uri: str, storage_options: Mapping[str, Mapping[str, Any]
             if chunk:
                 yield chunk
     except Exception as e:  # noqa: BLE001 - an unreadable manifest file is a reject, not a crash
-        yield [{READ_ERROR: f"{uri}: {describe_error(e)}"[:500], READ_REASON: "unreadable_manifest", SOURCE: uri}]
+        yield [{READ_ERROR: f"{uri}: {describe_error(e)}"[:500], READ_REASON: R.UNREADABLE_MANIFEST.value, SOURCE: uri}]
 
 
 def _iter_json_rows(f, uri: str) -> Iterator[dict[str, Any]]:
@@ -356,7 +346,7 @@ def read_webdataset_files(batch: pa.Table, config: InputConfig, storage_options,
 def _reject_row(image_id: str, uri: str | None, ordinal: int, reason: str, message: str,
                 alt_text: str | None = None) -> dict[str, Any]:
     return {"image_id": image_id, "image_uri": uri, "image_bytes": None, "alt_text": alt_text, "ordinal": ordinal,
-            REJECT_STAGE: "read", REJECT_REASON: reason, REJECT_MESSAGE: message[:500]}
+            REJECT_STAGE: READ_STAGE, REJECT_REASON: reason, REJECT_MESSAGE: message[:500]}
 
 
 def read_status_table(uri: str, config: InputConfig, storage_options) -> list[dict[str, Any]]:
@@ -378,7 +368,7 @@ def _status_rows(status_uri: str, base: int, config: InputConfig,
         return read_status_table(status_uri, config, storage_options), []
     except Exception as e:  # noqa: BLE001 - an unreadable status table is a reject, not a crash
         return [], [_reject_row(derive_image_id(status_uri, None), status_uri, base + (1 << ORDINAL_FILE_SHIFT) - 1,
-                                "unreadable_manifest", f"{status_uri}: {describe_error(e)}")]
+                                R.UNREADABLE_MANIFEST.value, f"{status_uri}: {describe_error(e)}")]
 
 
 def _by_key(rows: list[dict[str, Any]]) -> dict[str | None, tuple[int, dict[str, Any]]]:
@@ -394,7 +384,7 @@ def _status_rejects(rows: list[dict[str, Any]], seen: set[str], base: int, confi
             continue
         message, reason = upstream_failure(row.get(config.status_column), row.get(config.error_column))
         if message is None:
-            reason = "missing_image"
+            reason = R.MISSING_IMAGE.value
             message = f"img2dataset recorded key {key!r} as a success, but {where} has no image for it"
         yield _reject_row(key or derive_image_id(f"{where}#{k}", None), _text(row.get("url")), base + k, reason,
                           message, _text(row.get("caption")))
@@ -451,7 +441,8 @@ def _folder_row(unit: Mapping[str, Any], config: InputConfig, storage_options) -
         meta = meta if isinstance(meta, dict) else {}
         text = _read_sidecar(unit.get("txt"), storage_options)
     except Exception as e:  # noqa: BLE001 - a broken sidecar is that image's reject, not a crash
-        return {**row, "image_id": derive_image_id(uri, None), REJECT_STAGE: "read", REJECT_REASON: "bad_sidecar",
+        return {**row, "image_id": derive_image_id(uri, None), REJECT_STAGE: READ_STAGE,
+                REJECT_REASON: R.BAD_SIDECAR.value,
                 REJECT_MESSAGE: f"{unit.get('json') or unit.get('txt')}: {describe_error(e)}"[:500]}
     id_key = _first(config.id_column, list(meta))
     key = _text(meta.get(id_key)) if id_key else None
@@ -492,7 +483,7 @@ def iter_img2dataset_files(unit: Mapping[str, Any], config: InputConfig, storage
             with fs_image.open(image_path, "rb") as f:
                 out["image_bytes"] = f.read()
         except Exception as e:  # noqa: BLE001 - one unreadable file is that image's reject
-            out.update({REJECT_STAGE: "read", REJECT_REASON: "unreadable_file",
+            out.update({REJECT_STAGE: READ_STAGE, REJECT_REASON: R.UNREADABLE_FILE.value,
                         REJECT_MESSAGE: f"{image}: {describe_error(e)}"[:500]})
         yield out
     extra = len(rows)
@@ -522,7 +513,7 @@ def _webdataset_row(tar_uri: str, key: str, parts: Mapping[str, bytes],
            "image_bytes": parts.get(image_suffix) if image_suffix else None, "alt_text": alt,
            REJECT_STAGE: None, REJECT_REASON: None, REJECT_MESSAGE: None}
     if image_suffix is None:
-        row.update({REJECT_STAGE: "read", REJECT_REASON: "missing_image",
+        row.update({REJECT_STAGE: READ_STAGE, REJECT_REASON: R.MISSING_IMAGE.value,
                     REJECT_MESSAGE: f"sample {key!r} in {tar_uri} has no image member"})
     return row
 
@@ -553,11 +544,12 @@ def iter_webdataset(tar_uri: str, storage_options: Mapping[str, Mapping[str, Any
         message = describe_error(e)[:500]
         if key is not None:
             row = _webdataset_row(tar_uri, key, parts, image_suffixes)
-            row.update({REJECT_STAGE: "read", REJECT_REASON: "unreadable_shard",
+            row.update({REJECT_STAGE: READ_STAGE, REJECT_REASON: R.UNREADABLE_SHARD.value,
                         REJECT_MESSAGE: f"{tar_uri} broke off in this sample: {message}"})
             yield row
         yield {"image_id": derive_image_id(tar_uri, None), "image_uri": tar_uri, "image_bytes": None,
-               "alt_text": None, REJECT_STAGE: "read", REJECT_REASON: "unreadable_shard", REJECT_MESSAGE: message}
+               "alt_text": None, REJECT_STAGE: READ_STAGE, REJECT_REASON: R.UNREADABLE_SHARD.value,
+               REJECT_MESSAGE: message}
 
 
 class EmptyInputError(ValueError):

@@ -24,9 +24,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from operators.registry import funnel_steps
+from vesl.core.storage import filesystem, join_uri
+from vesl.core.text import fmt
 from vesl.read import by_protocol, iter_tables, shard_uris
 from vesl.runstate import funnel, hash_ids, parquet_files
-from vesl.storage import filesystem, join_uri
 
 log = logging.getLogger("vesl.inspect")
 
@@ -183,7 +185,7 @@ def collect_stats(output: str, storage_options: Mapping[str, Any] | None = None,
         "by_stage": by_stage,
         "by_reason": dict(sorted(by_reason.items())),
         "reject_examples": reject_examples,
-        "funnel": funnel(inputs, by_stage),
+        "funnel": funnel(inputs, by_stage, funnel_steps()),
         "regions": {
             "total": regions_total,
             "per_image_mean": _mean_from_hist(region_hist, regions_total),
@@ -242,11 +244,6 @@ def _sample_rows(picked: list[tuple[int, str, int]], storage_options) -> list[di
 
 def _bar(value: int, peak: int, width: int = 30) -> str:
     return "#" * (max(1, round(width * value / peak)) if value and peak else 0)
-
-
-def fmt(x: float | None, digits: int = 2) -> str:
-    """X with DIGITS decimals, '-' for a missing figure."""
-    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def format_summary(stats: Mapping[str, Any]) -> str:
@@ -319,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thumb-size", type=int, default=512, help="longer side of the gallery images, pixels")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from vesl.storage import StorageConfig
+    from vesl.core.storage import StorageConfig
 
     storage = StorageConfig().options()  # S3 credentials from the AWS environment
     try:

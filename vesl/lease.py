@@ -66,7 +66,7 @@ class Lease:
 
     # ------------------------------------------------------------------ storage
     def _fs(self):
-        from vesl.storage import filesystem
+        from vesl.core.storage import filesystem
 
         fs, root = filesystem(self.output, self.options)
         return fs, f"{root.rstrip('/')}/{LEASE_DIR}"
@@ -80,7 +80,7 @@ class Lease:
 
     def _read(self, fs, path: str) -> tuple[dict[str, Any], float | None]:
         """(the holder's record, or {} when unreadable, e.g. 0 bytes after a full disk; storage mtime)."""
-        from vesl.storage import modified_time
+        from vesl.core.storage import modified_time
 
         try:
             mtime = modified_time(fs, path)

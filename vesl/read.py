@@ -37,7 +37,7 @@ def by_protocol(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str
     fsspec's own form, e.g. {"anon": True}) is taken as the options of URI's protocol."""
     import fsspec
 
-    from vesl.storage import protocol_of
+    from vesl.core.storage import protocol_of
 
     if not storage_options:
         return {}
@@ -48,7 +48,7 @@ def by_protocol(uri: str, storage_options: Mapping[str, Any] | None) -> dict[str
 
 
 def shard_uris(uri: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    from vesl.cloc.data import find_shards
+    from vesl.core.shards import find_shards
 
     return find_shards(uri, by_protocol(uri, storage_options), check=False)  # iter_tables checks each footer
 
@@ -61,7 +61,7 @@ def iter_tables(uris: list[str], columns: list[str], storage_options: Mapping[st
     Files without vesl's footer (written back by pandas or polars) are read by their columns; the
     first one is logged with the casts it needs."""
     from schemas.region_text import check_shard_schema, conform_table, describe_footerless
-    from vesl.storage import filesystem
+    from vesl.core.storage import filesystem
 
     logged = False
     for uri in uris:
@@ -242,7 +242,7 @@ def write_regions(data, path: str, *, storage_options: Mapping[str, Any] | None 
 
     from schemas.region_text import META_PREFIX, META_SCHEMA_VERSION, SCHEMA_VERSION, conform_table, region_text_schema
     from vesl import __version__
-    from vesl.storage import filesystem, join_uri, parent_uri
+    from vesl.core.storage import filesystem, join_uri, parent_uri
 
     table, carried = _to_arrow(data)
     names = table.column_names

@@ -89,10 +89,14 @@ def svg_histogram(counts: Sequence[int], labels: Sequence[str], title: str, xlab
     return "".join(parts)
 
 
+THUMB_MAX_BYTES = 64 * 1024 * 1024  # the decode stage's defaults: an image the job read, the report reads
+THUMB_FETCH_TIMEOUT_S = 60.0
+
+
 def thumbnail(row: Mapping[str, Any], thumb_size: int, storage_options) -> tuple[str | None, str | None]:
     """(data: URI of a JPEG thumbnail, None) or (None, why the image could not be shown)."""
-    from operators.base import describe_error
     from operators.decode import DecodeConfig, decode_image, fetch_bytes
+    from vesl.core.text import describe_error
 
     config = DecodeConfig(working_max_side=thumb_size)
     try:
@@ -165,7 +169,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequen
 
 
 def render_report(stats: Mapping[str, Any], storage_options=None, thumb_size: int = 512) -> str:
-    from vesl.inspect import fmt
+    from vesl.core.text import fmt
 
     reg, phr, words = stats["regions"], stats["phrases"], stats["words_per_region_phrase"]
     paper = stats["paper"]
@@ -242,7 +246,7 @@ meaningless; compare the paper's figures with runs of real models only.</p>
 
 def write_report(stats: Mapping[str, Any], out: str, storage_options=None, thumb_size: int = 512) -> str:
     """Render STATS (from `collect_stats(..., sample=N)`) and write the HTML to OUT (local or fsspec URI)."""
-    from vesl.storage import filesystem
+    from vesl.core.storage import filesystem
 
     page = render_report(stats, storage_options, thumb_size)
     fs, path = filesystem(out, storage_options)

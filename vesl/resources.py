@@ -1,4 +1,5 @@
-"""Sizing the model actor pools from what the cluster has.
+"""Sizing each stage's Ray resources from what the cluster has: an actor pool per model stage, the
+CPUs of each task of a task stage.
 
 Facts that shape this (Ray 2.60): an actor asking for `num_gpus` on a cluster without GPUs waits
 forever, and actor pools that take every CPU leave none for the read tasks, so the run hangs.
@@ -9,43 +10,57 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from vesl.config import PoolConfig, RayConfig
-
-MODEL_STAGES = ("caption", "phrase", "detect")
-GPU_STAGES = ("caption", "detect")
+from operators.base import Stage
+from vesl.config import AnnotateConfigBase, PoolConfig
 
 
 @dataclass(frozen=True)
 class Pool:
-    size: int  # actors
-    num_cpus: float  # per actor
-    num_gpus: float  # per actor
-    torch_threads: int  # intra-op threads per actor
+    size: int | None  # actors (a task stage: most tasks at once, None = Ray Data decides)
+    num_cpus: float  # per actor (or task)
+    num_gpus: float  # per actor (or task)
     resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per actor
+    actor: bool = True
 
 
-def plan_pools(cpus: float, gpus: float, config: RayConfig, use_gpu: bool = True) -> dict[str, Pool]:
-    """One Pool per model stage. Explicit settings in CONFIG win; the rest is derived:
+def wants_gpu(stage: type[Stage], config: AnnotateConfigBase) -> bool:
+    """A GPU stage takes a GPU share unless its config pins it to the CPU."""
+    return stage.resources.gpu and getattr(config.stage_config(stage), "device", "auto") != "cpu"
 
-    - GPUs: with one GPU the captioner and detector share it (0.5 each); with more, each takes
-      whole GPUs, the detector half (rounded down, at least one) and the captioner the rest.
-    - CPUs: a `task_cpu_fraction` share (at least 1 CPU) stays free for read/decode/write tasks;
-      the rest is split over the three pools, fractional when there is less than one CPU each.
+
+def gpu_plan(names: list[str], gpus: float) -> dict[str, tuple[int, float]]:
+    """{stage: (actors, GPUs per actor)} for the GPU stages NAMES. Fewer GPUs than stages: one actor
+    each, sharing them evenly (one GPU, captioner and detector: 0.5 each). More: whole GPUs, split as
+    evenly as they go, the earlier stages taking the remainder."""
+    if not names or gpus <= 0:
+        return {}
+    if gpus < len(names):
+        return {name: (1, gpus / len(names)) for name in names}
+    whole = int(gpus)
+    return {name: (whole // len(names) + (1 if k < whole % len(names) else 0), 1.0) for k, name in enumerate(names)}
+
+
+def plan_pools(cpus: float, gpus: float, config: AnnotateConfigBase, use_gpu: bool = True) -> dict[str, Pool]:
+    """One Pool per registered stage. Explicit settings in `ray.pools.<stage>` win; the rest is derived:
+
+    - GPUs: shared by the GPU stages (`gpu_plan`), none when USE_GPU is false.
+    - CPUs: a `ray.task_cpu_fraction` share (at least 1 CPU) stays free for read/decode/write tasks;
+      the rest is split over the actor pools, fractional when there is less than one CPU each.
+    - Task stages: the stage's own CPUs per task (decode: 1), Ray Data's concurrency.
     """
-    pools: dict[str, PoolConfig] = {
-        "caption": config.caption_pool, "phrase": config.phrase_pool, "detect": config.detect_pool}
-    gpus = gpus if use_gpu else 0.0
-    free_cpus = max(cpus - max(1.0, cpus * config.task_cpu_fraction), 0.0)
-    cpu_share = free_cpus / len(MODEL_STAGES) if free_cpus > 0 else cpus / (len(MODEL_STAGES) + 1)
-    gpu_plan: dict[str, tuple[int, float]] = {}
-    if gpus >= 2:
-        detect_gpus = max(1, int(gpus) // 2)
-        gpu_plan = {"detect": (detect_gpus, 1.0), "caption": (max(1, int(gpus) - detect_gpus), 1.0)}
-    elif gpus > 0:
-        gpu_plan = {"detect": (1, gpus / 2), "caption": (1, gpus / 2)}
+    chain = config.stage_classes()
+    actors = [s for s in chain if s.resources.actor]
+    free_cpus = max(cpus - max(1.0, cpus * config.ray.task_cpu_fraction), 0.0)
+    cpu_share = free_cpus / len(actors) if free_cpus > 0 else cpus / (len(actors) + 1)
+    gpu_shares = gpu_plan([s.name for s in actors if wants_gpu(s, config)], gpus if use_gpu else 0.0)
     out = {}
-    for stage, pool in pools.items():
-        size, per_gpu = gpu_plan.get(stage, (0, 0.0))
+    for stage in chain:
+        pool: PoolConfig = getattr(config.ray.pools, stage.name)
+        if not stage.resources.actor:
+            out[stage.name] = Pool(size=pool.size, num_cpus=pool.num_cpus or stage.resources.num_cpus or 1.0,
+                                   num_gpus=pool.num_gpus or 0.0, resources=dict(pool.resources), actor=False)
+            continue
+        size, per_gpu = gpu_shares.get(stage.name, (0, 0.0))
         num_gpus = pool.num_gpus if pool.num_gpus is not None else per_gpu
         if pool.size is not None:
             size = pool.size
@@ -53,6 +68,5 @@ def plan_pools(cpus: float, gpus: float, config: RayConfig, use_gpu: bool = True
             size = max(1, math.floor(cpu_share)) if cpu_share >= 1 else 1
         num_cpus = pool.num_cpus if pool.num_cpus is not None else (
             1.0 if num_gpus > 0 else round(min(max(cpu_share / size, 0.05), max(cpu_share, 0.05)), 3))
-        out[stage] = Pool(size=size, num_cpus=num_cpus, num_gpus=num_gpus, torch_threads=max(1, int(num_cpus)),
-                          resources=dict(pool.resources))
+        out[stage.name] = Pool(size=size, num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(pool.resources))
     return out

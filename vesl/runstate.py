@@ -26,13 +26,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from operators.base import describe_error, mark_rejects
-from vesl.storage import filesystem, join_uri, modified_time
+from operators.base import mark_rejects
+from schemas.rejects import READ_STAGE, RejectReason
+from vesl.core.storage import filesystem, join_uri, modified_time
+from vesl.core.text import describe_error
 from vesl.writer import DATA_DIR, MANIFEST, REJECTS_DIR, TMP_DIR, stage_totals
 
 log = logging.getLogger("vesl.runstate")
 RUN_STATE = "_vesl_run.json"
-STAGES = ("read", "decode", "caption", "phrases", "detect")
 
 
 class OutputConflictError(RuntimeError):
@@ -45,7 +46,7 @@ BUCKET_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "az")
 def check_output_target(output: str, storage_options) -> None:
     """Refuse an OUTPUT in a bucket that does not exist: fsspec would create it (s3fs's makedirs makes
     buckets), so a typo in a bucket name would silently become a new bucket."""
-    from vesl.storage import protocol_of
+    from vesl.core.storage import protocol_of
 
     if protocol_of(output) not in BUCKET_PROTOCOLS:
         return
@@ -206,7 +207,7 @@ def id_hashes(table: pa.Table, keep: np.ndarray | None = None, hasher=hash_ids) 
     hashes = hasher(table.column("image_id").to_numpy(zero_copy_only=False))
     if keep is None:
         return pa.table({"h": hashes})
-    return table.select(["image_id", "ordinal"]).filter(pa.array(_isin(list(hashes), keep)))
+    return table.select(["image_id", "ordinal"]).filter(pa.array(is_in(list(hashes), keep)))
 
 
 def find_duplicates(inputs, hasher=hash_ids) -> tuple[int, dict[str, int]]:
@@ -233,13 +234,11 @@ def find_duplicates(inputs, hasher=hash_ids) -> tuple[int, dict[str, int]]:
     return len(hashes), {i: first[i] for i, n in seen.items() if n > 1}
 
 
-def _isin(values: list, sorted_array: np.ndarray) -> np.ndarray:
-    if not len(sorted_array) or not values:
+def is_in(values: list, value_set: np.ndarray) -> np.ndarray:
+    """Which of VALUES are in VALUE_SET, as a bool array (pyarrow's hash-based is_in)."""
+    if not len(value_set) or not len(values):
         return np.zeros(len(values), dtype=bool)
-    values_array = np.empty(len(values), dtype=sorted_array.dtype)
-    values_array[:] = values
-    pos = np.clip(np.searchsorted(sorted_array, values_array), 0, len(sorted_array) - 1)
-    return sorted_array[pos] == values_array
+    return pc.is_in(pa.array(values), value_set=pa.array(value_set)).to_numpy(zero_copy_only=False)
 
 
 def plan_batch(table: pa.Table, duplicates: Mapping[str, int], done_ids: np.ndarray,
@@ -248,10 +247,11 @@ def plan_batch(table: pa.Table, duplicates: Mapping[str, int], done_ids: np.ndar
     ids = table.column("image_id").to_pylist()
     ordinals = table.column("ordinal").to_pylist()
     is_duplicate = [i in duplicates and o != duplicates[i] for i, o in zip(ids, ordinals)]
-    table = mark_rejects(table, "read", {
-        k: ("duplicate", f"image_id {ids[k]!r} already appears at input ordinal {duplicates[ids[k]]}, which is kept")
+    table = mark_rejects(table, READ_STAGE, {
+        k: (RejectReason.DUPLICATE.value,
+            f"image_id {ids[k]!r} already appears at input ordinal {duplicates[ids[k]]}, which is kept")
         for k, dup in enumerate(is_duplicate) if dup})
-    done = _isin(ordinals, done_ordinals) | (_isin(ids, done_ids) & ~np.asarray(is_duplicate, dtype=bool))
+    done = is_in(ordinals, done_ordinals) | (is_in(ids, done_ids) & ~np.asarray(is_duplicate, dtype=bool))
     return table.filter(pa.array(~done)) if done.any() else table
 
 
@@ -327,11 +327,12 @@ def count_outputs(output: str, storage_options) -> dict[str, Any]:
             "phrases": phrases, "by_stage": stage_totals(by_reason), "by_reason": dict(sorted(by_reason.items()))}
 
 
-def funnel(inputs: int, by_stage: Mapping[str, int]) -> list[dict[str, Any]]:
-    """Per stage, in order: how many inputs entered it, how many it rejected, how many went on.
-    The last stage's `passed` must equal the number of output rows."""
+def funnel(inputs: int, by_stage: Mapping[str, int], stages: list[str]) -> list[dict[str, Any]]:
+    """Per stage of STAGES (the reader first), in order: how many inputs entered it, how many it
+    rejected, how many went on. The last stage's `passed` must equal the number of output rows. A
+    stage that rejected inputs but is not in STAGES (an OUTPUT written with other stages) comes last."""
     out, entered = [], inputs
-    for stage in STAGES:
+    for stage in list(stages) + sorted(set(by_stage) - set(stages)):
         rejected = int(by_stage.get(stage, 0))
         out.append({"stage": stage, "entered": entered, "rejected": rejected, "passed": entered - rejected})
         entered -= rejected
@@ -345,4 +346,4 @@ def output_files(output: str, storage_options) -> list[str]:
 
 __all__ = ["CorruptOutputError", "MANIFEST", "OutputConflictError", "RUN_STATE", "check_output_target", "completed",
            "count_outputs", "find_duplicates", "funnel", "output_files", "parquet_files", "plan_batch",
-           "prepare_output", "repair_duplicates", "take_lease"]
+           "prepare_output", "repair_duplicates", "take_lease", "is_in"]

@@ -19,37 +19,35 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from operators.base import REJECT_MESSAGE, REJECT_REASON, REJECT_STAGE
+from schemas.columns import REJECT_MESSAGE, REJECT_REASON, REJECT_STAGE
 from schemas.region_text import REJECT_SCHEMA, region_text_schema
-from vesl.storage import filesystem, join_uri
+from vesl.core.storage import filesystem, join_uri
 
 DATA_DIR, REJECTS_DIR, TMP_DIR, MANIFEST = "data", "rejects", "_tmp", "manifest.json"
 
 
+class MissingColumnError(ValueError):
+    """A finished batch lacks a column the shard or reject schema needs: a stage (or the reader) did not
+    write what the contract says it writes."""
+
+
+REJECT_SOURCES = {"image_id": "image_id", "image_uri": "image_uri", "stage": REJECT_STAGE, "reason": REJECT_REASON,
+                  "message": REJECT_MESSAGE, "ordinal": "ordinal"}
+
+
 def split_rows_and_rejects(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table, pa.Table]:
-    """(rows cast to SCHEMA, rejects in REJECT_SCHEMA) of a finished batch."""
+    """(rows cast to SCHEMA, rejects in REJECT_SCHEMA) of a finished batch. A column either needs is
+    an error, never a column of nulls."""
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    missing += [src for src in REJECT_SOURCES.values() if src not in table.column_names and src not in missing]
+    if missing:
+        raise MissingColumnError(f"a finished batch lacks the column(s) {missing}; it has {table.column_names}")
     rejected = pc.is_valid(table.column(REJECT_STAGE))
     ok = table.filter(pc.invert(rejected))
     bad = table.filter(rejected)
-    columns = []
-    for field in schema:
-        if field.name in ok.column_names:
-            columns.append(ok.column(field.name).cast(field.type))
-        else:
-            columns.append(pa.nulls(ok.num_rows, field.type))
-    rows = pa.Table.from_arrays(columns, schema=schema)
-    rejects = pa.table(
-        {
-            "image_id": bad.column("image_id"),
-            "image_uri": (bad.column("image_uri") if "image_uri" in bad.column_names
-                          else pa.nulls(bad.num_rows, pa.string())),
-            "stage": bad.column(REJECT_STAGE),
-            "reason": bad.column(REJECT_REASON),
-            "message": bad.column(REJECT_MESSAGE),
-            "ordinal": bad.column("ordinal") if "ordinal" in bad.column_names else pa.nulls(bad.num_rows, pa.int64()),
-        },
-        schema=REJECT_SCHEMA,
-    )
+    rows = pa.Table.from_arrays([ok.column(f.name).cast(f.type) for f in schema], schema=schema)
+    rejects = pa.Table.from_arrays([bad.column(REJECT_SOURCES[f.name]).cast(f.type) for f in REJECT_SCHEMA],
+                                   schema=REJECT_SCHEMA)
     return rows, rejects
 
 

@@ -89,7 +89,7 @@ def test_cluster_shape_cpu_head_and_autoscaling_gpu_workers():
     from vesl.config import load_config
 
     config = load_config(str(DEPLOY / "cluster.yaml"))
-    pools = (config.ray.caption_pool, config.ray.detect_pool)
+    pools = (config.ray.pools.caption, config.ray.pools.detect)
     assert sum(p.size * p.num_gpus for p in pools) <= gpu["maxReplicas"] * int(limits["nvidia.com/gpu"])
     cpus = float(limits["cpu"])
     assert all(p.num_cpus <= cpus for p in pools)
@@ -114,8 +114,8 @@ def test_credentials_only_from_a_secret():
 
 
 def test_entrypoint_is_one_the_cli_accepts():
-    from pipelines.annotate import parser
     from vesl.config import load_config
+    from vesl.jobs.annotate import parser
 
     argv = shlex.split(load("RayJob")["spec"]["entrypoint"])
     assert argv[0] == "python" and argv[1] == f"{IMAGE_ROOT}/pipelines/annotate.py"
@@ -126,7 +126,7 @@ def test_entrypoint_is_one_the_cli_accepts():
     config = load_config(str(config_path), args.preset, args.overrides)
     assert config.caption.model == "Salesforce/blip-image-captioning-large"
     assert config.detect.model == "google/owlv2-base-patch16-ensemble"
-    assert config.ray.caption_pool.num_gpus == 1 and config.ray.detect_pool.num_gpus == 1
+    assert config.ray.pools.caption.num_gpus == 1 and config.ray.pools.detect.num_gpus == 1
 
 
 def dockerfile_copies(text: str) -> list[str]:

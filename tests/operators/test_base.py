@@ -1,7 +1,8 @@
 import numpy as np
 import pyarrow as pa
 
-from operators.base import REJECT_REASON, REJECT_STAGE, as_table, mark_rejects, pending_rows, run_isolating_rows
+from operators.base import as_table, mark_rejects, pending_rows, run_isolating_rows
+from schemas.columns import REJECT_REASON, REJECT_STAGE
 
 
 def test_dict_batches_become_tables_with_reject_columns():

@@ -23,7 +23,7 @@ def test_captions_every_row_of_a_batch_through_generate(captioner):
     captions = out.column("caption").to_pylist()
     assert len(captions) == 3 and all(isinstance(c, str) and c for c in captions)
     assert out.column("reject_stage").to_pylist() == [None] * 3
-    assert captioner.provenance["class"] == "BlipForConditionalGeneration"
+    assert type(captioner.model).__name__ == "BlipForConditionalGeneration"
 
 
 def test_batched_and_single_generation_agree(captioner):
@@ -67,7 +67,7 @@ def test_instruction_vlm_with_a_chat_prompt(tiny_dir):
     vlm = CaptionImages(CaptionConfig(model=str(tiny_dir / "vlm"), prompt_style="chat",
                                       prompt="Describe this image in detail.", max_new_tokens=6, min_new_tokens=2,
                                       num_beams=1))
-    assert vlm.provenance["class"] == "LlavaForConditionalGeneration"
+    assert type(vlm.model).__name__ == "LlavaForConditionalGeneration"
     out = vlm(decoded(2))
     captions = out.column("caption").to_pylist()
     assert out.column("reject_stage").to_pylist() == [None, None]

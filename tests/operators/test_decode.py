@@ -6,9 +6,11 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from operators.base import REJECT_REASON, image_from_row
-from operators.decode import DecodeConfig, DecodeImages, decode_image
+from operators.base import image_from_row
+from operators.decode import DecodeConfig, DecodeImages
+from schemas.columns import REJECT_REASON
 from tests.conftest import encode, photo
+from vesl.core.images import decode_image
 from vesl.hostile import bomb_png
 
 
@@ -43,19 +45,19 @@ def valid_images() -> dict[str, tuple[bytes, tuple[int, int]]]:
 @pytest.mark.parametrize("name", list(valid_images()))
 def test_valid_images_of_every_kind_decode_to_rgb(name):
     data, (width, height) = valid_images()[name]
-    image, w, h = decode_image(data, DecodeConfig())
+    image, w, h = decode_image(data, max_side=1024)
     assert (w, h) == (width, height)
     assert image.mode == "RGB"
     assert max(image.size) <= DecodeConfig().working_max_side
 
 
 def test_exif_orientation_is_applied_to_pixels():
-    image, w, h = decode_image(exif_rotated_jpeg(), DecodeConfig())
+    image, w, h = decode_image(exif_rotated_jpeg(), max_side=1024)
     assert image.size == (20, 60) and (w, h) == (20, 60)
 
 
 def test_working_copy_is_a_uniform_rescale():
-    image, w, h = decode_image(encode(photo(3000, 1000)), DecodeConfig(working_max_side=600))
+    image, w, h = decode_image(encode(photo(3000, 1000)), max_side=600)
     assert (w, h) == (3000, 1000) and image.size == (600, 200)
 
 
@@ -107,7 +109,7 @@ def test_embed_images_keeps_the_original_bytes():
 
 
 def test_network_fetches_get_a_timeout_unless_one_is_set():
-    from operators.decode import with_timeout
+    from vesl.core.images import with_timeout
 
     assert with_timeout("https://x/a.jpg", {}, 5.0)["client_kwargs"]["timeout"].total == 5.0
     s3 = with_timeout("s3://b/a.jpg", {"config_kwargs": {"read_timeout": 1}}, 5.0)["config_kwargs"]
@@ -122,7 +124,7 @@ def test_reject_messages_say_what_happened_without_object_reprs(tmp_path):
     import socket
     import threading
 
-    from operators.base import REJECT_MESSAGE
+    from schemas.columns import REJECT_MESSAGE
 
     class Handler(http.server.SimpleHTTPRequestHandler):
         def do_GET(self):

@@ -20,8 +20,8 @@ def main(manifest: str, output: str) -> int:
     from ray._private import state
     from ray.cluster_utils import Cluster
 
-    from pipelines.annotate import run_annotate
     from vesl.config import load_config
+    from vesl.jobs.annotate import run_annotate
 
     mib = 2**20
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -33,10 +33,10 @@ def main(manifest: str, output: str) -> int:
         ray.init(address=cluster.address, log_to_driver=False)
         nodes = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
         config = load_config(preset_name="tiny", overrides=[
-            "ray.caption_pool={size: 1, num_cpus: 1, resources: {vesl_caption: 1}}",
-            "ray.detect_pool={size: 1, num_cpus: 1, resources: {vesl_detect: 1}}",
-            "ray.phrase_pool={size: 1, num_cpus: 0.5, resources: {vesl_cpu: 1}}",
-            "ray.decode_num_cpus=0.5", "input.block_rows=4", "decode.batch_size=4"])
+            "ray.pools.caption={size: 1, num_cpus: 1, resources: {vesl_caption: 1}}",
+            "ray.pools.detect={size: 1, num_cpus: 1, resources: {vesl_detect: 1}}",
+            "ray.pools.phrases={size: 1, num_cpus: 0.5, resources: {vesl_cpu: 1}}",
+            "ray.pools.decode.num_cpus=0.5", "input.block_rows=4", "decode.batch_size=4"])
         result = run_annotate(manifest, output, config)
         placement: dict[str, list[str]] = {}
         for actor in state.actors().values():

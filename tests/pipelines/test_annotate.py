@@ -14,10 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.annotate import run_annotate
 from tests.conftest import REPO, SAMPLE, encode, photo
 from tests.pipelines.helpers import EXPECTED, assert_accounted, make_manifest, read_output
 from vesl.config import load_config
+from vesl.jobs.annotate import run_annotate
 from vesl.runstate import OutputConflictError
 
 pytestmark = pytest.mark.slow

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.annotate import run_annotate
 from tests.conftest import REPO, encode, photo
 from tests.pipelines.helpers import read_output
 from vesl.config import load_config
 from vesl.hostile import EXTRA_REJECTS, write_hostile_sample
+from vesl.jobs.annotate import run_annotate
 
 pytestmark = pytest.mark.slow
 SCRIPT = str(REPO / "pipelines" / "annotate.py")

@@ -18,10 +18,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.annotate import run_annotate
 from tests.conftest import REPO, SAMPLE, encode, photo
 from tests.pipelines.helpers import read_output
 from vesl.config import load_config
+from vesl.jobs.annotate import run_annotate
 
 pytestmark = pytest.mark.slow
 IMG2DATASET = REPO / ".venv-img2dataset" / "bin" / "img2dataset"

@@ -16,12 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.annotate import main, run_annotate
 from tests.conftest import REPO
 from tests.pipelines.helpers import read_output
 from tests.pipelines.test_failures import many_images, script_env
 from vesl.config import load_config
 from vesl.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_UNREACHABLE, EXIT_USAGE
+from vesl.jobs.annotate import main, run_annotate
 
 pytestmark = pytest.mark.slow
 SCRIPT = str(REPO / "pipelines" / "annotate.py")

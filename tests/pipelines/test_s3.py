@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from pipelines.annotate import run_annotate
 from tests.pipelines.helpers import EXPECTED, assert_accounted, make_manifest, read_output
 from vesl.config import load_config
+from vesl.jobs.annotate import run_annotate
 
 pytestmark = pytest.mark.slow
 KEY, SECRET = "AKIAVESLTEST", "vesl-super-secret-value"
@@ -182,7 +182,7 @@ def test_an_s3_resume_that_writes_new_shards_counts_them(tmp_path, tiny_dir, ray
 def test_a_missing_output_bucket_is_refused_not_created(tmp_path, tiny_dir, s3_endpoint, capfd):
     import s3fs
 
-    from pipelines.annotate import main
+    from vesl.jobs.annotate import main
 
     manifest = make_manifest(tmp_path / "in")
     code = main([str(manifest), "s3://no-such-bucket-vesl/out", "--preset", "tiny",

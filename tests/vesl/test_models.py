@@ -8,9 +8,9 @@ import torch
 
 from operators.caption import CaptionConfig, CaptionImages
 from operators.detect import DetectConfig
-from pipelines.annotate import model_provenance
 from vesl.config import AnnotateConfig
-from vesl.models import load_pretrained
+from vesl.core.models import load_pretrained
+from vesl.jobs.annotate import model_provenance
 
 
 def test_pickle_weights_are_refused(tiny_dir, tmp_path):

@@ -4,8 +4,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from operators.base import REJECT_REASON, as_table
-from vesl.runstate import RUN_STATE, OutputConflictError, _isin, funnel, plan_batch, prepare_output
+from operators.base import as_table
+from operators.registry import funnel_steps
+from schemas.columns import REJECT_REASON
+from vesl.runstate import RUN_STATE, OutputConflictError, funnel, is_in, plan_batch, prepare_output
 
 
 def batch(ids, ordinals):
@@ -30,7 +32,7 @@ def test_resume_skips_finished_rows_but_not_unfinished_duplicates():
 
 def test_membership_does_not_truncate_long_ids():
     done = np.array(sorted(["abc"]), dtype=object)
-    assert _isin(["abcdef", "abc", "ab"], done).tolist() == [False, True, False]
+    assert is_in(["abcdef", "abc", "ab"], done).tolist() == [False, True, False]
 
 
 def test_output_policy(tmp_path):
@@ -54,9 +56,15 @@ def test_output_policy(tmp_path):
 
 
 def test_funnel_accounts_per_stage():
-    stages = funnel(10, {"read": 1, "decode": 3, "detect": 1})
+    stages = funnel(10, {"read": 1, "decode": 3, "detect": 1}, funnel_steps())
     assert [(s["stage"], s["entered"], s["rejected"], s["passed"]) for s in stages] == [
         ("read", 10, 1, 9), ("decode", 9, 3, 6), ("caption", 6, 0, 6), ("phrases", 6, 0, 6), ("detect", 6, 1, 5)]
+
+
+def test_funnel_keeps_a_stage_it_does_not_know_last():
+    """An OUTPUT written with another stage list still adds up: unknown stages' rejects come last."""
+    stages = funnel(4, {"read": 1, "retired": 2}, ["read", "decode"])
+    assert [(s["stage"], s["passed"]) for s in stages] == [("read", 3), ("decode", 3), ("retired", 1)]
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ def fetch_checkpoint(uri: str, storage_options=None, cache_dir: str | None = Non
     or a training OUT) downloaded into a temporary folder."""
     import tempfile
 
-    from vesl.storage import filesystem, join_uri
+    from vesl.core.storage import filesystem, join_uri
 
     if "://" not in uri or uri.startswith("file://"):
         return resolve_checkpoint(uri.removeprefix("file://"))
@@ -88,7 +88,7 @@ def load_cloc(directory: str | Path, device: str = "cpu",
     from safetensors.torch import load_file
     from transformers import CLIPModel
 
-    from vesl.models import load_pretrained
+    from vesl.core.models import load_pretrained
 
     directory = resolve_checkpoint(directory)
     meta = read_meta(directory)

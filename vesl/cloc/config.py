@@ -9,14 +9,14 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from operators.base import StageConfig
 from vesl.cloc.data import DataConfig
 from vesl.cloc.loss import LossConfig
 from vesl.cloc.model import PrompterConfig
-from vesl.storage import StorageConfig
+from vesl.core.settings import Settings
+from vesl.core.storage import StorageConfig
 
 
-class ModelConfig(StageConfig):
+class ModelConfig(Settings):
     clip: str = Field(default="openai/clip-vit-base-patch16", description="CLIPModel hub id or local path "
                       "(its tokenizer and image processor come from the same place).")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit).")
@@ -24,7 +24,7 @@ class ModelConfig(StageConfig):
     prompter: PrompterConfig = PrompterConfig()
 
 
-class OptimConfig(StageConfig):
+class OptimConfig(Settings):
     batch_size: int = Field(default=256, ge=2, description="Images per worker per step (the global batch is this "
                             "times the number of workers; region negatives span the global batch).")
     epochs: int = Field(default=10, ge=1, description="Passes over the shards.")
@@ -41,7 +41,7 @@ class OptimConfig(StageConfig):
     grad_clip: float | None = Field(default=1.0, gt=0, description="Clip the gradient norm (None: off).")
 
 
-class RunConfig(StageConfig):
+class RunConfig(Settings):
     num_workers: int = Field(default=1, ge=1, description="Ray Train workers (DDP ranks).")
     use_gpu: bool | None = Field(default=None, description="One GPU per worker; None: when the cluster has GPUs.")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs reserved per training worker.")
@@ -57,7 +57,7 @@ class RunConfig(StageConfig):
                               "a worker failure (-1: no limit).")
 
 
-class TrainConfig(StageConfig):
+class TrainConfig(Settings):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     loss: LossConfig = LossConfig()

@@ -1,6 +1,6 @@
 """From region-text shards to training tensors.
 
-`find_shards` lists and checks the shards (schema v1 footers); `prepare_batch` turns a batch of
+`vesl.core.shards.find_shards` lists and checks the shards (schema v1 footers); `prepare_batch` turns a batch of
 shard rows into fixed-shape arrays: the image resized to the model's square input (uint8), the
 caption's and every region phrase's token ids, region boxes padded to `max_regions` with a mask.
 It runs in Ray Data tasks for training and in-process for evaluation, and never raises on a bad
@@ -21,15 +21,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from operators.base import StageConfig, describe_error
-from schemas.region_text import check_shard_schema, conform_table, describe_footerless
+from schemas.region_text import conform_table
+from vesl.core.settings import Settings
+from vesl.core.text import describe_error
 
 log = logging.getLogger("vesl.cloc.data")
 # Columns the trainer reads; image_bytes may be null (then the image is fetched from image_uri).
 COLUMNS = ["image_id", "image_uri", "image_bytes", "caption", "regions"]
 
 
-class DataConfig(StageConfig):
+class DataConfig(Settings):
     max_regions: int = Field(default=32, ge=1, description="Regions kept per image (highest scores first); M are "
                              "sampled from these each step. The paper's labels average ~11.5 per image.")
     phrase_max_tokens: int = Field(default=16, ge=4, description="Token budget of a region phrase (phrases are "
@@ -42,48 +43,6 @@ class DataConfig(StageConfig):
     shuffle_buffer_rows: int = Field(default=1024, ge=0, description="Local shuffle buffer of each worker (rows).")
     fetch_timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one image fetch by URI.")
     max_image_bytes: int = Field(default=50_000_000, ge=1, description="Refuse larger encoded images.")
-
-
-def find_shards(uri: str, storage_options: Mapping[str, Any] | None = None, check: bool = True) -> list[str]:
-    """Parquet files of a region-text dataset: an annotate OUTPUT (its data/ folder), a folder of
-    shards, or one file. Returns full URIs, sorted, each checked for a v1 schema footer (CHECK False:
-    not opened here, for a caller that reads every footer anyway and checks it then). A file without
-    vesl's footer passes when its columns cast to v1 (see `schemas.region_text.check_shard_schema`)."""
-    from vesl.storage import filesystem, uri_prefix
-
-    fs, path = filesystem(uri, storage_options)
-    if fs.isdir(path) and fs.isdir(path.rstrip("/") + "/data"):
-        path = path.rstrip("/") + "/data"
-    if fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet") and "/_tmp/" not in p
-                       and "/rejects/" not in p)
-    elif fs.exists(path):
-        files = [path]
-    else:
-        raise FileNotFoundError(f"no region-text shards at {uri}")
-    if not files:
-        raise FileNotFoundError(f"no .parquet shards under {uri}")
-    uris = [uri_prefix(uri) + p for p in files]
-    if check:
-        checked = []
-        for file_uri, path in zip(uris, files):
-            with fs.open(path, "rb") as f:
-                checked.append((file_uri, check_shard_schema(pq.read_schema(f), where=file_uri)))
-        note = describe_footerless(checked)
-        if note:
-            log.warning("%s", note)
-    return uris
-
-
-def count_rows(uris: list[str], storage_options: Mapping[str, Any] | None = None) -> int:
-    from vesl.storage import filesystem
-
-    total = 0
-    for uri in uris:
-        fs, path = filesystem(uri, storage_options)
-        with fs.open(path, "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
-    return total
 
 
 def text_key(text: str) -> int:
@@ -110,14 +69,14 @@ def load_image(row: Mapping[str, Any], size: int, storage_options: Mapping[str, 
     meaning (a crop would cut them, padding would move them)."""
     from PIL import Image
 
-    from operators.decode import DecodeConfig, decode_image, fetch_bytes
+    from vesl.core.images import decode_image, fetch_bytes
 
     data = row.get("image_bytes")
     if data is None:
         if not row.get("image_uri"):
             raise ValueError("no image_bytes and no image_uri")
         data = fetch_bytes(row["image_uri"], storage_options, config.max_image_bytes, config.fetch_timeout_s)
-    image, _, _ = decode_image(data, DecodeConfig())
+    image, _, _ = decode_image(data, max_side=1024)
     return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
@@ -185,7 +144,7 @@ def iter_shard_batches(uri: str, storage_options: Mapping[str, Any] | None = Non
                        batch_rows: int = 64) -> Iterator[pa.Table]:
     """The trainer's COLUMNS of one shard file, cast to schema v1, in tables of up to BATCH_ROWS rows
     (a shard that pandas wrote back, without image_bytes or with a double score, reads the same)."""
-    from vesl.storage import filesystem
+    from vesl.core.storage import filesystem
 
     fs, path = filesystem(uri, storage_options)
     with fs.open(path, "rb") as f:

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from vesl.cloc.data import DataConfig, find_shards, iter_prepared, tokenize
+from vesl.cloc.data import DataConfig, iter_prepared, tokenize
+from vesl.core.shards import find_shards
 
 
 def normalise_phrase(text: str) -> str:
@@ -79,10 +80,10 @@ def encode_texts(model, tokenizer, texts: list[str], max_tokens: int, device: st
 def evaluate(shards: str, checkpoint: str, classes_path: str, *, baseline: bool = False, template: str = "{}",
              batch_rows: int = 64, device: str = "auto", storage_options: Mapping[str, Any] | None = None,
              limit: int | None = None) -> dict[str, Any]:
-    from operators.base import resolve_device
     from vesl.cloc.checkpoint import CLIP_DIR, fetch_checkpoint, load_cloc
     from vesl.cloc.data import load_tokenizer
     from vesl.cloc.model import normalize, roi_pool_embeddings
+    from vesl.core.models import resolve_device
 
     device = resolve_device(device)
     model, meta = load_cloc(fetch_checkpoint(checkpoint, storage_options), device=device)

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from operators.base import StageConfig
+from vesl.core.settings import Settings
 
 
-class LossConfig(StageConfig):
+class LossConfig(Settings):
     region_weight: float = Field(default=1.0, ge=0, description="lambda: weight of L_CLOC + L_grounding; 0 trains "
                                  "plain CLIP (the paper's baseline).")
     regions_per_image: int = Field(default=4, ge=1, description="M: regions sampled per image per step.")

@@ -16,10 +16,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from operators.base import StageConfig
+from vesl.core.settings import Settings
 
 
-class PrompterConfig(StageConfig):
+class PrompterConfig(Settings):
     frequencies: int = Field(default=32, ge=1, description="Sinusoid frequencies per coordinate (4 * this values "
                              "per corner: sin and cos of x and y).")
     max_frequency: float = Field(default=64.0, gt=0, description="Highest frequency in cycles per image side; "

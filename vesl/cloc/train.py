@@ -110,7 +110,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     from vesl.cloc import checkpoint as ckpt
     from vesl.cloc.loss import ClocLoss
     from vesl.cloc.model import ClocModel
-    from vesl.models import load_pretrained, load_processor
+    from vesl.core.models import load_pretrained, load_processor
 
     config = TrainConfig.model_validate(loop_config["config"])
     total_steps, out_local = loop_config["total_steps"], loop_config.get("metrics_path")
@@ -318,7 +318,7 @@ def _local(uri: str) -> bool:
 
 def prepare_train_output(out: str, config: TrainConfig, overwrite: bool) -> bool:
     """Claim OUT for this training config. Returns True when an earlier run is resumed."""
-    from vesl.storage import filesystem, join_uri
+    from vesl.core.storage import filesystem, join_uri
 
     fs, path = filesystem(out, config.storage.options())
     state_path = join_uri(path, STATE_FILE)
@@ -346,7 +346,7 @@ def pyarrow_filesystem(uri: str, storage_options):
     """(pyarrow filesystem, path) through fsspec, so S3 options/credentials work as everywhere else."""
     from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-    from vesl.storage import filesystem
+    from vesl.core.storage import filesystem
 
     fs, path = filesystem(uri, storage_options)
     return PyFileSystem(FSSpecHandler(fs)), path
@@ -387,9 +387,9 @@ def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = F
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from pipelines.annotate import init_ray
-    from vesl.cloc.data import count_rows, find_shards
-    from vesl.storage import filesystem, join_uri, resolve_output
+    from vesl.core.ray import init_ray
+    from vesl.core.shards import count_rows, find_shards
+    from vesl.core.storage import filesystem, join_uri, resolve_output
 
     options = config.storage.options()
     uris = find_shards(shards, options)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from schemas.region_text import SchemaVersionError, region_text_schema
-from vesl.cloc.data import DataConfig, find_shards, iter_prepared, prepare_batch, sample_regions, text_key
+from vesl.cloc.data import DataConfig, iter_prepared, prepare_batch, sample_regions, text_key
 from vesl.cloc.synthetic import CLASSES, write_shapes_dataset
+from vesl.core.shards import find_shards
 
 
 @pytest.fixture(scope="module")

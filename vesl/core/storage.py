@@ -16,10 +16,10 @@ from typing import Any
 
 from pydantic import Field, SecretStr
 
-from operators.base import StageConfig
+from vesl.core.settings import Settings
 
 
-class StorageConfig(StageConfig):
+class StorageConfig(Settings):
     endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO, moto, a non-AWS store).")
     region: str | None = Field(default=None, description="S3 region.")
     key: SecretStr | None = Field(default=None, description="S3 access key id; else from the environment.")
@@ -57,7 +57,10 @@ class StorageConfig(StageConfig):
 
 
 def protocol_of(uri: str) -> str:
-    return uri.split("://", 1)[0] if "://" in uri else "file"
+    """'s3' for s3://..., 'file' for a local path (fsspec's own reading of a URI)."""
+    from fsspec.utils import get_protocol
+
+    return get_protocol(uri)
 
 
 def uri_prefix(uri: str) -> str:

@@ -1,0 +1,45 @@
+"""The columns that pass between the reader and the stages of the annotate job, with their types.
+
+The reader (`vesl.inputs`) writes READER_COLUMNS; each stage declares which of these it reads and
+writes (`operators.base.Stage`), and `operators.registry` checks the chain. The writer keeps the
+shard's columns (`schemas.region_text`) and turns rejected rows into reject rows.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from schemas.region_text import REGION_TYPE
+
+REJECT_STAGE, REJECT_REASON, REJECT_MESSAGE = "reject_stage", "reject_reason", "reject_message"
+REJECT_COLUMNS = (REJECT_STAGE, REJECT_REASON, REJECT_MESSAGE)
+
+COLUMNS: dict[str, pa.DataType] = {
+    # written by the reader
+    "image_id": pa.string(),
+    "image_uri": pa.string(),
+    "image_bytes": pa.large_binary(),  # the encoded image (kept only when decode.embed_images)
+    "alt_text": pa.string(),
+    # position of the input: (file index << 32) + row in file. Decides which of several rows sharing an
+    # image_id is kept (the first), the same way on every run.
+    "ordinal": pa.int64(),
+    REJECT_STAGE: pa.string(),  # set once, by the first stage that rejects the row
+    REJECT_REASON: pa.string(),  # a schemas.rejects.RejectReason
+    REJECT_MESSAGE: pa.string(),
+    # decode
+    "width": pa.int32(),  # the oriented original
+    "height": pa.int32(),
+    "pixels": pa.large_binary(),  # packed RGB working copy, longer side <= decode.working_max_side
+    "pixel_width": pa.int32(),
+    "pixel_height": pa.int32(),
+    # caption
+    "caption": pa.string(),
+    # phrases
+    "phrases": pa.list_(pa.string()),
+    "phrase_sources": pa.list_(pa.string()),  # "caption" or "alt_text", one per phrase
+    # detect
+    "regions": pa.list_(REGION_TYPE),
+}
+
+READER_COLUMNS = ("image_id", "image_uri", "image_bytes", "alt_text", "ordinal", *REJECT_COLUMNS)
+INPUT_SCHEMA = pa.schema([pa.field(name, COLUMNS[name]) for name in READER_COLUMNS])

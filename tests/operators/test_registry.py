@@ -1,0 +1,138 @@
+"""The stage contract and the ordered registry: the chain of columns holds, every reject reason is
+declared and documented, and a new stage is one file plus one registry line."""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+import pytest
+
+from operators import registry
+from operators.base import Reject, Stage
+from schemas.columns import READER_COLUMNS
+from schemas.rejects import RejectReason
+from tests.conftest import REPO
+from tests.operators.upper_stage import UpperCaseCaption, UpperConfig
+
+
+def test_every_column_a_stage_reads_is_written_by_the_reader_or_an_earlier_stage():
+    registry.check_chain()
+    available = set(READER_COLUMNS)
+    for stage in registry.stages():
+        assert set(stage.reads) <= available, stage.name
+        available |= set(stage.writes)
+
+
+def test_a_chain_out_of_order_is_refused_naming_the_column():
+    decode, caption, phrases, detect = registry.stages()
+    with pytest.raises(ValueError, match=r"'detect' reads \['phrases', 'phrase_sources'\]"):
+        registry.check_chain((decode, caption, detect, phrases))
+    with pytest.raises(ValueError, match="no stage writes the shard column"):
+        registry.check_chain((decode, caption, phrases))  # nothing writes `regions`
+
+
+def test_every_stage_declares_its_reasons_and_its_fallback_reason():
+    for stage in registry.stages():
+        assert stage.reasons and all(isinstance(r, RejectReason) for r in stage.reasons), stage.name
+        assert stage.error_reason in stage.reasons, stage.name
+
+
+def test_the_decoded_pixels_leave_with_the_last_stage_that_reads_them():
+    drops = registry.drops_after()
+    assert "pixels" in drops["detect"] and not any("pixels" in d for name, d in drops.items() if name != "detect")
+    assert not (set(drops["detect"]) & {"image_id", "caption", "regions", "width", "height"})
+
+
+def test_readme_lists_every_reject_reason():
+    readme = (REPO / "README.md").read_text()
+    missing = [r.value for r in RejectReason if f"`{r.value}`" not in readme]
+    assert not missing, f"README.md does not list the reject reason(s) {missing}"
+
+
+def test_a_stage_rejecting_with_an_undeclared_reason_costs_that_row_not_the_batch():
+    class Sloppy(UpperCaseCaption):
+        name = "sloppy"
+
+        def process(self, table, rows):
+            return {r: Reject(RejectReason.TOO_SMALL, "not mine to say") if r == 1 else {"caption": "x"} for r in rows}
+
+    out = Sloppy()(pa.table({"image_id": ["a", "b"], "caption": ["one", "two"]}))
+    assert out.column("caption").to_pylist() == ["x", None]
+    assert out.column("reject_reason").to_pylist() == [None, "model_error"]
+    assert "does not declare" in out.column("reject_message")[1].as_py()
+
+
+def test_the_base_isolates_rows_skips_rejected_ones_and_times_the_stage(caplog):
+    calls = []
+
+    class Fussy(UpperCaseCaption):
+        name = "fussy"
+
+        def process(self, table, rows):
+            calls.append(list(rows))
+            if 2 in rows:
+                raise RuntimeError("row 2 breaks the model")
+            return super().process(table, rows)
+
+    stage = Fussy(UpperConfig(batch_size=2))
+    caplog.set_level("DEBUG", logger="vesl.stage")
+    out = stage(pa.table({"image_id": ["a", "b", "c", "d"], "caption": ["a cat", "a dog", "boom", "an owl"],
+                          "reject_stage": ["read", None, None, None], "reject_reason": ["duplicate", None, None, None],
+                          "reject_message": ["x", None, None, None]}))
+    assert calls == [[1, 2], [1], [2], [3]]  # row 0 was rejected before; the chunk [1, 2] retried row by row
+    assert out.column("caption").to_pylist() == [None, "A DOG", None, "AN OWL"]
+    assert out.column("reject_reason").to_pylist() == ["duplicate", None, "model_error", None]
+    assert out.column("reject_stage").to_pylist() == ["read", None, "fussy", None]
+    assert re.match(r"stage fussy: 4 rows \(3 pending, 1 rejected here\) in \d+\.\d{3} s", caplog.messages[-1])
+
+
+@pytest.fixture
+def with_upper(monkeypatch):
+    """The one registry line: the upper-casing stage right after the captioner."""
+    chain = list(registry.STAGES)
+    chain.insert(chain.index(next(s for s in chain if s.name == "caption")) + 1, UpperCaseCaption)
+    monkeypatch.setattr(registry, "STAGES", chain)
+    return chain
+
+
+def test_a_new_stage_gets_config_pools_funnel_and_label_hash_with_no_other_edit(with_upper):
+    from vesl.config import load_config
+    from vesl.resources import plan_pools
+
+    registry.check_chain()
+    config = load_config(overrides=["upper.refuse=sofa", "ray.pools.upper.size=2"])
+    assert list(type(config).model_fields)[2:7] == ["decode", "caption", "upper", "phrases", "detect"]
+    assert config.upper == UpperConfig(refuse="sofa") and config.ray.pools.upper.size == 2
+    assert registry.funnel_steps() == ["read", "decode", "caption", "upper", "phrases", "detect"]
+    pools = plan_pools(8, 0, config)
+    assert pools["upper"].actor and pools["upper"].size == 2 and pools["upper"].num_gpus == 0
+    assert load_config().label_hash() != config.label_hash()  # its settings label the output
+    assert load_config(overrides=["upper.batch_size=7"]).label_hash() == load_config().label_hash()  # speed only
+    with pytest.raises(ValueError, match="upper"):
+        load_config(overrides=["upper.no_such_key=1"])
+
+
+@pytest.mark.slow
+def test_a_new_stage_runs_in_the_annotate_job_with_no_other_edit(with_upper, tmp_path, tiny_dir, ray_local):
+    """The real job on the sample: the wiring puts the stage after the captioner in an actor pool of its
+    own, its rejects are accounted, and the funnel and the manifest's pools list it."""
+    from tests.conftest import SAMPLE
+    from tests.pipelines.helpers import read_output
+    from vesl.config import load_config
+    from vesl.jobs.annotate import run_annotate
+
+    config = load_config(preset_name="tiny", overrides=["upper.refuse=__never__"])
+    manifest = run_annotate(str(SAMPLE / "manifest.jsonl"), str(tmp_path / "out"), config)
+    rows, rejects, _ = read_output(tmp_path / "out")
+    assert len(rows) == 6 and rejects.empty
+    assert all(c == c.upper() and re.search("[A-Z]", c) for c in rows["caption"])
+    assert all(p == p.lower() for phrases in rows["phrases"] for p in phrases)  # phrases lower-case, as always
+    assert [s["stage"] for s in manifest["counts"]["funnel"]] == registry.funnel_steps()
+    assert manifest["resources"]["pools"]["upper"]["actor"] is True
+    assert manifest["config"]["upper"] == {"batch_size": 64, "refuse": "__never__"}
+    assert manifest["counts"]["accounted"]
+
+
+def test_stage_is_the_base_of_every_registered_stage():
+    assert all(issubclass(s, Stage) for s in registry.stages())

@@ -1,0 +1,139 @@
+"""Image fetch and decode: bytes from any fsspec URI (size-capped, timed out), bombs refused from the
+header before decoding, RGB with EXIF orientation applied. Used by the decode stage, the trainer's
+reader and the report, so they read an image the same way."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vesl.core.storage import filesystem, options_for, protocol_of
+from vesl.core.text import describe_error
+
+DEFAULT_MAX_PIXELS = 100_000_000
+
+
+class DecodeError(Exception):
+    """A row that cannot be decoded, with the reject reason to record."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def with_timeout(uri: str, options: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
+    """Add a per-request timeout to the fsspec options of network URIs (kept if already set)."""
+    protocol = protocol_of(uri)
+    if timeout_s is None:
+        return options
+    if protocol in ("http", "https"):
+        import aiohttp
+
+        client = dict(options.get("client_kwargs", {}))
+        client.setdefault("timeout", aiohttp.ClientTimeout(total=timeout_s))
+        return {**options, "client_kwargs": client}
+    if protocol in ("s3", "s3a"):
+        config = dict(options.get("config_kwargs", {}))
+        config.setdefault("connect_timeout", timeout_s)
+        config.setdefault("read_timeout", timeout_s)
+        return {**options, "config_kwargs": config}
+    return options
+
+
+def fetch_error(uri: str, error: BaseException) -> DecodeError:
+    """The reject for a failed fetch. fsspec's http filesystem raises FileNotFoundError for every
+    failure (a 404, a 503, a refused connection) with the real cause chained: the HTTP status, or the
+    transport error, goes into the message, and only a 404/410 or a missing file is `not_found`."""
+    cause = error.__cause__ or error.__context__
+    status = getattr(cause, "status", None) if cause is not None else None
+    if isinstance(status, int) and 100 <= status <= 599:
+        text = f"HTTP {status} {str(getattr(cause, 'message', '') or '').strip()}".rstrip()
+        return DecodeError("not_found" if status in (404, 410) else "fetch_failed", f"{text}: {uri}")
+    if isinstance(error, FileNotFoundError) and uri.startswith(("http://", "https://")) and cause is not None:
+        return DecodeError("fetch_failed", f"{uri}: {describe_error(cause)}")
+    if isinstance(error, FileNotFoundError):
+        return DecodeError("not_found", f"no such file: {uri}")
+    if isinstance(error, IsADirectoryError):
+        return DecodeError("not_found", f"is a directory: {uri}")
+    return DecodeError("fetch_failed", f"{uri}: {describe_error(error)}")
+
+
+def fetch_bytes(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None, max_bytes: int,
+                timeout_s: float | None = None) -> bytes:
+    """Read a local path or any fsspec URI, refusing files over MAX_BYTES without reading them whole.
+
+    STORAGE_OPTIONS are fsspec options by protocol ({"s3": {...}})."""
+    try:
+        options = {protocol_of(uri): with_timeout(uri, options_for(uri, storage_options), timeout_s)}
+        fs, path = filesystem(uri, options)
+        with fs.open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except Exception as e:  # noqa: BLE001 - any transport error is a reject, not a crash
+        raise fetch_error(uri, e) from e
+    if len(data) > max_bytes:
+        raise DecodeError("file_too_large", f"{uri}: more than {max_bytes} bytes")
+    return data
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB for every mode PIL opens: alpha composited on white, 16-bit scaled, palette expanded."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
+        return Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        span = float(array.max() - array.min()) or 1.0
+        return Image.fromarray(((array - array.min()) / span * 255.0).astype(np.uint8)).convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = 1,
+                 max_side: int | None = None) -> tuple[Image.Image, int, int]:
+    """Decode DATA to an oriented RGB image; returns (working copy, original width, original height).
+    The working copy is the image, uniformly scaled down so its longer side is at most MAX_SIDE."""
+    if not data:
+        raise DecodeError("empty_file", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size  # from the header: nothing decoded yet
+            if width * height > max_pixels:
+                raise DecodeError(
+                    "decompression_bomb", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
+                )
+            if getattr(image, "n_frames", 1) > 1:
+                image.seek(0)  # animated: the first frame stands for the image
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            image = _to_rgb(image)
+    except DecodeError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        reason = "not_an_image" if isinstance(e, UnidentifiedImageError) else "decompression_bomb"
+        raise DecodeError(reason, describe_error(e)) from e
+    except Exception as e:  # noqa: BLE001 - truncated data, corrupt chunks, codec errors
+        raise DecodeError("corrupt_image", describe_error(e)) from e
+    width, height = image.size
+    if min(width, height) < min_side:
+        raise DecodeError("too_small", f"{width}x{height} has a side below min_side {min_side}")
+    longest = max(width, height)
+    if max_side is not None and longest > max_side:
+        scale = max_side / longest
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image, width, height
