@@ -68,10 +68,10 @@ class DecodeImages(Stage):
         config = self.config
         if data is None:
             if not uri:
-                raise DecodeError("missing_input", "row has neither image bytes nor an image URI")
+                raise DecodeError(R.MISSING_INPUT, "row has neither image bytes nor an image URI")
             data = fetch_bytes(uri, self.storage_options, config.max_bytes, config.fetch_timeout_s)
         elif len(data) > config.max_bytes:
-            raise DecodeError("file_too_large", f"more than {config.max_bytes} bytes")
+            raise DecodeError(R.FILE_TOO_LARGE, f"more than {config.max_bytes} bytes")
         image, width, height = decode_image(data, max_pixels=config.max_pixels, min_side=config.min_side,
                                             max_side=config.working_max_side)
         return {"width": width, "height": height, "pixels": image.tobytes(), "pixel_width": image.size[0],

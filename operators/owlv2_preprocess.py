@@ -4,8 +4,8 @@ Hugging Face's processor without torchvision (`Owlv2ImageProcessorPil`) does, pe
 SciPy on one CPU core: rescale to [0, 1], pad to a square (bottom and right, value 0), Gaussian
 anti-aliasing blur (sigma = max(0, (factor - 1) / 2) per axis, truncated at 4 sigma, 'mirror'
 boundary), linear resize on the pixel-area grid (`scipy.ndimage.zoom(order=1, grid_mode=True,
-mode='mirror')`), clip to the input's value range, normalise with the CLIP mean and std. About
-0.13 s for a 640x480 image at 960x960.
+mode='mirror')`), clip to the input's value range, normalise with the CLIP mean and std (the
+speed of both: README, Performance).
 
 This module computes the same function with torch tensor ops. Both the blur and the linear resize
 are separable, so each is done axis by axis: the blur as a weighted sum of shifted views of a

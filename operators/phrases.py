@@ -1,8 +1,8 @@
 """phrases: candidate region texts from the caption and the alt-text, with spaCy.
 
 As CLOC does: lowercase, POS-tag, chunk `DT? JJ* NN+`, drop generic words and all-stopword chunks,
-keep at most 20 per image. The chunker is a spaCy `Matcher` over the tagger's POS tags (about
-2.5x faster than the dependency parser's noun_chunks); named entities are an option. Each phrase
+keep at most 20 per image. The chunker is a spaCy `Matcher` over the tagger's POS tags (faster
+than the dependency parser's noun_chunks: README, Performance); named entities are an option. Each phrase
 keeps its source ("caption" or "alt_text"); a phrase found in both counts once, as "caption".
 """
 

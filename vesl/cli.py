@@ -6,20 +6,28 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "annotate":
-        from vesl.jobs.annotate import main as annotate_main
+def annotate(argv: list[str]) -> int:
+    from vesl.jobs.annotate import main as annotate_main
 
-        return annotate_main(argv[1:])
-    if argv and argv[0] == "train":
-        from vesl.jobs.train import main as train_main
+    return annotate_main(argv)
 
-        return train_main(argv[1:])
-    if argv and argv[0] == "inspect":
-        from vesl.inspect import main as inspect_main
 
-        return inspect_main(argv[1:])
+def train(argv: list[str]) -> int:
+    from vesl.jobs.train import main as train_main
+
+    return train_main(argv)
+
+
+def inspect(argv: list[str]) -> int:
+    from vesl.inspect import main as inspect_main
+
+    return inspect_main(argv)
+
+
+PASS_THROUGH = {"annotate": annotate, "train": train, "inspect": inspect}  # subcommands with parsers of their own
+
+
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vesl", description="region-text training data: annotate, train, inspect, eval, "
                                 "config, sample, models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -56,51 +64,69 @@ def main(argv: list[str] | None = None) -> int:
     tiny = msub.add_parser("tiny", help="build the tiny offline random-weight models into DIR")
     tiny.add_argument("dir")
     tiny.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    if args.command == "config":
-        import yaml
+    return p
 
-        from vesl.config import load_config
 
-        config = load_config(args.config, args.preset, args.overrides)
-        print(yaml.safe_dump(config.public_dict(), sort_keys=False), end="")
-        return 0
-    if args.command == "eval":
-        import json
+def show_config(args) -> int:
+    import yaml
 
-        from vesl.cloc.evaluate import evaluate
+    from vesl.config import load_config
 
-        try:
-            result = evaluate(args.shards, args.checkpoint, args.classes, baseline=args.baseline,
-                              template=args.template, device=args.device, batch_rows=args.batch_rows)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"vesl eval: error: {e}", file=sys.stderr)
-            return 2
-        print(json.dumps(result, indent=1, sort_keys=True))
-        return 0
-    if args.command == "sample" and args.sample_command == "shapes":
-        import json
+    config = load_config(args.config, args.preset, args.overrides)
+    print(yaml.safe_dump(config.public_dict(), sort_keys=False), end="")
+    return 0
 
+
+def run_eval(args) -> int:
+    import json
+
+    from vesl.cloc.evaluate import evaluate
+
+    try:
+        result = evaluate(args.shards, args.checkpoint, args.classes, baseline=args.baseline,
+                          template=args.template, device=args.device, batch_rows=args.batch_rows)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"vesl eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=1, sort_keys=True))
+    return 0
+
+
+def write_sample(args) -> int:
+    import json
+
+    if args.sample_command == "shapes":
         from vesl.cloc.synthetic import write_shapes_dataset
 
         print(json.dumps(write_shapes_dataset(args.dir, args.images, seed=args.seed, size=args.size,
                                               embed_images=not args.no_embed)))
         return 0
-    if args.command == "sample":
-        from vesl.hostile import write_hostile_sample
+    from vesl.hostile import write_hostile_sample
 
-        manifest, expected = write_hostile_sample(args.dir)
-        valid = sum(v is None for v in expected.values())
-        print(f"{manifest}: {valid} valid images, {len(expected) - valid} broken inputs, "
-              "1 duplicate id and 2 lines that are not JSON objects")
-        return 0
-    if args.command == "models" and args.models_command == "tiny":
-        from vesl.tiny import build_tiny_models
+    manifest, expected = write_hostile_sample(args.dir)
+    valid = sum(v is None for v in expected.values())
+    print(f"{manifest}: {valid} valid images, {len(expected) - valid} broken inputs, "
+          "1 duplicate id and 2 lines that are not JSON objects")
+    return 0
 
-        for name, path in build_tiny_models(args.dir, overwrite=args.overwrite).items():
-            print(f"{name}: {path}")
-        return 0
-    return 2
+
+def build_models(args) -> int:
+    from vesl.tiny import build_tiny_models
+
+    for name, path in build_tiny_models(args.dir, overwrite=args.overwrite).items():
+        print(f"{name}: {path}")
+    return 0
+
+
+COMMANDS = {"config": show_config, "eval": run_eval, "sample": write_sample, "models": build_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in PASS_THROUGH:
+        return PASS_THROUGH[argv[0]](argv[1:])
+    args = parser().parse_args(argv)
+    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

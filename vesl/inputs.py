@@ -59,9 +59,8 @@ class InputConfig(Settings):
         default=64, ge=1,
         description="Rows per Ray Data block, the unit that streams from stage to stage. A reader emits a whole "
         "manifest file as one block; it is split into blocks of this size so stages overlap and shards land "
-        "progressively (64 decoded 1024x768 images are about 150 MB). Measured on 2 cores, 4,800 images: "
-        "16 rows 75 s, 32 rows 55 s, 64 rows 46 s, 96 rows 43 s, 128 rows 48 s (per-block overhead vs. "
-        "pipeline fill and the object-store budget).",
+        "progressively (64 decoded 1024x768 images are about 150 MB). Smaller blocks cost per-block overhead, "
+        "larger ones fill the pipeline and the object-store budget slowly (README, Performance).",
     )
 
 
@@ -596,16 +595,7 @@ def plan_input(uri: str, config: InputConfig, storage_options: Mapping[str, Mapp
     prefix = uri_prefix(uri)
     forced = config.format
     if not fs.isdir(path):
-        suffix = _suffix(path)
-        kind = "webdataset" if suffix == ".tar" else "manifest" if suffix in MANIFEST_SUFFIXES else None
-        if kind is None and forced == "auto":
-            raise ValueError(f"input {uri}: cannot tell its format from the suffix; expected one of "
-                             f"{sorted(MANIFEST_SUFFIXES)} or .tar, or a folder")
-        if forced not in ("auto", kind):
-            raise ValueError(f"input {uri} is one {suffix} file; input.format={forced} needs "
-                             + ("a folder" if forced == "folder" else "a .tar" if forced == "webdataset"
-                                else f"one of {sorted(MANIFEST_SUFFIXES)}"))
-        return InputPlan(uri, kind, [{"uri": prefix + path, "index": 0}], found={suffix: 1})
+        return _plan_file(uri, prefix + path, forced)
     root = path.rstrip("/")
     listing = sorted(f for f in fs.find(root) if not any(
         part.startswith((".", "_")) for part in f[len(root):].split("/") if part))
@@ -643,20 +633,7 @@ def plan_input(uri: str, config: InputConfig, storage_options: Mapping[str, Mapp
         plan.units = [{"uri": prefix + f, "index": i} for i, f in enumerate(manifests)]
     else:
         shard_dirs = {s for s in stems if s in subdirs and f"{s}.parquet" in names}
-        files_by_stem: dict[str, set[str]] = {}
-        for f in listing:
-            files_by_stem.setdefault(posixpath.splitext(f)[0], set()).add(_suffix(f))
-        images = [f for f in listing if f.lower().endswith(exts)
-                  and f[len(root) + 1:].split("/", 1)[0] not in shard_dirs]
-        for i, f in enumerate(images):  # an image, and the .txt / .json beside it when the listing has them
-            stem = posixpath.splitext(f)[0]
-            sidecars = {side: prefix + f"{stem}.{side}" if f".{side}" in files_by_stem[stem] else None
-                        for side in ("txt", "json")}
-            plan.units.append({"uri": prefix + f, "index": i, **sidecars})
-        for k, s in enumerate(sorted(shard_dirs)):  # an img2dataset files-layout shard: status table + folder
-            status = prefix + f"{root}/{s}.parquet"
-            plan.units.append({"uri": status, "index": len(images) + k, "status": status,
-                               "folder": prefix + f"{root}/{s}"})
+        plan.units = _folder_units(root, prefix, listing, exts, shard_dirs)
     if not plan.units and not config.allow_empty:
         wanted = {"webdataset": ".tar files", "manifest": f"manifest files ({', '.join(sorted(MANIFEST_SUFFIXES))})",
                   "folder": f"image files ({', '.join(exts)})"}[kind]
@@ -664,6 +641,40 @@ def plan_input(uri: str, config: InputConfig, storage_options: Mapping[str, Mapp
                               f"{plan.holds()}. Set input.format to read it another way, or input.allow_empty=true "
                               "to accept an empty input")
     return plan
+
+
+def _plan_file(uri: str, file_uri: str, forced: str) -> InputPlan:
+    """The plan of an INPUT that is one file: a manifest or a WebDataset tar, told by its suffix."""
+    suffix = _suffix(file_uri)
+    kind = "webdataset" if suffix == ".tar" else "manifest" if suffix in MANIFEST_SUFFIXES else None
+    if kind is None and forced == "auto":
+        raise ValueError(f"input {uri}: cannot tell its format from the suffix; expected one of "
+                         f"{sorted(MANIFEST_SUFFIXES)} or .tar, or a folder")
+    if forced not in ("auto", kind):
+        raise ValueError(f"input {uri} is one {suffix} file; input.format={forced} needs "
+                         + ("a folder" if forced == "folder" else "a .tar" if forced == "webdataset"
+                            else f"one of {sorted(MANIFEST_SUFFIXES)}"))
+    return InputPlan(uri, kind, [{"uri": file_uri, "index": 0}], found={suffix: 1})
+
+
+def _folder_units(root: str, prefix: str, listing: list[str], exts: tuple[str, ...],
+                  shard_dirs: set[str]) -> list[dict[str, Any]]:
+    """The units of a folder input: each image with the .txt / .json beside it when the listing has
+    them, then each img2dataset files-layout shard (status table + folder)."""
+    files_by_stem: dict[str, set[str]] = {}
+    for f in listing:
+        files_by_stem.setdefault(posixpath.splitext(f)[0], set()).add(_suffix(f))
+    images = [f for f in listing if f.lower().endswith(exts) and f[len(root) + 1:].split("/", 1)[0] not in shard_dirs]
+    units = []
+    for i, f in enumerate(images):
+        stem = posixpath.splitext(f)[0]
+        sidecars = {side: prefix + f"{stem}.{side}" if f".{side}" in files_by_stem[stem] else None
+                    for side in ("txt", "json")}
+        units.append({"uri": prefix + f, "index": i, **sidecars})
+    for k, s in enumerate(sorted(shard_dirs)):
+        status = prefix + f"{root}/{s}.parquet"
+        units.append({"uri": status, "index": len(images) + k, "status": status, "folder": prefix + f"{root}/{s}"})
+    return units
 
 
 def _count(items) -> dict[str, int]:

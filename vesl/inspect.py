@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from operators.registry import funnel_steps
+from schemas.region_text import META_CONFIG_HASH, META_MODELS, META_SCHEMA_VERSION, META_THRESHOLDS, META_VERSION
 from vesl.core.storage import filesystem, join_uri
 from vesl.core.text import fmt
 from vesl.read import by_protocol, iter_tables, shard_uris
@@ -109,6 +110,85 @@ class Progress:
             self.bar.close()
 
 
+FOOTER_KEYS = {"models": META_MODELS, "thresholds": META_THRESHOLDS, "version": META_VERSION,
+               "config_hash": META_CONFIG_HASH, "schema_version": META_SCHEMA_VERSION}
+
+
+class Tally:
+    """What `collect_stats` counts over the shards, one table at a time: histograms and counters whose
+    size does not grow with the rows, 8 bytes per row of image_id hashes, and the SAMPLE rows of
+    smallest seeded key."""
+
+    def __init__(self, sample: int = 0, seed: int = 0) -> None:
+        self.sample, self.seed = sample, seed
+        self.rows = self.regions = self.phrases = self.empty = 0
+        self.region_hist = np.zeros(HIST_CAP + 1, dtype=np.int64)
+        self.phrase_hist = np.zeros(HIST_CAP + 1, dtype=np.int64)
+        self.words_hist: Counter = Counter()
+        self.sources: Counter = Counter()
+        self.phrase_freq: Counter = Counter()
+        self.scores: list[np.ndarray] = []
+        self.footers: dict[str, Counter] = {k: Counter() for k in FOOTER_KEYS}
+        self.picked: list[tuple[int, str, int]] = []  # max-heap by key (negated): the SAMPLE smallest keys
+        self.id_hashes: list[np.ndarray] = []  # repeated image_ids: two runs wrote into one OUTPUT
+
+    def add(self, uri: str, table: pa.Table, meta: Mapping[str, str]) -> None:
+        self.rows += table.num_rows
+        self.id_hashes.append(hash_ids(table.column("image_id").to_numpy(zero_copy_only=False)))
+        region_counts = pc.list_value_length(table.column("regions")).to_numpy(zero_copy_only=False).astype(np.int64)
+        phrase_counts = pc.list_value_length(table.column("phrases")).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.region_hist += _histogram(region_counts)
+        self.phrase_hist += _histogram(phrase_counts)
+        self.regions += int(region_counts.sum())
+        self.phrases += int(phrase_counts.sum())
+        self.empty += int((region_counts == 0).sum())
+        flat = pc.list_flatten(table.column("regions").combine_chunks())
+        if len(flat):
+            texts = flat.field("phrase").to_pylist()
+            self.phrase_freq.update(texts)
+            self.words_hist.update(len(t.split()) for t in texts)
+            self.sources.update(flat.field("source").to_pylist())
+            self.scores.append(np.asarray(flat.field("score").to_numpy(zero_copy_only=False), dtype=np.float32))
+        for name, key in FOOTER_KEYS.items():
+            if meta.get(key) is not None:
+                self.footers[name][meta[key]] += 1
+        if self.sample > 0:
+            for i, image_id in enumerate(table.column("image_id").to_pylist()):
+                k = sample_key(image_id, self.seed)
+                if len(self.picked) < self.sample:
+                    heapq.heappush(self.picked, (-k, uri, i))
+                elif -self.picked[0][0] > k:
+                    heapq.heapreplace(self.picked, (-k, uri, i))
+
+    def repeated_rows(self) -> int:
+        hashes = np.concatenate(self.id_hashes) if self.id_hashes else np.zeros(0, dtype=np.int64)
+        return int(len(hashes) - len(np.unique(hashes)))
+
+    def label_stats(self, top: int) -> dict[str, Any]:
+        """The regions, phrases, words, scores, sources and top phrases parts of the statistics."""
+        scores = np.concatenate(self.scores) if self.scores else np.zeros(0, dtype=np.float32)
+        words_total = sum(k * v for k, v in self.words_hist.items())
+        return {
+            "regions": {"total": self.regions, "per_image_mean": _mean_from_hist(self.region_hist, self.regions),
+                        "per_image_histogram": self.region_hist.tolist(), "images_without_regions": self.empty},
+            "phrases": {"total": self.phrases, "per_image_mean": _mean_from_hist(self.phrase_hist, self.phrases),
+                        "per_image_histogram": self.phrase_hist.tolist(),
+                        "distinct_region_phrases": len(self.phrase_freq)},
+            "words_per_region_phrase": {"mean": words_total / self.regions if self.regions else None,
+                                        "histogram": {str(k): v for k, v in sorted(self.words_hist.items())}},
+            "scores": {
+                "quantiles": {f"p{int(q * 100)}": float(np.quantile(scores, q)) for q in QUANTILES}
+                if len(scores) else {},
+                "mean": float(scores.mean()) if len(scores) else None,
+                "histogram": np.histogram(scores, bins=SCORE_BINS, range=(0.0, 1.0))[0].tolist(),
+            },
+            "sources": dict(self.sources.most_common()),
+            "top_phrases": self.phrase_freq.most_common(top),
+            "footer": {k: [json.loads(v) if k in ("models", "thresholds") else v for v, _ in c.most_common()]
+                       for k, c in self.footers.items()},
+        }
+
+
 def collect_stats(output: str, storage_options: Mapping[str, Any] | None = None, *, sample: int = 0, seed: int = 0,
                   top: int = 25) -> dict[str, Any]:
     """Statistics of an annotate OUTPUT (or a folder of shards / one shard).
@@ -120,104 +200,32 @@ def collect_stats(output: str, storage_options: Mapping[str, Any] | None = None,
     options = by_protocol(output, storage_options)
     uris = shard_uris(output, options)
     manifest = _read_json(join_uri(output, MANIFEST), options)
-    rows = regions_total = phrases_total = empty = 0
-    region_hist = np.zeros(HIST_CAP + 1, dtype=np.int64)
-    phrase_hist = np.zeros(HIST_CAP + 1, dtype=np.int64)
-    words_hist: Counter = Counter()
-    sources: Counter = Counter()
-    phrase_freq: Counter = Counter()
-    scores: list[np.ndarray] = []
-    footers: dict[str, Counter] = {"models": Counter(), "thresholds": Counter(), "version": Counter(),
-                                   "config_hash": Counter(), "schema_version": Counter()}
-    picked: list[tuple[int, str, int]] = []  # max-heap by key (negated): the SAMPLE smallest keys
-    id_hashes: list[np.ndarray] = []  # 8 bytes per row: repeated image_ids (two runs into one OUTPUT)
+    tally = Tally(sample, seed)
     progress = Progress(len(uris), "inspect")
     for uri, table, meta in iter_tables(uris, STAT_COLUMNS, options):
-        n = table.num_rows
-        rows += n
-        id_hashes.append(hash_ids(table.column("image_id").to_numpy(zero_copy_only=False)))
-        region_counts = pc.list_value_length(table.column("regions")).to_numpy(zero_copy_only=False).astype(np.int64)
-        phrase_counts = pc.list_value_length(table.column("phrases")).to_numpy(zero_copy_only=False).astype(np.int64)
-        region_hist += _histogram(region_counts)
-        phrase_hist += _histogram(phrase_counts)
-        regions_total += int(region_counts.sum())
-        phrases_total += int(phrase_counts.sum())
-        empty += int((region_counts == 0).sum())
-        flat = pc.list_flatten(table.column("regions").combine_chunks())
-        if len(flat):
-            texts = flat.field("phrase").to_pylist()
-            phrase_freq.update(texts)
-            words_hist.update(len(t.split()) for t in texts)
-            sources.update(flat.field("source").to_pylist())
-            scores.append(np.asarray(flat.field("score").to_numpy(zero_copy_only=False), dtype=np.float32))
-        for key in ("models", "thresholds", "version", "config_hash", "schema_version"):
-            value = meta.get(f"vesl.{key}")
-            if value is not None:
-                footers[key][value] += 1
-        if sample > 0:
-            for i, image_id in enumerate(table.column("image_id").to_pylist()):
-                k = sample_key(image_id, seed)
-                if len(picked) < sample:
-                    heapq.heappush(picked, (-k, uri, i))
-                elif -picked[0][0] > k:
-                    heapq.heapreplace(picked, (-k, uri, i))
-        progress.update(rows=rows, regions=regions_total)
+        tally.add(uri, table, meta)
+        progress.update(rows=tally.rows, regions=tally.regions)
     progress.close()
-    hashes = np.concatenate(id_hashes) if id_hashes else np.zeros(0, dtype=np.int64)
-    repeated_rows = int(len(hashes) - len(np.unique(hashes)))
+    repeated_rows = tally.repeated_rows()
     if repeated_rows:
         log.warning("%s: %d row(s) repeat an image_id already in another row: the shards were written by two runs "
                     "at once; `vesl annotate` with the same INPUT and OUTPUT repairs it", output, repeated_rows)
     by_reason, reject_examples = _rejects(output, options)
-    all_scores = np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
-    words_total = sum(k * v for k, v in words_hist.items())
-    rejects = sum(by_reason.values())
+    rows, rejects = tally.rows, sum(by_reason.values())
     inputs = int(manifest["counts"]["inputs"]) if manifest and "counts" in manifest else rows + rejects
     by_stage = stage_totals(by_reason)
     stats: dict[str, Any] = {
-        "output": output,
-        "shards": len(uris),
-        "images": inputs,
-        "rows": rows,
-        "rejects": rejects,
-        "accounted": rows + rejects == inputs and not repeated_rows,
-        "repeated_image_id_rows": repeated_rows,
-        "by_stage": by_stage,
-        "by_reason": dict(sorted(by_reason.items())),
-        "reject_examples": reject_examples,
+        "output": output, "shards": len(uris), "images": inputs, "rows": rows, "rejects": rejects,
+        "accounted": rows + rejects == inputs and not repeated_rows, "repeated_image_id_rows": repeated_rows,
+        "by_stage": by_stage, "by_reason": dict(sorted(by_reason.items())), "reject_examples": reject_examples,
         "funnel": funnel(inputs, by_stage, funnel_steps()),
-        "regions": {
-            "total": regions_total,
-            "per_image_mean": _mean_from_hist(region_hist, regions_total),
-            "per_image_histogram": region_hist.tolist(),
-            "images_without_regions": empty,
-        },
-        "phrases": {
-            "total": phrases_total,
-            "per_image_mean": _mean_from_hist(phrase_hist, phrases_total),
-            "per_image_histogram": phrase_hist.tolist(),
-            "distinct_region_phrases": len(phrase_freq),
-        },
-        "words_per_region_phrase": {
-            "mean": words_total / regions_total if regions_total else None,
-            "histogram": {str(k): v for k, v in sorted(words_hist.items())},
-        },
-        "scores": {
-            "quantiles": {f"p{int(q * 100)}": float(np.quantile(all_scores, q)) for q in QUANTILES}
-            if len(all_scores) else {},
-            "mean": float(all_scores.mean()) if len(all_scores) else None,
-            "histogram": np.histogram(all_scores, bins=SCORE_BINS, range=(0.0, 1.0))[0].tolist(),
-        },
-        "sources": dict(sources.most_common()),
-        "top_phrases": phrase_freq.most_common(top),
-        "footer": {k: [json.loads(v) if k in ("models", "thresholds") else v for v, _ in c.most_common()]
-                   for k, c in footers.items()},
+        **tally.label_stats(top),
         "paper": PAPER,
         "run": {k: manifest.get(k) for k in ("run_id", "input", "started_at", "finished_at", "timings_s")}
         if manifest else None,
     }
     if sample > 0:
-        stats["sample"] = _sample_rows(sorted((-k, uri, i) for k, uri, i in picked), options)
+        stats["sample"] = _sample_rows(sorted((-k, uri, i) for k, uri, i in tally.picked), options)
     return stats
 
 

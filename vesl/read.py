@@ -26,7 +26,6 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger("vesl.read")
 FOOTER_ATTR = "vesl_footer"  # pandas df.attrs key: the footer entries read_regions found, for write_regions
-WRITTEN_BY = "vesl.written_by"
 IMAGE_COLUMNS = ["image_id", "image_uri", "width", "height", "alt_text", "caption", "phrases", "regions"]
 REGION_COLUMNS = ["image_id", "image_uri", "width", "height", "region", "phrase", "score", "source",
                   "x0", "y0", "x1", "y1", "x0_px", "y0_px", "x1_px", "y1_px"]
@@ -171,10 +170,10 @@ def warn_duplicates(uri: str, ids: list[pa.ChunkedArray | pa.Array]) -> int:
 
 def common_footer(footers: list[Mapping[str, str]]) -> dict[str, str]:
     """The vesl.* footer entries every file agrees on (schema version and writer excepted)."""
-    from schemas.region_text import META_PREFIX, META_SCHEMA_VERSION
+    from schemas.region_text import META_PREFIX, META_SCHEMA_VERSION, META_VERSION, META_WRITTEN_BY
 
     keys = [k for k in (footers[0] if footers else {}) if k.startswith(META_PREFIX)
-            and k not in (META_SCHEMA_VERSION, f"{META_PREFIX}version", WRITTEN_BY)]
+            and k not in (META_SCHEMA_VERSION, META_VERSION, META_WRITTEN_BY)]
     return {k: footers[0][k] for k in keys if all(f.get(k) == footers[0][k] for f in footers)}
 
 
@@ -240,7 +239,14 @@ def write_regions(data, path: str, *, storage_options: Mapping[str, Any] | None 
     unless OVERWRITE. Returns the URIs written."""
     import uuid
 
-    from schemas.region_text import META_PREFIX, META_SCHEMA_VERSION, SCHEMA_VERSION, conform_table, region_text_schema
+    from schemas.region_text import (
+        META_SCHEMA_VERSION,
+        META_VERSION,
+        META_WRITTEN_BY,
+        SCHEMA_VERSION,
+        conform_table,
+        region_text_schema,
+    )
     from vesl import __version__
     from vesl.core.storage import filesystem, join_uri, parent_uri
 
@@ -254,8 +260,8 @@ def write_regions(data, path: str, *, storage_options: Mapping[str, Any] | None 
         raise ValueError(f"columns {extra} are not in region-text schema v1; drop them or pass drop_extra=True")
     table = conform_table(table, where="write_regions")
     check_rows(table, where="write_regions")
-    footer = {**carried, **(metadata or {}), META_SCHEMA_VERSION: SCHEMA_VERSION, f"{META_PREFIX}version": __version__,
-              WRITTEN_BY: "write_regions"}
+    footer = {**carried, **(metadata or {}), META_SCHEMA_VERSION: SCHEMA_VERSION, META_VERSION: __version__,
+              META_WRITTEN_BY: "write_regions"}
     table = table.replace_schema_metadata({k.encode(): str(v).encode() for k, v in footer.items()})
     options = by_protocol(path, storage_options)
     fs, root = filesystem(path, options)

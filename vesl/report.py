@@ -5,7 +5,7 @@ messages, the most frequent phrases, models and thresholds, and a gallery of sam
 their boxes drawn in distinct colours, each labelled with its phrase and score, caption and
 alt-text beside. Images are embedded as base64 JPEG thumbnails: the file needs no network and no
 other file to be viewed. Every text from the data is HTML-escaped (captions and alt-texts are
-untrusted input).
+untrusted input): the page is a Jinja2 template with autoescape on.
 """
 
 from __future__ import annotations
@@ -14,9 +14,13 @@ import base64
 import datetime as dt
 import html
 import io
-import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+from markupsafe import Markup, escape
+
+from vesl.core.text import fmt
 
 # Distinct, saturated colours (after Sasha Trubetskoy's list); box i of an image takes colour i.
 PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
@@ -89,23 +93,20 @@ def svg_histogram(counts: Sequence[int], labels: Sequence[str], title: str, xlab
     return "".join(parts)
 
 
-THUMB_MAX_BYTES = 64 * 1024 * 1024  # the decode stage's defaults: an image the job read, the report reads
-THUMB_FETCH_TIMEOUT_S = 60.0
-
-
 def thumbnail(row: Mapping[str, Any], thumb_size: int, storage_options) -> tuple[str | None, str | None]:
     """(data: URI of a JPEG thumbnail, None) or (None, why the image could not be shown)."""
-    from operators.decode import DecodeConfig, decode_image, fetch_bytes
+    from operators.decode import DecodeConfig
+    from vesl.core.images import decode_image, fetch_bytes
     from vesl.core.text import describe_error
 
-    config = DecodeConfig(working_max_side=thumb_size)
+    config = DecodeConfig()  # the limits the job read the image with
     try:
         data = row.get("image_bytes")
         if data is None:
             if not row.get("image_uri"):
                 return None, "no image_bytes and no image_uri in the shard"
             data = fetch_bytes(row["image_uri"], storage_options, config.max_bytes, config.fetch_timeout_s)
-        image, _, _ = decode_image(data, config)
+        image, _, _ = decode_image(data, max_pixels=config.max_pixels, max_side=thumb_size)
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=85)
     except Exception as e:  # a report shows what it can: one unreadable image is a note on its card
@@ -117,13 +118,13 @@ FRAME_MAX = (400, 440)  # CSS pixels a gallery picture may take; small images ar
 TEXT_MAX = 400  # characters of a caption or alt-text shown on a card
 
 
-def clip(text: str | None, limit: int = TEXT_MAX) -> str:
+def clip(text: str | None, limit: int = TEXT_MAX) -> Markup:
     """TEXT escaped, cut at LIMIT characters with a note of how much was left out."""
     if text is None:
-        return ""
+        return Markup("")
     if len(text) <= limit:
-        return esc(text)
-    return f'{esc(text[:limit])}… <span class="muted">({len(text) - limit} more characters)</span>'
+        return escape(text)
+    return Markup('{}… <span class="muted">({} more characters)</span>').format(text[:limit], len(text) - limit)
 
 
 def frame_size(width: int, height: int) -> tuple[float, float]:
@@ -131,50 +132,26 @@ def frame_size(width: int, height: int) -> tuple[float, float]:
     return width * scale, height * scale
 
 
-def gallery_card(row: Mapping[str, Any], thumb_size: int, storage_options) -> str:
+def box_geometry(region: Mapping[str, Any]) -> dict[str, Any]:
+    """Where a region's box and label go on its card, in percent of the picture."""
+    x0, y0, x1, y1 = (float(v) for v in region["box"])
+    return {"left": f"{100 * x0:.3f}", "top": f"{100 * y0:.3f}", "width": f"{100 * (x1 - x0):.3f}",
+            "height": f"{100 * (y1 - y0):.3f}", "near_top": y0 < 0.06, "score": f"{float(region['score']):.2f}"}
+
+
+def card_context(row: Mapping[str, Any], thumb_size: int, storage_options) -> dict[str, Any]:
     src, problem = thumbnail(row, thumb_size, storage_options)
     width, height = int(row.get("width") or 1), int(row.get("height") or 1)
     frame_w, frame_h = frame_size(width, height)
-    boxes, items = [], []
-    for i, region in enumerate(row.get("regions") or []):
-        colour = PALETTE[i % len(PALETTE)]
-        x0, y0, x1, y1 = (float(v) for v in region["box"])
-        label = f"{region['phrase']} {float(region['score']):.2f}"
-        near_top = " top" if y0 < 0.06 else ""
-        boxes.append(
-            f'<div class="box{near_top}" data-region="{i}" data-colour="{colour}" style="left:{100 * x0:.3f}%;'
-            f'top:{100 * y0:.3f}%;width:{100 * (x1 - x0):.3f}%;height:{100 * (y1 - y0):.3f}%;border-color:{colour}">'
-            f'<span class="label" style="background:{colour};color:{text_colour(colour)}">{esc(label)}</span></div>')
-        items.append(f'<li><span class="sw" style="background:{colour}"></span>{esc(region["phrase"])} '
-                     f'<span class="muted">{float(region["score"]):.2f} · {esc(region["source"])}</span></li>')
-    if src:
-        picture = f'<img class="photo" src="{src}" alt="{esc(row["image_id"])}">'
-    else:
-        picture = f'<div class="missing">image not available: {esc(problem)}</div>'
-    phrases = ", ".join(esc(p) for p in row.get("phrases") or []) or '<span class="muted">none</span>'
-    return (f'<figure class="card" data-image-id="{esc(row["image_id"])}" data-regions="{len(boxes)}">'
-            f'<div class="frame" style="width:{frame_w:.1f}px;height:{frame_h:.1f}px">{picture}{"".join(boxes)}</div>'
-            f'<figcaption class="text"><div><b>{esc(row["image_id"])}</b> <span class="muted">{width}×{height} · '
-            f'{len(boxes)} region(s) · {esc(row.get("image_uri") or "embedded")}</span></div>'
-            f'<div><b>caption</b> {clip(row.get("caption"))}</div>'
-            f'<div><b>alt-text</b> {clip(row.get("alt_text")) or "<span class=muted>none</span>"}</div>'
-            f'<div><b>phrases</b> {phrases}</div><ul class="regions">{"".join(items)}</ul></figcaption></figure>')
+    regions = [{**region, **box_geometry(region), "colour": PALETTE[i % len(PALETTE)],
+                "ink": text_colour(PALETTE[i % len(PALETTE)])} for i, region in enumerate(row.get("regions") or [])]
+    return {"row": row, "src": src, "problem": problem, "width": width, "height": height,
+            "frame_w": f"{frame_w:.1f}", "frame_h": f"{frame_h:.1f}", "regions": regions}
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f'<td class="num">{esc(v)}</td>' if j in numeric else f"<td>{esc(v)}</td>"
-                                    for j, v in enumerate(r)) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def render_report(stats: Mapping[str, Any], storage_options=None, thumb_size: int = 512) -> str:
-    from vesl.core.text import fmt
-
-    reg, phr, words = stats["regions"], stats["phrases"], stats["words_per_region_phrase"]
-    paper = stats["paper"]
-    run = stats.get("run") or {}
-    summary = _table(["", "value", "paper (CLOC, real models)"], [
+def summary_rows(stats: Mapping[str, Any]) -> list[list[Any]]:
+    reg, phr, words, paper = stats["regions"], stats["phrases"], stats["words_per_region_phrase"], stats["paper"]
+    return [
         ["images (inputs)", stats["images"], ""],
         ["rows (images with labels)", stats["rows"], ""],
         ["rejects", stats["rejects"], ""],
@@ -186,62 +163,59 @@ def render_report(stats: Mapping[str, Any], storage_options=None, thumb_size: in
         ["words per region phrase", fmt(words["mean"]), f"~{paper['words_per_phrase']}"],
         ["distinct region phrases", phr["distinct_region_phrases"], ""],
         ["shard files", stats["shards"], ""],
-    ], numeric=(1,))
-    hist = reg["per_image_histogram"]
+    ]
+
+
+def plots(stats: Mapping[str, Any]) -> list[Markup]:
+    """The three histograms, as inline SVG (our own markup: its texts are escaped as it is built)."""
+    hist = stats["regions"]["per_image_histogram"]
     last = max([i for i, v in enumerate(hist) if v] + [5])
-    region_plot = svg_histogram(hist[:last + 1], [f"{i}+" if i == len(hist) - 1 else str(i) for i in range(last + 1)],
-                                "regions per image", "regions in the image")
     score_hist = stats["scores"]["histogram"]
     bins = len(score_hist)
-    score_plot = svg_histogram(score_hist, [f"{i / bins:.2f}" for i in range(bins)], "region scores",
-                               "detector score (bin start)", colour="#f58231")
-    word_items = sorted((int(k), v) for k, v in words["histogram"].items())
-    word_plot = svg_histogram([v for _, v in word_items] or [0], [str(k) for k, _ in word_items] or ["0"],
-                              "words per region phrase", "words", colour="#3cb44b")
-    quantiles = stats["scores"]["quantiles"]
-    score_table = _table(list(quantiles), [[f"{v:.3f}" for v in quantiles.values()]]) if quantiles else \
-        '<p class="muted">no regions</p>'
-    if stats["by_reason"]:
-        reject_rows = []
-        for key, count in stats["by_reason"].items():
-            example = (stats.get("reject_examples") or {}).get(key, [{}])[0]
-            reject_rows.append([*key.split("/", 1), count, example.get("image_id", ""), example.get("message", "")])
-        rejects = _table(["stage", "reason", "count", "e.g. image_id", "message"], reject_rows, numeric=(2,))
-    else:
-        rejects = '<p class="muted">no rejects</p>'
-    phrases = _table(["phrase", "regions"], stats["top_phrases"], numeric=(1,)) if stats["top_phrases"] else \
-        '<p class="muted">no regions</p>'
-    model_rows = [[stage, info.get("id"), info.get("class", ""), info.get("revision", "")]
-                  for m in stats["footer"].get("models") or [] for stage, info in m.items()]
-    threshold_rows = [[k, "off" if v is None else v] for t in stats["footer"].get("thresholds") or []
-                      for k, v in t.items()]
-    models = (_table(["stage", "model", "class", "revision"], model_rows)
-              + _table(["threshold", "value"], threshold_rows))
-    sample = stats.get("sample") or []
-    cards = "".join(gallery_card(row, thumb_size, storage_options) for row in sample)
-    generated = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    run_line = (f"run {esc(run.get('run_id'))} · input {esc(run.get('input'))} · finished {esc(run.get('finished_at'))}"
-                if run else "no run manifest (a folder of shards)")
-    machine = json.dumps({k: v for k, v in stats.items() if k != "sample"}, default=str).replace("<", "\\u003c")
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<title>vesl report: {esc(stats['output'])}</title><style>{CSS}</style></head>
-<body>
-<h1>vesl report</h1>
-<p class="meta">{esc(stats['output'])} · {run_line} · generated {generated}</p>
-<p class="meta">Labels from tiny random-weight models (the demo's <code>--preset tiny</code>) are structurally valid and
-meaningless; compare the paper's figures with runs of real models only.</p>
-<div class="plots"><div><h2>Summary</h2>{summary}<h3>score quantiles</h3>{score_table}</div>
-<div><h2>Distributions</h2><div class="plots"><div class="plot">{region_plot}</div><div class="plot">{score_plot}</div>
-<div class="plot">{word_plot}</div></div></div></div>
-<h2>Rejects</h2>{rejects}
-<h2 id="gallery-title">Gallery: {len(sample)} sampled images</h2>
-<div class="gallery" id="gallery">{cards}</div>
-<h2>Most frequent region phrases</h2>{phrases}
-<h2>Models and thresholds (shard footers)</h2>{models}
-<script type="application/json" id="vesl-stats">{machine}</script>
-</body></html>
-"""
+    word_items = sorted((int(k), v) for k, v in stats["words_per_region_phrase"]["histogram"].items())
+    return [Markup(svg) for svg in (
+        svg_histogram(hist[:last + 1], [f"{i}+" if i == len(hist) - 1 else str(i) for i in range(last + 1)],
+                      "regions per image", "regions in the image"),
+        svg_histogram(score_hist, [f"{i / bins:.2f}" for i in range(bins)], "region scores",
+                      "detector score (bin start)", colour="#f58231"),
+        svg_histogram([v for _, v in word_items] or [0], [str(k) for k, _ in word_items] or ["0"],
+                      "words per region phrase", "words", colour="#3cb44b"))]
+
+
+def reject_rows(stats: Mapping[str, Any]) -> list[list[Any]]:
+    rows = []
+    for key, count in stats["by_reason"].items():
+        example = (stats.get("reject_examples") or {}).get(key, [{}])[0]
+        rows.append([*key.split("/", 1), count, example.get("image_id", ""), example.get("message", "")])
+    return rows
+
+
+TEMPLATES = Path(__file__).parent / "templates"
+
+
+def template():
+    """The page template (vesl/templates/report.html); autoescape on: every value from the data is
+    HTML-escaped."""
+    from jinja2 import Environment, FileSystemLoader
+
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, keep_trailing_newline=True)
+    env.filters["clip"] = clip
+    env.policies["json.dumps_kwargs"] = {"default": str}  # tojson also escapes <, >, & and '
+    return env.get_template("report.html")
+
+
+def render_report(stats: Mapping[str, Any], storage_options=None, thumb_size: int = 512) -> str:
+    footer = stats["footer"]
+    return template().render(
+        stats=stats, css=Markup(CSS), run=stats.get("run"), summary=summary_rows(stats), plots=plots(stats),
+        quantiles={k: f"{v:.3f}" for k, v in stats["scores"]["quantiles"].items()},
+        rejects=reject_rows(stats) if stats["by_reason"] else [],
+        cards=[card_context(row, thumb_size, storage_options) for row in stats.get("sample") or []],
+        models=[[stage, info.get("id"), info.get("class", ""), info.get("revision", "")]
+                for m in footer.get("models") or [] for stage, info in m.items()],
+        thresholds=[[k, "off" if v is None else v] for t in footer.get("thresholds") or [] for k, v in t.items()],
+        generated=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        machine={k: v for k, v in stats.items() if k != "sample"})
 
 
 def write_report(stats: Mapping[str, Any], out: str, storage_options=None, thumb_size: int = 512) -> str:

@@ -213,8 +213,8 @@ def id_hashes(table: pa.Table, keep: np.ndarray | None = None, hasher=hash_ids) 
 def find_duplicates(inputs, hasher=hash_ids) -> tuple[int, dict[str, int]]:
     """(number of inputs, {image_id: ordinal kept} for the ids that occur more than once).
 
-    Two light passes instead of a distributed group-by (whose hash shuffle alone took 7-14 s to start
-    on a small cluster): tasks hash the ids, the driver finds repeated hashes (8 bytes per input), and
+    Two light passes instead of a distributed group-by (whose hash shuffle is slow to start; README,
+    Performance): tasks hash the ids, the driver finds repeated hashes (8 bytes per input), and
     only the rows with a repeated hash come back with their ids (a hash collision is resolved there)."""
     chunks = [np.asarray(b["h"]) for b in inputs.map_batches(
         id_hashes, fn_kwargs={"hasher": hasher}, batch_format="pyarrow").iter_batches(batch_format="numpy",

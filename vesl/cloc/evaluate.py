@@ -77,12 +77,71 @@ def encode_texts(model, tokenizer, texts: list[str], max_tokens: int, device: st
 
 
 @torch.no_grad()
+def embed_regions(model, batches, device: str, baseline: bool, limit: int | None) -> dict[str, Any]:
+    """Region embeddings (unit norm), their phrases, and the grounding IoUs of the prepared BATCHES."""
+    from vesl.cloc.model import normalize, roi_pool_embeddings
+
+    embeds, phrases, ious, images, skipped = [], [], [], 0, 0
+    for batch in batches:
+        ok = batch["ok"]
+        skipped += int((~ok).sum())
+        images += int(ok.sum())
+        valid = batch["region_valid"]
+        if not valid.any():
+            continue
+        _, patches = model.encode_image(torch.from_numpy(batch["pixels"]).to(device))
+        image_index, _ = (torch.from_numpy(a) for a in np.nonzero(valid))
+        image_index = image_index.to(device)
+        boxes = torch.from_numpy(batch["region_boxes"][valid]).to(device)
+        if baseline:
+            region = roi_pool_embeddings(model, patches, image_index, boxes)
+        else:
+            region = model.region_embeddings(patches, image_index, boxes)
+            # grounding: the phrase's box predicted from the text-conditioned Prompter
+            ids = torch.from_numpy(batch["phrase_ids"][valid]).to(device)
+            mask = torch.from_numpy(batch["phrase_mask"][valid]).to(device)
+            pred = model.ground(patches, image_index, model.encode_text(ids, mask))
+            ious.append(box_iou(pred.float().cpu().numpy(), batch["region_boxes"][valid]))
+        embeds.append(normalize(region).cpu())
+        phrases.extend(normalise_phrase(p) for p in batch["region_phrases"][valid])
+        if limit and images >= limit:
+            break
+    return {"embeds": torch.cat(embeds) if embeds else None, "phrases": phrases, "ious": ious, "images": images,
+            "skipped": skipped}
+
+
+def recognition(regions: torch.Tensor, phrases: list[str], lookup: dict[str, str], class_names: list[str],
+                class_embeds: torch.Tensor) -> dict[str, Any]:
+    """Region recognition (mAcc) over the regions whose phrase names a class."""
+    labelled = [i for i, p in enumerate(phrases) if p in lookup]
+    if not labelled:
+        return {"classes": len(class_names), "regions_with_class": 0, "mAcc": None}
+    index = {name: k for k, name in enumerate(class_names)}
+    true = np.array([index[lookup[phrases[i]]] for i in labelled], dtype=np.int64)
+    logits = (regions[labelled] @ class_embeds.t()).numpy()
+    macc, per_class = class_accuracy(true, logits.argmax(axis=1), len(class_names))
+    return {"classes": len(class_names), "classes_present": len(per_class), "regions_with_class": len(labelled),
+            "chance_mAcc": 1.0 / len(class_names), "mAcc": macc,
+            "per_class_acc": {class_names[c]: a for c, a in per_class.items()}}
+
+
+def retrieval(regions: torch.Tensor, phrases: list[str], text_embeds: torch.Tensor,
+              distinct: list[str]) -> dict[str, Any]:
+    """Region <-> text recall against the DISTINCT phrases."""
+    similarity = (regions @ text_embeds.t()).numpy()
+    position = {p: k for k, p in enumerate(distinct)}
+    relevant = np.zeros(similarity.shape, bool)
+    relevant[np.arange(len(phrases)), [position[p] for p in phrases]] = True
+    return {"region_to_text": recall_at(similarity, relevant), "text_to_region": recall_at(similarity.T, relevant.T),
+            "distinct_phrases": len(distinct)}
+
+
+@torch.no_grad()
 def evaluate(shards: str, checkpoint: str, classes_path: str, *, baseline: bool = False, template: str = "{}",
              batch_rows: int = 64, device: str = "auto", storage_options: Mapping[str, Any] | None = None,
              limit: int | None = None) -> dict[str, Any]:
     from vesl.cloc.checkpoint import CLIP_DIR, fetch_checkpoint, load_cloc
     from vesl.cloc.data import load_tokenizer
-    from vesl.cloc.model import normalize, roi_pool_embeddings
     from vesl.core.models import resolve_device
 
     device = resolve_device(device)
@@ -90,72 +149,27 @@ def evaluate(shards: str, checkpoint: str, classes_path: str, *, baseline: bool 
     tokenizer_path = f"{meta['path']}/{CLIP_DIR}"
     tokenizer = load_tokenizer(tokenizer_path)
     clip_config = model.clip.config
-    image_size = clip_config.vision_config.image_size
     max_tokens = clip_config.text_config.max_position_embeddings
     data_config = DataConfig.model_validate(meta.get("training", {}).get("data", {}))
     lookup = load_classes(classes_path)
     class_names = list(dict.fromkeys(lookup.values()))
-    class_embeds = encode_texts(model, tokenizer, [template.format(c) for c in class_names],
-                                max_tokens, device)
-    uris = find_shards(shards, storage_options)
-    embeds, phrases, images, skipped, ious = [], [], 0, 0, []
-    for batch in iter_prepared(uris, tokenizer=tokenizer_path, revision=None, image_size=image_size,
-                               caption_max_tokens=max_tokens, config=data_config, storage_options=storage_options,
-                               batch_rows=batch_rows):
-        ok = batch["ok"]
-        skipped += int((~ok).sum())
-        images += int(ok.sum())
-        valid = batch["region_valid"]
-        if not valid.any():
-            continue
-        pixels = torch.from_numpy(batch["pixels"]).to(device)
-        _, patches = model.encode_image(pixels)
-        image_index, slot = (torch.from_numpy(a) for a in np.nonzero(valid))
-        boxes = torch.from_numpy(batch["region_boxes"][valid]).to(device)
-        image_index = image_index.to(device)
-        if baseline:
-            region = roi_pool_embeddings(model, patches, image_index, boxes)
-        else:
-            region = model.region_embeddings(patches, image_index, boxes)
-        embeds.append(normalize(region).cpu())
-        if not baseline:  # grounding: the phrase's box predicted from the text-conditioned Prompter
-            ids = torch.from_numpy(batch["phrase_ids"][valid]).to(device)
-            mask = torch.from_numpy(batch["phrase_mask"][valid]).to(device)
-            pred = model.ground(patches, image_index, model.encode_text(ids, mask))
-            ious.append(box_iou(pred.float().cpu().numpy(), batch["region_boxes"][valid]))
-        phrases.extend(normalise_phrase(p) for p in batch["region_phrases"][valid])
-        if limit and images >= limit:
-            break
-    if not embeds:
+    class_embeds = encode_texts(model, tokenizer, [template.format(c) for c in class_names], max_tokens, device)
+    batches = iter_prepared(find_shards(shards, storage_options), tokenizer=tokenizer_path, revision=None,
+                            image_size=clip_config.vision_config.image_size, caption_max_tokens=max_tokens,
+                            config=data_config, storage_options=storage_options, batch_rows=batch_rows)
+    found = embed_regions(model, batches, device, baseline, limit)
+    if found["embeds"] is None:
         raise ValueError(f"no regions in {shards}")
-    regions = torch.cat(embeds)
+    regions, phrases = found["embeds"], found["phrases"]
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint), "step": meta.get("step"), "mode": "roi_pool" if baseline else "prompter",
-        "images": images, "rows_skipped": skipped, "regions": int(regions.shape[0]),
+        "images": found["images"], "rows_skipped": found["skipped"], "regions": int(regions.shape[0]),
     }
-    # region recognition over the regions whose phrase names a class
-    labelled = [i for i, p in enumerate(phrases) if p in lookup]
-    index = {name: k for k, name in enumerate(class_names)}
-    true = np.array([index[lookup[phrases[i]]] for i in labelled], dtype=np.int64)
-    if len(labelled):
-        logits = (regions[labelled] @ class_embeds.t()).numpy()
-        macc, per_class = class_accuracy(true, logits.argmax(axis=1), len(class_names))
-        result.update({"classes": len(class_names), "classes_present": len(per_class),
-                       "regions_with_class": len(labelled), "chance_mAcc": 1.0 / len(class_names),
-                       "mAcc": macc, "per_class_acc": {class_names[c]: a for c, a in per_class.items()}})
-    else:
-        result.update({"classes": len(class_names), "regions_with_class": 0, "mAcc": None})
-    # retrieval against the distinct phrases
+    result.update(recognition(regions, phrases, lookup, class_names, class_embeds))
     distinct = list(dict.fromkeys(phrases))
-    text_embeds = encode_texts(model, tokenizer, distinct, data_config.phrase_max_tokens, device)
-    similarity = (regions @ text_embeds.t()).numpy()
-    position = {p: k for k, p in enumerate(distinct)}
-    relevant = np.zeros(similarity.shape, bool)
-    relevant[np.arange(len(phrases)), [position[p] for p in phrases]] = True
-    result["region_to_text"] = recall_at(similarity, relevant)
-    result["text_to_region"] = recall_at(similarity.T, relevant.T)
-    result["distinct_phrases"] = len(distinct)
-    if ious:
-        iou = np.concatenate(ious)
+    result.update(retrieval(regions, phrases, encode_texts(model, tokenizer, distinct, data_config.phrase_max_tokens,
+                                                           device), distinct))
+    if found["ious"]:
+        iou = np.concatenate(found["ious"])
         result["grounding"] = {"mean_iou": float(iou.mean()), "iou>0.5": float((iou > 0.5).mean())}
     return result

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from schemas.region_text import META_PREFIX, META_SCHEMA_VERSION, SCHEMA_VERSION, region_text_schema
+from schemas.region_text import META_MODELS, META_SCHEMA_VERSION, SCHEMA_VERSION, region_text_schema
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 230), "yellow": (235, 205, 35)}
 SHAPES = ("circle", "square", "triangle")
@@ -81,7 +81,7 @@ def write_shapes_dataset(out: str | Path, images: int, seed: int = 0, size: int 
     if not embed_images:
         (out / "images").mkdir(exist_ok=True)
     rng = np.random.default_rng(seed)
-    footer = {META_SCHEMA_VERSION: SCHEMA_VERSION, f"{META_PREFIX}models": json.dumps({"synthetic": {"seed": seed}})}
+    footer = {META_SCHEMA_VERSION: SCHEMA_VERSION, META_MODELS: json.dumps({"synthetic": {"seed": seed}})}
     schema = region_text_schema(footer)
     rows, shard, regions = [], 0, 0
     for i in range(images):

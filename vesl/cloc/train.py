@@ -26,14 +26,14 @@ STATE_FILE = "_vesl_train.json"
 
 # ---------------------------------------------------------------------------------------- worker side
 
-def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
-    """Linear warm-up over WARMUP steps, then constant or cosine decay to 0 at TOTAL."""
-    if step < warmup:
-        return (step + 1) / warmup
+def make_scheduler(optimizer, warmup: int, total: int, schedule: str):
+    """transformers' schedules: linear warm-up over WARMUP steps, then constant or cosine decay to 0 at
+    TOTAL."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
     if schedule == "constant":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+    return get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=warmup, num_training_steps=total)
 
 
 def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
@@ -99,152 +99,192 @@ def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
-def train_loop(loop_config: dict[str, Any]) -> None:
-    """One Ray Train worker: build or restore the model, iterate the dataset shard, report metrics
+REPORTED = ("loss", "clip", "cloc", "grounding", "masked_negatives")
+
+
+class TrainWorker:
+    """One Ray Train worker: builds or restores the model, iterates its dataset shard, reports metrics
     and checkpoints. Every worker takes the same decisions at the same steps (DDP needs that)."""
-    import ray.train
-    import ray.train.torch
-    import torch
-    from transformers import CLIPModel
 
-    from vesl.cloc import checkpoint as ckpt
-    from vesl.cloc.loss import ClocLoss
-    from vesl.cloc.model import ClocModel
-    from vesl.core.models import load_pretrained, load_processor
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        import ray.train
+        import ray.train.torch
+        import torch
 
-    config = TrainConfig.model_validate(loop_config["config"])
-    total_steps, out_local = loop_config["total_steps"], loop_config.get("metrics_path")
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
-    torch.set_num_threads(config.run.torch_threads or max(1, math.ceil(config.run.cpus_per_worker)))
-    device = ray.train.torch.get_device()
-    use_bf16 = config.run.precision == "bf16" or (config.run.precision == "auto" and device.type == "cuda")
+        self.config = config = TrainConfig.model_validate(loop_config["config"])
+        self.total_steps, self.out_local = loop_config["total_steps"], loop_config.get("metrics_path")
+        self.quiet = bool(loop_config.get("driver_bar"))  # the driver draws a bar from metrics.jsonl instead
+        self.rank = ray.train.get_context().get_world_rank()
+        torch.set_num_threads(config.run.torch_threads or max(1, math.ceil(config.run.cpus_per_worker)))
+        self.device = ray.train.torch.get_device()
+        self.use_bf16 = config.run.precision == "bf16" or (config.run.precision == "auto"
+                                                           and self.device.type == "cuda")
+        self.with_regions = config.loss.region_weight > 0
+        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rows_skipped": 0, "train_s": 0.0}
+        self.metrics: list[dict[str, Any]] = []
+        restored = ray.train.get_checkpoint()
+        restored_dir = restored.to_directory() if restored else None  # a local copy (storage may be remote)
+        self.build_model(restored_dir)
+        self.build_optimizer(restored_dir)
+        if self.rank == 0 and self.out_local:  # the live metrics file restarts from what the checkpoint knew
+            Path(self.out_local).write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in self.metrics))
+        # region sampling: seeded per worker and per starting step, so a resumed run is reproducible too
+        self.sampler = torch.Generator().manual_seed((config.run.seed * 1_000_003 + self.rank) * 1_000_003
+                                                     + self.state["step"])
 
-    restored = ray.train.get_checkpoint()
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rows_skipped": 0, "train_s": 0.0}
-    metrics: list[dict[str, Any]] = []
-    restored_dir = None
-    if restored:
-        restored_dir = restored.to_directory()  # a local copy on this worker (storage may be remote)
-        source = str(Path(restored_dir) / ckpt.CLIP_DIR)
-        revision = None
-    else:
-        source, revision = config.model.clip, config.model.revision
-    processor = load_processor(source, revision=revision, trust_remote_code=config.model.trust_remote_code)
-    torch.manual_seed(config.run.seed)  # the same Prompter initialisation on every worker
-    clip = load_pretrained(CLIPModel, source, revision=revision, trust_remote_code=config.model.trust_remote_code,
-                           device="cpu", dtype=torch.float32, attn_implementation="sdpa").train()
-    image_processor = processor.image_processor
-    model = ClocModel(clip, config.model.prompter, tuple(image_processor.image_mean), tuple(image_processor.image_std))
-    if restored_dir:
-        from safetensors.torch import load_file
+    def build_model(self, restored_dir: str | None) -> None:
+        import ray.train.torch
+        import torch
+        from transformers import CLIPModel
 
-        model.load_state_dict(load_file(str(Path(restored_dir) / ckpt.WEIGHTS)), strict=False)
-    elif config.loss.temperature is not None:
-        with torch.no_grad():
-            clip.logit_scale.fill_(math.log(1.0 / config.loss.temperature))
-    if not config.loss.learn_temperature:
-        clip.logit_scale.requires_grad_(False)
-    with_regions = config.loss.region_weight > 0
-    ddp = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": not with_regions})
-    optimizer = torch.optim.AdamW(param_groups(model, config.optim.weight_decay), lr=config.optim.lr,
-                                  betas=config.optim.betas)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, config.optim.warmup_steps, total_steps, config.optim.schedule))
-    if restored_dir:
-        saved = ckpt.load_trainer_state(restored_dir)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        state.update({k: saved[k] for k in state if k in saved})
-        metrics = [m for m in ckpt.load_metrics(restored_dir) if m["step"] <= state["step"]]
-        if rank == 0:
-            _say(f"resumed from step {state['step']} (epoch {state['epoch']})")
-    if rank == 0 and out_local:  # the live metrics file restarts from what the checkpoint knew
-        Path(out_local).write_text("".join(json.dumps(m, sort_keys=True) + "\n" for m in metrics))
-    # region sampling: seeded per worker and per starting step, so a resumed run is reproducible too
-    sampler = torch.Generator().manual_seed((config.run.seed * 1_000_003 + rank) * 1_000_003 + state["step"])
-    loss_fn = ClocLoss(config.loss)
-    shard = ray.train.get_dataset_shard("train")
-    budget_s = config.optim.max_minutes * 60 if config.optim.max_minutes else None
+        from vesl.cloc import checkpoint as ckpt
+        from vesl.cloc.loss import ClocLoss
+        from vesl.cloc.model import ClocModel
+        from vesl.core.models import load_pretrained, load_processor
 
-    def save(directory: str) -> None:
-        trainer_state = {**state, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        ckpt.save_checkpoint(directory, model, processor, {"step": state["step"], "epoch": state["epoch"],
-                                                           "training": config.public_dict()},
-                             trainer_state, metrics)
-
-    reported = ("loss", "clip", "cloc", "grounding", "masked_negatives")
-    window = dict.fromkeys(reported, 0.0) | {"images": 0, "steps": 0}
-    window_start = time.perf_counter()
-    stop = state["step"] >= total_steps
-    quiet = bool(loop_config.get("driver_bar"))  # the driver draws a bar from metrics.jsonl instead of lines
-    while not stop and state["epoch"] < config.optim.epochs:
-        batches = shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=config.data.shuffle_buffer_rows or None,
-                                     local_shuffle_seed=config.run.seed + state["epoch"] * 1000 + rank)
-        for index, batch in enumerate(batches):
-            if index < state["batch_in_epoch"]:
-                continue  # resuming mid-epoch: these batches were trained on before the checkpoint
-            t0 = time.perf_counter()
-            batch = to_tensors(batch, device)
-            state["rows_skipped"] += int((~batch["ok"]).sum())
-            inputs = step_inputs(batch, config.loss.regions_per_image, sampler, with_regions)
-            keys = inputs.pop("keys", None)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                out = ddp(**{k: v for k, v in inputs.items()})
-                parts = loss_fn(out, inputs.get("boxes"), keys, step=state["step"])
-            optimizer.zero_grad(set_to_none=True)
-            parts["loss"].backward()
-            if config.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                model.clip.logit_scale.clamp_(0, math.log(config.loss.max_logit_scale))
-            state["step"] += 1
-            state["batch_in_epoch"] = index + 1
-            state["train_s"] += time.perf_counter() - t0
-            for k in reported:
-                if k in parts:
-                    window[k] += float(parts[k].detach())
-            window["images"] += int(batch["ok"].sum())
-            window["steps"] += 1
-            last = state["step"] >= total_steps
-            if state["step"] % config.run.log_every_steps == 0 or last:
-                elapsed = time.perf_counter() - window_start
-                images, skipped, over = _all_reduce(
-                    [window["images"], state["rows_skipped"], float(bool(budget_s and state["train_s"] > budget_s))])
-                record = {"step": state["step"], "epoch": state["epoch"], "lr": scheduler.get_last_lr()[0],
-                          "temperature": 1.0 / float(model.clip.logit_scale.detach().exp()),
-                          "images_per_s": images / elapsed if elapsed > 0 else None,
-                          "rows_skipped": int(skipped), "train_s": round(state["train_s"], 2)}
-                record.update({k: window[k] / window["steps"] for k in reported
-                               if k in ("loss", "clip") or with_regions})
-                metrics.append(record)
-                if rank == 0:
-                    parts_text = " ".join(f"{k} {record[k]:.4f}" for k in ("clip", "cloc", "grounding") if k in record)
-                    if not quiet:
-                        _say(f"step {state['step']}/{total_steps} epoch {state['epoch']} loss "
-                             f"{record.get('loss', 0):.4f} ({parts_text}) {record['images_per_s'] or 0:.0f} img/s"
-                             + (f" {int(skipped)} rows skipped" if skipped else ""))
-                    if out_local:
-                        with open(out_local, "a") as f:
-                            f.write(json.dumps(record, sort_keys=True) + "\n")
-                window = dict.fromkeys(window, 0.0)
-                window_start = time.perf_counter()
-                if over:
-                    stop = True
-            if state["step"] % config.run.checkpoint_every_steps == 0 or last or stop:
-                _report(save, rank, dict(metrics[-1]) if metrics else {"step": state["step"]})
-            if last or stop:
-                stop = True
-                break
+        config = self.config
+        if restored_dir:
+            source, revision = str(Path(restored_dir) / ckpt.CLIP_DIR), None
         else:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-    if metrics and state["step"] % config.run.checkpoint_every_steps != 0 and not stop:
-        _report(save, rank, dict(metrics[-1]))  # ran out of epochs between checkpoints
+            source, revision = config.model.clip, config.model.revision
+        self.processor = load_processor(source, revision=revision, trust_remote_code=config.model.trust_remote_code)
+        torch.manual_seed(config.run.seed)  # the same Prompter initialisation on every worker
+        clip = load_pretrained(CLIPModel, source, revision=revision, trust_remote_code=config.model.trust_remote_code,
+                               device="cpu", dtype=torch.float32, attn_implementation="sdpa").train()
+        image_processor = self.processor.image_processor
+        self.model = ClocModel(clip, config.model.prompter, tuple(image_processor.image_mean),
+                               tuple(image_processor.image_std))
+        if restored_dir:
+            from safetensors.torch import load_file
+
+            self.model.load_state_dict(load_file(str(Path(restored_dir) / ckpt.WEIGHTS)), strict=False)
+        elif config.loss.temperature is not None:
+            with torch.no_grad():
+                clip.logit_scale.fill_(math.log(1.0 / config.loss.temperature))
+        if not config.loss.learn_temperature:
+            clip.logit_scale.requires_grad_(False)
+        self.ddp = ray.train.torch.prepare_model(
+            self.model, parallel_strategy_kwargs={"find_unused_parameters": not self.with_regions})
+        self.loss_fn = ClocLoss(config.loss)
+
+    def build_optimizer(self, restored_dir: str | None) -> None:
+        import torch
+
+        from vesl.cloc import checkpoint as ckpt
+
+        optim = self.config.optim
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, optim.weight_decay), lr=optim.lr,
+                                           betas=optim.betas)
+        self.scheduler = make_scheduler(self.optimizer, optim.warmup_steps, self.total_steps, optim.schedule)
+        if restored_dir:
+            saved = ckpt.load_trainer_state(restored_dir)
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.state.update({k: saved[k] for k in self.state if k in saved})
+            self.metrics = [m for m in ckpt.load_metrics(restored_dir) if m["step"] <= self.state["step"]]
+            if self.rank == 0:
+                _say(f"resumed from step {self.state['step']} (epoch {self.state['epoch']})")
+
+    def save(self, directory: str) -> None:
+        from vesl.cloc import checkpoint as ckpt
+
+        trainer_state = {**self.state, "optimizer": self.optimizer.state_dict(),
+                         "scheduler": self.scheduler.state_dict()}
+        ckpt.save_checkpoint(directory, self.model, self.processor,
+                             {"step": self.state["step"], "epoch": self.state["epoch"],
+                              "training": self.config.public_dict()}, trainer_state, self.metrics)
+
+    def step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One optimiser step on BATCH; returns the loss parts."""
+        import torch
+
+        config = self.config
+        t0 = time.perf_counter()
+        batch = to_tensors(batch, self.device)
+        self.state["rows_skipped"] += int((~batch["ok"]).sum())
+        inputs = step_inputs(batch, config.loss.regions_per_image, self.sampler, self.with_regions)
+        keys = inputs.pop("keys", None)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            out = self.ddp(**inputs)
+            parts = self.loss_fn(out, inputs.get("boxes"), keys, step=self.state["step"])
+        self.optimizer.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        if config.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            self.model.clip.logit_scale.clamp_(0, math.log(config.loss.max_logit_scale))
+        self.state["step"] += 1
+        self.state["train_s"] += time.perf_counter() - t0
+        parts["images"] = int(batch["ok"].sum())
+        return parts
+
+    def log_window(self, window: dict[str, float], elapsed: float, budget_s: float | None) -> bool:
+        """Record the metrics of the steps since the last record (all workers agree on the figures);
+        returns whether the time budget is spent."""
+        state = self.state
+        images, skipped, over = _all_reduce(
+            [window["images"], state["rows_skipped"], float(bool(budget_s and state["train_s"] > budget_s))])
+        record = {"step": state["step"], "epoch": state["epoch"], "lr": self.scheduler.get_last_lr()[0],
+                  "temperature": 1.0 / float(self.model.clip.logit_scale.detach().exp()),
+                  "images_per_s": images / elapsed if elapsed > 0 else None,
+                  "rows_skipped": int(skipped), "train_s": round(state["train_s"], 2)}
+        record.update({k: window[k] / window["steps"] for k in REPORTED if k in ("loss", "clip") or self.with_regions})
+        self.metrics.append(record)
+        if self.rank == 0:
+            parts_text = " ".join(f"{k} {record[k]:.4f}" for k in ("clip", "cloc", "grounding") if k in record)
+            if not self.quiet:
+                _say(f"step {state['step']}/{self.total_steps} epoch {state['epoch']} loss "
+                     f"{record.get('loss', 0):.4f} ({parts_text}) {record['images_per_s'] or 0:.0f} img/s"
+                     + (f" {int(skipped)} rows skipped" if skipped else ""))
+            if self.out_local:
+                with open(self.out_local, "a") as f:
+                    f.write(json.dumps(record, sort_keys=True) + "\n")
+        return bool(over)
+
+    def run(self) -> None:
+        import ray.train
+
+        config, state = self.config, self.state
+        shard = ray.train.get_dataset_shard("train")
+        budget_s = config.optim.max_minutes * 60 if config.optim.max_minutes else None
+        window = dict.fromkeys(REPORTED, 0.0) | {"images": 0, "steps": 0}
+        window_start = time.perf_counter()
+        stop = state["step"] >= self.total_steps
+        while not stop and state["epoch"] < config.optim.epochs:
+            batches = shard.iter_batches(batch_size=config.optim.batch_size, batch_format="numpy", drop_last=True,
+                                         local_shuffle_buffer_size=config.data.shuffle_buffer_rows or None,
+                                         local_shuffle_seed=config.run.seed + state["epoch"] * 1000 + self.rank)
+            for index, batch in enumerate(batches):
+                if index < state["batch_in_epoch"]:
+                    continue  # resuming mid-epoch: these batches were trained on before the checkpoint
+                parts = self.step(batch)
+                state["batch_in_epoch"] = index + 1
+                for k in REPORTED:
+                    if k in parts:
+                        window[k] += float(parts[k].detach())
+                window["images"] += parts["images"]
+                window["steps"] += 1
+                last = state["step"] >= self.total_steps
+                if state["step"] % config.run.log_every_steps == 0 or last:
+                    stop = self.log_window(window, time.perf_counter() - window_start, budget_s)
+                    window, window_start = dict.fromkeys(window, 0.0), time.perf_counter()
+                if state["step"] % config.run.checkpoint_every_steps == 0 or last or stop:
+                    _report(self.save, self.rank, dict(self.metrics[-1]) if self.metrics else {"step": state["step"]})
+                if last or stop:
+                    stop = True
+                    break
+            else:
+                state["epoch"] += 1
+                state["batch_in_epoch"] = 0
+        if self.metrics and state["step"] % config.run.checkpoint_every_steps != 0 and not stop:
+            _report(self.save, self.rank, dict(self.metrics[-1]))  # ran out of epochs between checkpoints
+
+
+def train_loop(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker function."""
+    TrainWorker(loop_config).run()
 
 
 def _report(save, rank: int, record: dict[str, Any]) -> None:
@@ -381,11 +421,62 @@ def model_geometry(config: TrainConfig) -> tuple[int, int]:
     return clip.vision_config.image_size, min(config.data.caption_max_tokens or text_max, text_max)
 
 
+def plan_steps(rows: int, config: TrainConfig) -> tuple[int, int]:
+    """(steps per epoch, total steps) for ROWS rows; ValueError when one batch per worker cannot be filled."""
+    workers = config.run.num_workers
+    per_epoch = (rows // workers) // config.optim.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"{rows} rows cannot fill one batch of {config.optim.batch_size} per worker "
+                         f"for {workers} workers; lower optim.batch_size")
+    total_steps = per_epoch * config.optim.epochs
+    return per_epoch, min(total_steps, config.optim.max_steps) if config.optim.max_steps else total_steps
+
+
+def make_trainer(ds, out: str, config: TrainConfig, total_steps: int, use_gpu: bool, bar_on: bool):
+    """The TorchTrainer: workers run `train_loop`; checkpoints go to OUT/run (local, or S3 through fsspec)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    storage_fs, storage_path = None, out
+    if not _local(out):
+        storage_fs, storage_path = pyarrow_filesystem(out, config.storage.options())
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config.public_dict() | {"storage": config.storage.model_dump(mode="python")},
+                           "total_steps": total_steps, "driver_bar": bar_on,
+                           "metrics_path": str(Path(out) / "metrics.jsonl") if _local(out) else None},
+        scaling_config=ray.train.ScalingConfig(num_workers=config.run.num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": config.run.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
+            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints)),
+        datasets={"train": ds},
+    )
+
+
+def publish_final(checkpoint, out: str, options) -> tuple[str, list[dict[str, Any]]]:
+    """Copy the final checkpoint to OUT/model; returns its URI and the metrics history it holds."""
+    from vesl.cloc.checkpoint import load_metrics
+    from vesl.core.storage import filesystem, join_uri
+
+    final = join_uri(out, "model")
+    fs, final_path = filesystem(final, options)
+    if fs.exists(final_path):
+        fs.rm(final_path, recursive=True)
+    if _local(out):
+        checkpoint.to_directory(final_path)
+        return final, load_metrics(final_path)
+    local = checkpoint.to_directory()
+    history = load_metrics(local)
+    fs.put(local, final_path, recursive=True)
+    shutil.rmtree(local, ignore_errors=True)
+    return final, history
+
+
 def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     """Train on SHARDS, checkpointing under OUT/run; the final checkpoint is copied to OUT/model."""
     import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
 
     from vesl.core.ray import init_ray
     from vesl.core.shards import count_rows, find_shards
@@ -395,18 +486,12 @@ def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = F
     uris = find_shards(shards, options)
     rows = count_rows(uris, options)
     image_size, caption_tokens = model_geometry(config)
-    workers = config.run.num_workers
-    per_epoch = (rows // workers) // config.optim.batch_size
-    if per_epoch == 0:  # checked before OUT is touched: a refused run leaves OUT as it was
-        raise ValueError(f"{rows} rows cannot fill one batch of {config.optim.batch_size} per worker "
-                         f"for {workers} workers; lower optim.batch_size")
+    per_epoch, total_steps = plan_steps(rows, config)  # checked before OUT is touched: a refusal leaves it as it was
     out = resolve_output(out, "OUT")  # absolute; a relative one inside `ray job submit` is refused
     resuming = prepare_train_output(out, config, overwrite)
     init_ray(dashboard=True)  # without the state API, Ray Train's cleaner ends the run with a timeout traceback
     use_gpu = config.run.use_gpu if config.run.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
-    total_steps = per_epoch * config.optim.epochs
-    if config.optim.max_steps:
-        total_steps = min(total_steps, config.optim.max_steps)
+    workers = config.run.num_workers
     log.info("training on %d rows in %d shards: %d steps (%d per epoch), %d worker(s)%s", rows, len(uris),
              total_steps, per_epoch, workers, " (resuming)" if resuming else "")
     print(f"[vesl train] {rows} rows in {len(uris)} shard(s), {total_steps} steps of "
@@ -414,25 +499,9 @@ def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = F
     ds = build_dataset(uris, config, image_size, caption_tokens)
     # Ray Data's bars would restart on every epoch's pass through the data: the trainer's own lines say more
     ray.data.DataContext.get_current().enable_progress_bars = False
-    storage_fs = None
-    storage_path = out
-    if not _local(out):
-        storage_fs, storage_path = pyarrow_filesystem(out, options)
-    resources = {"CPU": config.run.cpus_per_worker}
     # a terminal and a local OUT: a step bar drawn here from the live metrics file; else progress lines
     bar_on = sys.stdout.isatty() and _local(out)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"config": config.public_dict() | {"storage": config.storage.model_dump(mode="python")},
-                           "total_steps": total_steps, "driver_bar": bar_on,
-                           "metrics_path": str(Path(out) / "metrics.jsonl") if _local(out) else None},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=RUN_NAME, storage_path=storage_path, storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=config.run.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=config.run.keep_checkpoints)),
-        datasets={"train": ds},
-    )
+    trainer = make_trainer(ds, out, config, total_steps, use_gpu, bar_on)
     started = time.perf_counter()
     with MetricsBar(Path(out) / "metrics.jsonl" if bar_on else None, total_steps):
         result = trainer.fit()
@@ -440,25 +509,12 @@ def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = F
         raise result.error
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
-    final = join_uri(out, "model")
-    fs, final_path = filesystem(final, options)
-    if fs.exists(final_path):
-        fs.rm(final_path, recursive=True)
-    from vesl.cloc.checkpoint import load_metrics
-
-    if _local(out):
-        result.checkpoint.to_directory(final_path)
-        history = load_metrics(final_path)
-    else:
-        local = result.checkpoint.to_directory()
-        history = load_metrics(local)
-        fs.put(local, final_path, recursive=True)
-        shutil.rmtree(local, ignore_errors=True)
+    final, history = publish_final(result.checkpoint, out, options)
     summary = {"rows": rows, "shards": len(uris), "steps": (history[-1]["step"] if history else None),
                "planned_steps": total_steps, "workers": workers, "use_gpu": use_gpu, "resumed": resuming,
                "wall_s": round(time.perf_counter() - started, 1), "final": history[-1] if history else None,
                "model": final}
-    with fs.open(join_uri(filesystem(out, options)[1], "train_summary.json"), "w") as f:
+    fs, root = filesystem(out, options)
+    with fs.open(join_uri(root, "train_summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     return summary
-

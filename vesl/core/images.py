@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from schemas.rejects import RejectReason as R
 from vesl.core.storage import filesystem, options_for, protocol_of
 from vesl.core.text import describe_error
 
@@ -53,14 +54,14 @@ def fetch_error(uri: str, error: BaseException) -> DecodeError:
     status = getattr(cause, "status", None) if cause is not None else None
     if isinstance(status, int) and 100 <= status <= 599:
         text = f"HTTP {status} {str(getattr(cause, 'message', '') or '').strip()}".rstrip()
-        return DecodeError("not_found" if status in (404, 410) else "fetch_failed", f"{text}: {uri}")
+        return DecodeError(R.NOT_FOUND if status in (404, 410) else R.FETCH_FAILED, f"{text}: {uri}")
     if isinstance(error, FileNotFoundError) and uri.startswith(("http://", "https://")) and cause is not None:
-        return DecodeError("fetch_failed", f"{uri}: {describe_error(cause)}")
+        return DecodeError(R.FETCH_FAILED, f"{uri}: {describe_error(cause)}")
     if isinstance(error, FileNotFoundError):
-        return DecodeError("not_found", f"no such file: {uri}")
+        return DecodeError(R.NOT_FOUND, f"no such file: {uri}")
     if isinstance(error, IsADirectoryError):
-        return DecodeError("not_found", f"is a directory: {uri}")
-    return DecodeError("fetch_failed", f"{uri}: {describe_error(error)}")
+        return DecodeError(R.NOT_FOUND, f"is a directory: {uri}")
+    return DecodeError(R.FETCH_FAILED, f"{uri}: {describe_error(error)}")
 
 
 def fetch_bytes(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None, max_bytes: int,
@@ -76,7 +77,7 @@ def fetch_bytes(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | Non
     except Exception as e:  # noqa: BLE001 - any transport error is a reject, not a crash
         raise fetch_error(uri, e) from e
     if len(data) > max_bytes:
-        raise DecodeError("file_too_large", f"{uri}: more than {max_bytes} bytes")
+        raise DecodeError(R.FILE_TOO_LARGE, f"{uri}: more than {max_bytes} bytes")
     return data
 
 
@@ -106,7 +107,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
     """Decode DATA to an oriented RGB image; returns (working copy, original width, original height).
     The working copy is the image, uniformly scaled down so its longer side is at most MAX_SIDE."""
     if not data:
-        raise DecodeError("empty_file", "zero bytes")
+        raise DecodeError(R.EMPTY_FILE, "zero bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -114,7 +115,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
             width, height = image.size  # from the header: nothing decoded yet
             if width * height > max_pixels:
                 raise DecodeError(
-                    "decompression_bomb", f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
+                    R.DECOMPRESSION_BOMB, f"{width}x{height} = {width * height} pixels > max_pixels {max_pixels}"
                 )
             if getattr(image, "n_frames", 1) > 1:
                 image.seek(0)  # animated: the first frame stands for the image
@@ -124,13 +125,13 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
     except DecodeError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        reason = "not_an_image" if isinstance(e, UnidentifiedImageError) else "decompression_bomb"
+        reason = R.NOT_AN_IMAGE if isinstance(e, UnidentifiedImageError) else R.DECOMPRESSION_BOMB
         raise DecodeError(reason, describe_error(e)) from e
     except Exception as e:  # noqa: BLE001 - truncated data, corrupt chunks, codec errors
-        raise DecodeError("corrupt_image", describe_error(e)) from e
+        raise DecodeError(R.CORRUPT_IMAGE, describe_error(e)) from e
     width, height = image.size
     if min(width, height) < min_side:
-        raise DecodeError("too_small", f"{width}x{height} has a side below min_side {min_side}")
+        raise DecodeError(R.TOO_SMALL, f"{width}x{height} has a side below min_side {min_side}")
     longest = max(width, height)
     if max_side is not None and longest > max_side:
         scale = max_side / longest

@@ -7,15 +7,27 @@ import pytest
 
 from vesl.cloc.config import load_train_config
 from vesl.cloc.synthetic import write_shapes_dataset
-from vesl.cloc.train import TrainConflictError, lr_factor, run_training
+from vesl.cloc.train import TrainConflictError, make_scheduler, run_training
+
+
+def _lrs(schedule, steps):
+    import torch
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer, 4, 20, schedule)
+    out = []
+    for _ in range(steps):
+        out.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return out
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
-    assert lr_factor(0, 4, 20, "cosine") == pytest.approx(0.25)
-    assert lr_factor(3, 4, 20, "cosine") == pytest.approx(1.0)
-    assert lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
-    assert lr_factor(20, 4, 20, "cosine") == pytest.approx(0.0, abs=1e-12)
-    assert lr_factor(19, 4, 20, "constant") == 1.0
+    lrs = _lrs("cosine", 21)
+    assert lrs[:5] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+    assert lrs[12] == pytest.approx(0.5) and lrs[20] == pytest.approx(0.0, abs=1e-12)
+    assert _lrs("constant", 20)[4:] == [1.0] * 16
 
 
 def _config(*overrides):
