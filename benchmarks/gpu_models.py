@@ -211,7 +211,8 @@ def main() -> int:
         pil = [Image.fromarray(a) for a in images]
         results["captioner"] = {}
         for beams in (1, 3):
-            captioner = CaptionImages(CaptionConfig(model=str(paths["captioner"]), dtype=dtype, num_beams=beams,
+            captioner = CaptionImages(CaptionConfig(model=str(paths["captioner"]), prompt_style="prefix", prompt="",
+                                                    processor_kwargs={}, dtype=dtype, num_beams=beams,
                                                     max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens))
             for b in sizes:
                 def run(b=b, captioner=captioner):

@@ -87,6 +87,16 @@ class Stage:
         return {}
 
     @classmethod
+    def wants_gpu(cls, config: StageConfig) -> bool:
+        """Whether this stage takes a GPU share when the cluster has GPUs (not when its device is 'cpu')."""
+        return cls.resources.gpu and getattr(config, "device", "auto") != "cpu"
+
+    @classmethod
+    def active(cls, config: StageConfig) -> bool:
+        """Whether the job runs this stage (a stage its config switches off is left out of the wiring)."""
+        return getattr(config, "enabled", True)
+
+    @classmethod
     def thresholds(cls, config: StageConfig) -> dict[str, Any]:
         """The settings of this stage the footer's `vesl.thresholds` records."""
         return {}

@@ -14,31 +14,37 @@ from PIL import Image
 from pydantic import Field
 
 from operators.base import Reject, Resources, Stage, StageConfig, image_from_row
+from schemas.region_text import CaptionSource
 from schemas.rejects import RejectReason as R
 from vesl.core.models import describe_pretrained, load_pretrained, load_processor, resolve_device, resolve_dtype
-from vesl.core.text import normalize_text
+from vesl.core.text import clean_text, normalize_text
 
 if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import time
     import pyarrow as pa
 
 
 class CaptionConfig(StageConfig):
+    mode: Literal["model", "alt_text"] = Field(
+        default="model", description="'model': the captioner describes the image. 'alt_text': no model, the "
+        "row's alt-text stands as its caption (the alt-ngram ablation; a row without alt-text is a reject).")
     model: str = Field(
-        default="Salesforce/blip-image-captioning-large",
-        description="Hub id or local path of an image-to-text model (AutoModelForImageTextToText).",
+        default="HuggingFaceTB/SmolVLM-Instruct",
+        description="Hub id or local path of an image-to-text model (AutoModelForImageTextToText): an instruction "
+        "VLM with prompt_style chat (the default, as VeCap), or a BLIP-style captioner with prompt_style prefix.",
     )
     revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin.")
     trust_remote_code: bool = Field(default=False, description="Allow the model repo's own Python code.")
     prompt_style: Literal["prefix", "chat"] = Field(
-        default="prefix",
+        default="chat",
         description="'prefix': PROMPT is a caption prefix (BLIP). 'chat': PROMPT is a user turn "
         "rendered with the processor's chat template (instruction VLMs).",
     )
-    prompt: str = Field(default="", description="Prefix or instruction; empty means unconditional captioning.")
-    max_new_tokens: int = Field(default=60, ge=1, description="Longest caption, in generated tokens.")
+    prompt: str = Field(default="Describe this image in detail.",
+                        description="Prefix or instruction; empty means unconditional captioning.")
+    max_new_tokens: int = Field(default=160, ge=1, description="Longest caption, in generated tokens.")
     min_new_tokens: int = Field(default=0, ge=0)
-    num_beams: int = Field(default=3, ge=1, description="Beam search width (1 = greedy).")
-    repetition_penalty: float = Field(default=1.2, gt=0)
+    num_beams: int = Field(default=1, ge=1, description="Beam search width (1 = greedy).")
+    repetition_penalty: float = Field(default=1.05, gt=0)
     batch_size: int = Field(default=16, ge=1, description="Images per generate() call.")
     device: str = Field(default="auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -46,6 +52,10 @@ class CaptionConfig(StageConfig):
         default=None, description="None: transformers' choice (SDPA where the model supports it; BLIP has "
         "only its own eager attention); or 'sdpa', 'eager', 'flash_attention_2'.")
     max_caption_chars: int = Field(default=2000, ge=1, description="Captions are cut to this many characters.")
+    processor_kwargs: dict[str, Any] = Field(
+        default_factory=lambda: {"size": {"longest_edge": 768}},
+        description="Extra AutoProcessor.from_pretrained arguments. The default bounds SmolVLM's image splitting "
+        "to 2x2 tiles of 384 px + the global view (5 x 81 = 405 visual tokens); set {} for another processor.")
 
 
 def clean_caption(text: str, prompt: str, limit: int) -> str:
@@ -61,8 +71,8 @@ class CaptionImages(Stage):
 
     name = "caption"
     config_class = CaptionConfig
-    reads = ("pixels", "pixel_width", "pixel_height")
-    writes = ("caption",)
+    reads = ("pixels", "pixel_width", "pixel_height", "alt_text")
+    writes = ("caption", "vlm_caption", "caption_source")
     reasons = (R.EMPTY_CAPTION, R.MODEL_ERROR)
     resources = Resources(gpu=True)
 
@@ -71,10 +81,13 @@ class CaptionImages(Stage):
         from transformers import AutoModelForImageTextToText
 
         super().__init__(config, **kwargs)
+        if self.config.mode == "alt_text":
+            return  # no model
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         self.processor = load_processor(
-            self.config.model, revision=self.config.revision, trust_remote_code=self.config.trust_remote_code
+            self.config.model, revision=self.config.revision, trust_remote_code=self.config.trust_remote_code,
+            **self.config.processor_kwargs,
         )
         self.model = load_pretrained(
             AutoModelForImageTextToText, self.config.model, revision=self.config.revision,
@@ -118,10 +131,22 @@ class CaptionImages(Stage):
 
     @classmethod
     def describe_models(cls, config: CaptionConfig) -> dict[str, Any]:
+        if config.mode == "alt_text":
+            return {"captioner": {"id": None, "mode": "alt_text"}}
         return {"captioner": describe_pretrained(config.model, config.revision, config.trust_remote_code)}
 
+    @classmethod
+    def wants_gpu(cls, config: CaptionConfig) -> bool:
+        return config.mode == "model" and super().wants_gpu(config)
+
     def process(self, table: pa.Table, rows: Sequence[int]) -> dict[int, dict[str, Any] | Reject]:
+        if self.config.mode == "alt_text":
+            alts = table.column("alt_text").to_pylist()
+            texts = {r: clean_text(alts[r], self.config.max_caption_chars) for r in rows}
+            return {r: {"caption": text, "vlm_caption": None, "caption_source": CaptionSource.ALT_TEXT.value}
+                    if text else Reject(R.EMPTY_CAPTION, "no alt-text to stand as the caption (caption.mode=alt_text)")
+                    for r, text in texts.items()}
         captions = self.caption_images([Image.fromarray(image_from_row(table, r)) for r in rows])
-        return {r: {"caption": text} if text and text.strip()
-                else Reject(R.EMPTY_CAPTION, "the captioner produced no text for this image")
+        return {r: {"caption": text, "vlm_caption": text, "caption_source": CaptionSource.VLM.value}
+                if text and text.strip() else Reject(R.EMPTY_CAPTION, "the captioner produced no text for this image")
                 for r, text in zip(rows, captions)}

@@ -8,7 +8,6 @@ keeps its source ("caption" or "alt_text"); a phrase found in both counts once, 
 
 from __future__ import annotations
 
-import html
 import re
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -18,7 +17,7 @@ from pydantic import Field
 
 from operators.base import Reject, Resources, Stage, StageConfig
 from schemas.rejects import RejectReason as R
-from vesl.core.text import normalize_text
+from vesl.core.text import clean_text
 
 # Words that name the picture or a place in it, not a thing a box can hold.
 GENERIC_WORDS = frozenset(
@@ -41,20 +40,14 @@ class PhraseConfig(StageConfig):
     max_words: int = Field(default=6, ge=1, description="Longer chunks are dropped (rarely a single object).")
     min_chars: int = Field(default=2, ge=1)
     include_entities: bool = Field(default=False, description="Also take named entities (runs spaCy's NER).")
+    use_caption: bool = Field(default=True, description="Take phrases from the caption (False: the alt-text only, "
+                              "the alt-ngram ablation).")
     use_alt_text: bool = Field(default=True, description="Take phrases from the alt-text as well as the caption.")
     max_text_chars: int = Field(default=2000, ge=1, description="Texts are cut to this many characters first.")
     batch_size: int = Field(default=256, ge=1, description="Texts per nlp.pipe batch.")
 
 
-_TAG = re.compile(r"<[^>]{0,500}>")
 _NOT_WORD = re.compile(r"[^\w\s'&-]+")
-
-
-def clean_text(text: str | None, limit: int) -> str:
-    """Plain text for tagging: HTML tags and entities, control characters and runs of space removed."""
-    if not text:
-        return ""
-    return normalize_text(html.unescape(_TAG.sub(" ", text[: limit * 4])))[:limit]
 
 
 # What the POS chunker runs: the tagger and what feeds it. Everything else is left out when loading.
@@ -150,18 +143,13 @@ class ExtractPhrases(Stage):
     def extract(self, captions: list[str | None], alt_texts: list[str | None]) -> list[tuple[list[str], list[str]]]:
         """(phrases, sources) for each (caption, alt_text) pair, one nlp.pipe pass over all texts."""
         limit = self.config.max_text_chars
-        texts = [clean_text(c, limit).lower() for c in captions]
-        if self.config.use_alt_text:
-            texts += [clean_text(a, limit).lower() for a in alt_texts]
-        docs = list(self.nlp.pipe(texts, batch_size=self.config.batch_size))
+        used = [(name, texts) for name, texts, on in (("caption", captions, self.config.use_caption),
+                                                      ("alt_text", alt_texts, self.config.use_alt_text)) if on]
+        docs = list(self.nlp.pipe([clean_text(t, limit).lower() for _, texts in used for t in texts],
+                                  batch_size=self.config.batch_size))
         n = len(captions)
-        results = []
-        for i in range(n):
-            sources = [("caption", self.phrases_of(docs[i]))]
-            if self.config.use_alt_text:
-                sources.append(("alt_text", self.phrases_of(docs[n + i])))
-            results.append(merge_phrases(sources, self.config.max_phrases))
-        return results
+        return [merge_phrases([(name, self.phrases_of(docs[k * n + i])) for k, (name, _) in enumerate(used)],
+                              self.config.max_phrases) for i in range(n)]
 
     @classmethod
     def describe_models(cls, config: PhraseConfig) -> dict[str, Any]:

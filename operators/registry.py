@@ -1,4 +1,6 @@
-"""The annotate job's stages, in order. Adding a stage: one file in operators/ and one line here.
+"""The annotate job's stages, in order: decode, caption, fuse, phrases, detect.
+
+Adding a stage: one file in operators/ and one line here.
 
 Everything else reads this list: the wiring (`vesl.jobs.annotate.build`), the config sections
 (`vesl.config`), the actor pools (`vesl.resources`), the funnel and the label hash.
@@ -10,6 +12,7 @@ from operators.base import Stage
 from operators.caption import CaptionImages
 from operators.decode import DecodeImages
 from operators.detect import DetectRegions
+from operators.fuse import FuseCaptions
 from operators.phrases import ExtractPhrases
 from schemas.columns import COLUMNS, READER_COLUMNS
 from schemas.region_text import REJECT_SCHEMA, region_text_schema
@@ -18,6 +21,7 @@ from schemas.rejects import READ_STAGE
 STAGES: list[type[Stage]] = [
     DecodeImages,
     CaptionImages,
+    FuseCaptions,
     ExtractPhrases,
     DetectRegions,
 ]

@@ -32,8 +32,10 @@ COLUMNS: dict[str, pa.DataType] = {
     "pixels": pa.large_binary(),  # packed RGB working copy, longer side <= decode.working_max_side
     "pixel_width": pa.int32(),
     "pixel_height": pa.int32(),
-    # caption
+    # caption (fuse rewrites caption and caption_source)
     "caption": pa.string(),
+    "vlm_caption": pa.string(),
+    "caption_source": pa.string(),  # a schemas.region_text.CaptionSource
     # phrases
     "phrases": pa.list_(pa.string()),
     "phrase_sources": pa.list_(pa.string()),  # "caption" or "alt_text", one per phrase

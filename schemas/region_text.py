@@ -1,4 +1,4 @@
-"""Region-text shard schema v1: one row per image, its caption, phrases and detected regions.
+"""Region-text shard schema v1 (1.1): one row per image, its caption, phrases and detected regions.
 
 This module is the only place the shard's columns, types and footer keys are written down (the
 columns stages pass between them are in `schemas.columns`, reject reasons in `schemas.rejects`).
@@ -9,12 +9,13 @@ else the columns) and refuse a major version they do not know.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1 adds vlm_caption and caption_source (nullable: 1.0 files read as 1.1)
 MAJOR_VERSION = 1
 # Footer metadata keys (bytes in Parquet); every value is a UTF-8 string, JSON where structured.
 META_PREFIX = "vesl."
@@ -47,7 +48,12 @@ def region_text_schema(metadata: dict[str, str] | None = None) -> pa.Schema:
             pa.field("width", pa.int32(), nullable=False),
             pa.field("height", pa.int32(), nullable=False),
             pa.field("alt_text", pa.string()),
+            # the final caption: the VLM's, fused with the alt-text where fusion ran (caption_source)
             pa.field("caption", pa.string(), nullable=False),
+            # 1.1: the captioner's own caption, before fusion (null in 1.0 files)
+            pa.field("vlm_caption", pa.string()),
+            # 1.1: how `caption` was made, a CaptionSource (null in 1.0 files)
+            pa.field("caption_source", pa.string()),
             pa.field("phrases", pa.list_(pa.string()), nullable=False),
             pa.field("regions", pa.list_(REGION_TYPE), nullable=False),
         ]
@@ -223,6 +229,15 @@ def describe_footerless(checked: list[tuple[str, ShardSchema]]) -> str | None:
             + ("; ".join(casts) or "none"))
 
 
+class CaptionSource(StrEnum):
+    """How a row's `caption` was made."""
+
+    FUSED = "fused"  # the fusion LLM merged the VLM caption with the alt-text
+    VLM = "vlm"  # the captioner's caption as it is (no fusion stage ran)
+    ALT_SKIPPED = "alt_skipped"  # fusion ran, but the alt-text was missing, boilerplate or a repeat: the VLM caption
+    ALT_TEXT = "alt_text"  # no captioner: the alt-text itself (the alt-ngram ablation)
+
+
 class Region(BaseModel):
     """One detected region: a normalised box and the phrase that labels it."""
 
@@ -253,5 +268,7 @@ class RegionRow(BaseModel):
     height: int = Field(gt=0)
     alt_text: str | None = None
     caption: str
+    vlm_caption: str | None = None
+    caption_source: CaptionSource | None = None
     phrases: list[str]
     regions: list[Region]

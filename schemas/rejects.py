@@ -34,8 +34,10 @@ class RejectReason(StrEnum):
     TOO_SMALL = "too_small"  # a side below decode.min_side
     DECODE_ERROR = "decode_error"  # anything else the decode stage raised on this row
     # caption
-    EMPTY_CAPTION = "empty_caption"  # the captioner wrote nothing
+    EMPTY_CAPTION = "empty_caption"  # the captioner wrote nothing (alt-text mode: the row has no alt-text)
+    # fuse
+    EMPTY_FUSION = "empty_fusion"  # the fusion LLM wrote nothing
     # phrases
     PHRASE_ERROR = "phrase_error"  # spaCy raised on this row's texts
-    # caption, detect
+    # caption, fuse, detect
     MODEL_ERROR = "model_error"  # the model raised on this row (the batch is retried row by row)

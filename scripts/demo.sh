@@ -10,8 +10,8 @@ export HF_HUB_OFFLINE=1
 .venv/bin/python - <<'PY'
 import pandas as pd
 df = pd.read_parquet("out/demo/data")
-print(df[["image_id", "width", "height", "caption", "phrases"]].to_string(max_colwidth=40))
+print(df[["image_id", "width", "height", "caption_source", "caption", "phrases"]].to_string(max_colwidth=40))
 print(f"{len(df)} rows, {df.regions.map(len).sum()} regions; first region:", df.regions.iloc[0][:1])
-print("(tiny random-weight models: the captions and boxes are structurally valid and meaningless)")
+print("(tiny random-weight models: the captions, fusions and boxes are structurally valid and meaningless)")
 PY
 .venv/bin/vesl inspect out/demo --out out/demo-report.html

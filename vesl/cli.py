@@ -28,6 +28,8 @@ PASS_THROUGH = {"annotate": annotate, "train": train, "inspect": inspect}  # sub
 
 
 def parser() -> argparse.ArgumentParser:
+    from vesl.config import preset_names
+
     p = argparse.ArgumentParser(prog="vesl", description="region-text training data: annotate, train, inspect, eval, "
                                 "config, sample, models")
     sub = p.add_subparsers(dest="command", required=True)
@@ -46,7 +48,8 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-rows", type=int, default=64)
     show = sub.add_parser("config", help="print the full annotate config (defaults, preset, file, --set) as YAML")
     show.add_argument("--config", help="YAML config file")
-    show.add_argument("--preset", choices=["tiny"])
+    show.add_argument("--preset", choices=preset_names(), help="a preset of vesl/presets/ (e.g. paper, fast, "
+                      "alt-ngram, tiny)")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     sample = sub.add_parser("sample", help="write sample inputs")
     ssub = sample.add_subparsers(dest="sample_command", required=True)

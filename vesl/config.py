@@ -103,6 +103,10 @@ class AnnotateConfigBase(Settings):
     def stage_classes(cls) -> tuple[type[Stage], ...]:
         return getattr(cls, "_stages", ())
 
+    def active_stages(self) -> tuple[type[Stage], ...]:
+        """The registered stages this config runs (a stage its section switches off is left out)."""
+        return tuple(s for s in self.stage_classes() if s.active(self.stage_config(s)))
+
     def stage_config(self, stage: type[Stage]) -> Settings:
         return getattr(self, stage.name)
 
@@ -145,16 +149,29 @@ def tiny_models_dir() -> Path:
     return Path(os.environ.get("VESL_TINY_DIR", Path.home() / ".cache" / "vesl" / "tiny-models"))
 
 
-def preset(name: str) -> dict[str, Any]:
-    if name != "tiny":
-        raise ValueError(f"unknown preset {name!r}; known: tiny")
-    from vesl.tiny import build_tiny_models
+PRESETS_DIR = Path(__file__).parent / "presets"
 
-    models = build_tiny_models(tiny_models_dir())
-    return {
-        "caption": {"model": str(models["captioner"]), "max_new_tokens": 12, "min_new_tokens": 3, "num_beams": 1},
-        "detect": {"model": str(models["detector"])},
-    }
+
+def preset_names() -> list[str]:
+    """The annotate presets shipped with vesl (vesl/presets/NAME.yaml)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The preset NAME as config data; '{tiny}' in a value is the tiny models' folder (built if needed)."""
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(preset_names())}")
+    text = path.read_text()
+    if "{tiny}" in text:
+        from vesl.tiny import build_tiny_models
+
+        build_tiny_models(tiny_models_dir())
+        text = text.replace("{tiny}", str(tiny_models_dir()))
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"preset {path} must be a YAML mapping")
+    return data
 
 
 def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -175,10 +192,12 @@ def parse_override(text: str) -> dict[str, Any]:
     return value
 
 
-def add_config_arguments(p, example: str) -> None:
+def add_config_arguments(p, example: str, presets: list[str] | None = None, preset_help: str = "") -> None:
     """The --config / --preset / --set options every job takes."""
     p.add_argument("--config", help="YAML config file")
-    p.add_argument("--preset", choices=["tiny"], help="tiny: offline tiny random-weight models (demo and tests)")
+    p.add_argument("--preset", choices=presets or preset_names(), help=preset_help or (
+        "paper: the paper's recipe (the defaults); fast: BLIP-large, no fusion; alt-ngram: alt-text phrases only, "
+        "no captioner (the ablation); tiny: offline tiny random-weight models (demo and tests)"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help=f"override one config value, e.g. --set {example} (repeatable)")
 

@@ -35,7 +35,8 @@ log = logging.getLogger("vesl.inspect")
 
 # CLOC (arXiv 2410.02746) reports these for its VESL labels; a real run should land near them.
 PAPER = {"regions_per_image": 11.5, "words_per_phrase": 2.1}
-STAT_COLUMNS = ["image_id", "phrases", "regions"]
+STAT_COLUMNS = ["image_id", "caption", "vlm_caption", "caption_source", "phrases", "regions"]
+CAPTION_WORDS_CAP = 200  # words-per-caption histogram: the last bin is "200 or more"
 HIST_CAP = 30  # histograms of per-image counts: the last bin is "HIST_CAP or more"
 SCORE_BINS = 20  # score histogram: 20 bins of 0.05 over [0, 1]
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -131,6 +132,10 @@ class Tally:
         self.footers: dict[str, Counter] = {k: Counter() for k in FOOTER_KEYS}
         self.picked: list[tuple[int, str, int]] = []  # max-heap by key (negated): the SAMPLE smallest keys
         self.id_hashes: list[np.ndarray] = []  # repeated image_ids: two runs wrote into one OUTPUT
+        self.caption_words = {"final": np.zeros(CAPTION_WORDS_CAP + 1, dtype=np.int64),
+                              "vlm": np.zeros(CAPTION_WORDS_CAP + 1, dtype=np.int64)}
+        self.caption_words_total = {"final": 0, "vlm": 0}
+        self.caption_sources: Counter = Counter()
 
     def add(self, uri: str, table: pa.Table, meta: Mapping[str, str]) -> None:
         self.rows += table.num_rows
@@ -149,6 +154,7 @@ class Tally:
             self.words_hist.update(len(t.split()) for t in texts)
             self.sources.update(flat.field("source").to_pylist())
             self.scores.append(np.asarray(flat.field("score").to_numpy(zero_copy_only=False), dtype=np.float32))
+        self.add_captions(table)
         for name, key in FOOTER_KEYS.items():
             if meta.get(key) is not None:
                 self.footers[name][meta[key]] += 1
@@ -159,6 +165,25 @@ class Tally:
                     heapq.heappush(self.picked, (-k, uri, i))
                 elif -self.picked[0][0] > k:
                     heapq.heapreplace(self.picked, (-k, uri, i))
+
+    def add_captions(self, table: pa.Table) -> None:
+        """Words per final and per VLM caption (a 1.0 shard has no VLM caption), and how captions were made."""
+        for kind, column in (("final", "caption"), ("vlm", "vlm_caption")):
+            words = pc.list_value_length(pc.utf8_split_whitespace(table.column(column)))
+            counts = words.drop_null().to_numpy(zero_copy_only=False).astype(np.int64)
+            self.caption_words[kind] += np.bincount(np.minimum(counts, CAPTION_WORDS_CAP),
+                                                    minlength=CAPTION_WORDS_CAP + 1)
+            self.caption_words_total[kind] += int(counts.sum())
+        self.caption_sources.update(s if s is not None else "unknown (schema 1.0)"
+                                    for s in table.column("caption_source").to_pylist())
+
+    def caption_stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"sources": dict(self.caption_sources.most_common())}
+        for kind in ("final", "vlm"):
+            hist, total = self.caption_words[kind], self.caption_words_total[kind]
+            out[f"{kind}_words"] = {"captions": int(hist.sum()), "mean": _mean_from_hist(hist, total),
+                                    "histogram": hist.tolist()}
+        return out
 
     def repeated_rows(self) -> int:
         hashes = np.concatenate(self.id_hashes) if self.id_hashes else np.zeros(0, dtype=np.int64)
@@ -183,6 +208,7 @@ class Tally:
                 "histogram": np.histogram(scores, bins=SCORE_BINS, range=(0.0, 1.0))[0].tolist(),
             },
             "sources": dict(self.sources.most_common()),
+            "captions": self.caption_stats(),
             "top_phrases": self.phrase_freq.most_common(top),
             "footer": {k: [json.loads(v) if k in ("models", "thresholds") else v for v, _ in c.most_common()]
                        for k, c in self.footers.items()},
@@ -276,6 +302,11 @@ def format_summary(stats: Mapping[str, Any]) -> str:
     add(f"  phrases     {fmt(phr['per_image_mean'])} candidate phrases per image; "
         f"{phr['distinct_region_phrases']} distinct region phrases")
     add(f"  words       {fmt(words['mean'])} per region phrase (paper: ~{paper['words_per_phrase']})")
+    caps = stats.get("captions")
+    if caps:
+        add(f"  captions    {fmt(caps['final_words']['mean'], 1)} words per caption, "
+            f"{fmt(caps['vlm_words']['mean'], 1)} per VLM caption; made: "
+            + ", ".join(f"{k} {v} ({100 * v / max(1, stats['rows']):.0f}%)" for k, v in caps["sources"].items()))
     q = stats["scores"]["quantiles"]
     if q:
         add("  scores      " + "  ".join(f"{k} {v:.3f}" for k, v in q.items()))

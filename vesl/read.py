@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger("vesl.read")
 FOOTER_ATTR = "vesl_footer"  # pandas df.attrs key: the footer entries read_regions found, for write_regions
-IMAGE_COLUMNS = ["image_id", "image_uri", "width", "height", "alt_text", "caption", "phrases", "regions"]
+IMAGE_COLUMNS = ["image_id", "image_uri", "width", "height", "alt_text", "caption", "vlm_caption", "caption_source",
+                 "phrases", "regions"]
 REGION_COLUMNS = ["image_id", "image_uri", "width", "height", "region", "phrase", "score", "source",
                   "x0", "y0", "x1", "y1", "x0_px", "y0_px", "x1_px", "y1_px"]
 

@@ -162,8 +162,19 @@ def summary_rows(stats: Mapping[str, Any]) -> list[list[Any]]:
         ["candidate phrases per image", fmt(phr["per_image_mean"]), ""],
         ["words per region phrase", fmt(words["mean"]), f"~{paper['words_per_phrase']}"],
         ["distinct region phrases", phr["distinct_region_phrases"], ""],
+        *caption_rows(stats),
         ["shard files", stats["shards"], ""],
     ]
+
+
+def caption_rows(stats: Mapping[str, Any]) -> list[list[Any]]:
+    caps = stats.get("captions")
+    if not caps:
+        return []
+    rows = [["words per caption (final)", fmt(caps["final_words"]["mean"], 1), ""],
+            ["words per VLM caption", fmt(caps["vlm_words"]["mean"], 1), ""]]
+    return rows + [[f"captions {source}", f"{n} ({100 * n / max(1, stats['rows']):.0f}%)", ""]
+                   for source, n in caps["sources"].items()]
 
 
 def plots(stats: Mapping[str, Any]) -> list[Markup]:

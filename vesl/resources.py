@@ -24,8 +24,8 @@ class Pool:
 
 
 def wants_gpu(stage: type[Stage], config: AnnotateConfigBase) -> bool:
-    """A GPU stage takes a GPU share unless its config pins it to the CPU."""
-    return stage.resources.gpu and getattr(config.stage_config(stage), "device", "auto") != "cpu"
+    """A GPU stage takes a GPU share unless its config pins it to the CPU (or switches it off)."""
+    return stage.active(config.stage_config(stage)) and stage.wants_gpu(config.stage_config(stage))
 
 
 def gpu_plan(names: list[str], gpus: float) -> dict[str, tuple[int, float]]:
@@ -48,7 +48,7 @@ def plan_pools(cpus: float, gpus: float, config: AnnotateConfigBase, use_gpu: bo
       the rest is split over the actor pools, fractional when there is less than one CPU each.
     - Task stages: the stage's own CPUs per task (decode: 1), Ray Data's concurrency.
     """
-    chain = config.stage_classes()
+    chain = config.active_stages()
     actors = [s for s in chain if s.resources.actor]
     free_cpus = max(cpus - max(1.0, cpus * config.ray.task_cpu_fraction), 0.0)
     cpu_share = free_cpus / len(actors) if free_cpus > 0 else cpus / (len(actors) + 1)

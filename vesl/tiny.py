@@ -1,7 +1,8 @@
 """Tiny random-weight models of the real classes, built offline.
 
 Tests and the demo cannot reach the Hugging Face hub, so `vesl models tiny DIR` builds a
-captioner (BLIP), an instruction VLM (LLaVA), a detector (OWLv2) and a CLIP model with real
+captioner (BLIP), two instruction VLMs (LLaVA; SmolVLM, an Idefics3), a fusion LLM (Qwen2), a detector
+(OWLv2) and a CLIP model with real
 architectures, real processors and tokenizers trained here on a small built-in corpus, and saves
 each with `save_pretrained`.
 They load back through the same `from_pretrained` code a hub id takes. Their outputs are
@@ -218,12 +219,104 @@ def build_tiny_vlm(out: Path, image_size: int = 32) -> Path:
     return out
 
 
+# ChatML, as Qwen2.5-Instruct's template renders system/user/assistant turns of plain-text content.
+_CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_fuser(out: Path) -> Path:
+    """A tiny Qwen2 decoder (the architecture of Qwen2.5-Instruct) with a byte-level BPE tokenizer and
+    a ChatML chat template: the fusion LLM path (AutoModelForCausalLM + AutoTokenizer) offline."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", eos_token="<|im_end|>",
+                                        chat_template=_CHATML_TEMPLATE)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None, tie_word_embeddings=False)
+    _seeded()
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # whitespace and partial-character tokens never win, so the text has words
+        texts = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+        blank = [i for i, t in enumerate(texts) if not t.strip() or "\ufffd" in t]
+        model.lm_head.weight[blank] = 0.0
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# SmolVLM's template (Idefics3 processor): "User:<image>PROMPT<end_of_utterance>\nAssistant:"
+_SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+    "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def build_tiny_smolvlm(out: Path) -> Path:
+    """A tiny SmolVLM (Idefics3: SigLIP-style vision tower, pixel shuffle, Llama decoder) with its
+    processor, which splits an image into tiles plus a global view: a second instruction-VLM family,
+    with another processor than LLaVA's, for the captioner's chat path offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessorPil,
+        Idefics3Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>",
+                "<global-img>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator([_CORPUS] * 4, trainer=trainers.BpeTrainer(
+        vocab_size=700, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<|endoftext|>", bos_token="<|im_start|>",
+                                        eos_token="<end_of_utterance>", chat_template=_SMOLVLM_TEMPLATE)
+    text = dict(model_type="llama", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=2048,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16)
+    config = Idefics3Config(text_config=text, vision_config=vision, scale_factor=2,
+                            image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    _seeded()
+    model = Idefics3ForConditionalGeneration(config).eval()
+    # tiles of 32 px (one visual token each after the 2x2 pixel shuffle), images up to 64 px: <= 4 tiles + global
+    processor = Idefics3Processor(
+        image_processor=Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}),
+        tokenizer=tokenizer, image_seq_len=1, chat_template=_SMOLVLM_TEMPLATE)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    return out
+
+
 TINY_MODELS = {"captioner": build_tiny_blip, "detector": build_tiny_owlv2, "clip": build_tiny_clip,
-               "vlm": build_tiny_vlm}
+               "vlm": build_tiny_vlm, "smolvlm": build_tiny_smolvlm, "fuser": build_tiny_fuser}
+
 
 
 # Bump when a tiny model's recipe changes: models built by an older recipe are rebuilt.
-TINY_VERSION = "2"
+TINY_VERSION = "3"
 
 
 def build_tiny_models(root: str | Path, overwrite: bool = False) -> dict[str, Path]:

@@ -9,8 +9,8 @@ from tests.conftest import encode, photo
 
 @pytest.fixture(scope="module")
 def captioner(tiny_dir):
-    return CaptionImages(CaptionConfig(model=str(tiny_dir / "captioner"), max_new_tokens=8, min_new_tokens=2,
-                                       num_beams=1))
+    return CaptionImages(CaptionConfig(model=str(tiny_dir / "captioner"), prompt_style="prefix", prompt="",
+                                       processor_kwargs={}, max_new_tokens=8, min_new_tokens=2, num_beams=1))
 
 
 def decoded(n: int) -> pa.Table:
@@ -64,7 +64,7 @@ def test_clean_caption():
 def test_instruction_vlm_with_a_chat_prompt(tiny_dir):
     """The VeCap-style path: a LLaVA-class VLM, the prompt rendered by its chat template, the echoed
     prompt sliced off the decoder-only output."""
-    vlm = CaptionImages(CaptionConfig(model=str(tiny_dir / "vlm"), prompt_style="chat",
+    vlm = CaptionImages(CaptionConfig(model=str(tiny_dir / "vlm"), prompt_style="chat", processor_kwargs={},
                                       prompt="Describe this image in detail.", max_new_tokens=6, min_new_tokens=2,
                                       num_beams=1))
     assert type(vlm.model).__name__ == "LlavaForConditionalGeneration"
@@ -73,6 +73,34 @@ def test_instruction_vlm_with_a_chat_prompt(tiny_dir):
     assert out.column("reject_stage").to_pylist() == [None, None]
     assert all(c and "ASSISTANT" not in c and "Describe this image" not in c for c in captions)
     assert all(c.isprintable() for c in captions)
+
+
+def test_a_second_vlm_family_smolvlm_with_its_tiling_processor(tiny_dir):
+    """SmolVLM (Idefics3), the default captioner's family: another processor (an image is split into
+    tiles plus a global view, each tile its own visual tokens), bounded through processor_kwargs."""
+    config = CaptionConfig(model=str(tiny_dir / "smolvlm"), max_new_tokens=6, min_new_tokens=2,
+                           processor_kwargs={"size": {"longest_edge": 64}})
+    assert config.prompt_style == "chat" and config.prompt == "Describe this image in detail."  # the defaults
+    vlm = CaptionImages(config)
+    assert type(vlm.model).__name__ == "Idefics3ForConditionalGeneration"
+    assert type(vlm.processor).__name__ == "Idefics3Processor" and vlm.processor.image_processor.size.longest_edge == 64
+    table = DecodeImages()(pa.table({"image_id": ["wide", "tall", "small"], "image_bytes": [
+        encode(photo(200, 60, seed=1)), encode(photo(40, 160, seed=2)), encode(photo(20, 20, seed=3))]}))
+    out = vlm(table)
+    captions = out.column("caption").to_pylist()
+    assert out.column("reject_stage").to_pylist() == [None] * 3
+    assert all(c and "Assistant" not in c and "Describe this image" not in c and c.isprintable() for c in captions)
+    assert out.column("vlm_caption").to_pylist() == captions
+    assert out.column("caption_source").to_pylist() == ["vlm"] * 3
+
+
+def test_alt_text_mode_loads_no_model_and_takes_the_alt_text():
+    stage = CaptionImages(CaptionConfig(mode="alt_text"))
+    assert not hasattr(stage, "model")
+    out = stage(pa.table({"image_id": ["a", "b"], "alt_text": ["<b>A red</b> car &amp; a tree", None]}))
+    assert out.column("caption").to_pylist() == ["A red car & a tree", None]
+    assert out.column("caption_source").to_pylist() == ["alt_text", None]
+    assert out.column("reject_reason").to_pylist() == [None, "empty_caption"]
 
 
 def test_clean_caption_drops_control_characters():

@@ -25,11 +25,14 @@ def test_every_column_a_stage_reads_is_written_by_the_reader_or_an_earlier_stage
 
 
 def test_a_chain_out_of_order_is_refused_naming_the_column():
-    decode, caption, phrases, detect = registry.stages()
+    decode, caption, fuse, phrases, detect = registry.stages()
     with pytest.raises(ValueError, match=r"'detect' reads \['phrases', 'phrase_sources'\]"):
-        registry.check_chain((decode, caption, detect, phrases))
+        registry.check_chain((decode, caption, fuse, detect, phrases))
+    with pytest.raises(ValueError, match=r"'fuse' reads \['caption', 'vlm_caption', 'caption_source'\]"):
+        registry.check_chain((decode, fuse, caption, phrases, detect))
     with pytest.raises(ValueError, match="no stage writes the shard column"):
         registry.check_chain((decode, caption, phrases))  # nothing writes `regions`
+    registry.check_chain((decode, caption, phrases, detect))  # fusion is optional
 
 
 def test_every_stage_declares_its_reasons_and_its_fallback_reason():
@@ -89,9 +92,9 @@ def test_the_base_isolates_rows_skips_rejected_ones_and_times_the_stage(caplog):
 
 @pytest.fixture
 def with_upper(monkeypatch):
-    """The one registry line: the upper-casing stage right after the captioner."""
+    """The one registry line: the upper-casing stage after the captions are final (before the phrases)."""
     chain = list(registry.STAGES)
-    chain.insert(chain.index(next(s for s in chain if s.name == "caption")) + 1, UpperCaseCaption)
+    chain.insert(chain.index(next(s for s in chain if s.name == "phrases")), UpperCaseCaption)
     monkeypatch.setattr(registry, "STAGES", chain)
     return chain
 
@@ -102,9 +105,9 @@ def test_a_new_stage_gets_config_pools_funnel_and_label_hash_with_no_other_edit(
 
     registry.check_chain()
     config = load_config(overrides=["upper.refuse=sofa", "ray.pools.upper.size=2"])
-    assert list(type(config).model_fields)[2:7] == ["decode", "caption", "upper", "phrases", "detect"]
+    assert list(type(config).model_fields)[2:8] == ["decode", "caption", "fuse", "upper", "phrases", "detect"]
     assert config.upper == UpperConfig(refuse="sofa") and config.ray.pools.upper.size == 2
-    assert registry.funnel_steps() == ["read", "decode", "caption", "upper", "phrases", "detect"]
+    assert registry.funnel_steps() == ["read", "decode", "caption", "fuse", "upper", "phrases", "detect"]
     pools = plan_pools(8, 0, config)
     assert pools["upper"].actor and pools["upper"].size == 2 and pools["upper"].num_gpus == 0
     assert load_config().label_hash() != config.label_hash()  # its settings label the output
@@ -115,7 +118,7 @@ def test_a_new_stage_gets_config_pools_funnel_and_label_hash_with_no_other_edit(
 
 @pytest.mark.slow
 def test_a_new_stage_runs_in_the_annotate_job_with_no_other_edit(with_upper, tmp_path, tiny_dir, ray_local):
-    """The real job on the sample: the wiring puts the stage after the captioner in an actor pool of its
+    """The real job on the sample: the wiring puts the stage before the phrases in an actor pool of its
     own, its rejects are accounted, and the funnel and the manifest's pools list it."""
     from tests.conftest import SAMPLE
     from tests.pipelines.helpers import read_output

@@ -50,7 +50,7 @@ def test_pandas_reads_the_shards_with_schema_v1_types(tmp_path, tiny_dir, ray_lo
     run_annotate(str(SAMPLE / "manifest.jsonl"), str(tmp_path / "out"), config)
     df = pd.read_parquet(tmp_path / "out" / "data")
     assert list(df.columns) == ["image_id", "image_uri", "image_bytes", "width", "height", "alt_text", "caption",
-                                "phrases", "regions"]
+                                "vlm_caption", "caption_source", "phrases", "regions"]
     assert str(df["width"].dtype) == "int32" and len(df) == 6
     assert df["image_bytes"].map(lambda b: b[:2] == b"\xff\xd8").all()  # JPEG bytes, trainer-ready
     box = df["regions"].map(list).explode().dropna().iloc[0]["box"]

@@ -15,7 +15,8 @@ from schemas.region_text import (
 def test_schema_v1_columns_and_types():
     schema = region_text_schema()
     assert schema.names == ["image_id", "image_uri", "image_bytes", "width", "height", "alt_text", "caption",
-                            "phrases", "regions"]
+                            "vlm_caption", "caption_source", "phrases", "regions"]
+    assert schema.field("vlm_caption").nullable and schema.field("caption_source").nullable  # 1.0 files read
     assert schema.field("width").type == pa.int32()
     region = schema.field("regions").type.value_type
     assert region.field("box").type == pa.list_(pa.float32(), 4)

@@ -48,3 +48,32 @@ def test_label_hash_ignores_paths_resources_and_secrets_but_not_thresholds():
     assert load_config(overrides=["detect.threshold=0.2"]).label_hash() != base
     assert load_config(overrides=["detect.batch_size=64", "caption.device=cuda:1"]).label_hash() == base
     assert load_config(overrides=["caption.dtype=bfloat16"]).label_hash() != base
+
+
+def test_presets_ship_as_yaml_and_the_paper_recipe_is_the_default(tiny_dir):
+    from vesl.config import preset_names
+
+    assert preset_names() == ["alt-ngram", "fast", "paper", "tiny"]
+    default = load_config()
+    assert load_config(preset_name="paper") == default
+    assert default.caption.prompt_style == "chat" and default.fuse.enabled and default.caption.mode == "model"
+    fast = load_config(preset_name="fast")
+    assert fast.caption.model == "Salesforce/blip-image-captioning-large" and not fast.fuse.enabled
+    ngram = load_config(preset_name="alt-ngram")
+    assert ngram.caption.mode == "alt_text" and not ngram.phrases.use_caption
+    assert [s.name for s in ngram.active_stages()] == ["decode", "caption", "phrases", "detect"]
+    tiny = load_config(preset_name="tiny")
+    assert tiny.fuse.model == str(tiny_dir / "fuser") and tiny.caption.model == str(tiny_dir / "captioner")
+    assert len({c.label_hash() for c in (default, fast, ngram, tiny)}) == 4
+    with pytest.raises(ValueError, match="unknown preset 'nope'; known: alt-ngram, fast, paper, tiny"):
+        load_config(preset_name="nope")
+
+
+def test_vesl_config_prints_a_preset(capsys):
+    import yaml
+
+    from vesl.cli import main
+
+    assert main(["config", "--preset", "alt-ngram"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["caption"]["mode"] == "alt_text" and shown["fuse"]["enabled"] is False

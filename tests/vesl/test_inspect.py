@@ -80,7 +80,7 @@ def test_statistics_of_a_known_output(tmp_path):
     assert stats["accounted"] is True
     assert stats["by_reason"] == {"decode/corrupt_image": 1, "decode/not_found": 2}
     assert stats["by_stage"] == {"decode": 3}
-    assert [s["passed"] for s in stats["funnel"]] == [8, 5, 5, 5, 5]
+    assert [s["passed"] for s in stats["funnel"]] == [8, 5, 5, 5, 5, 5]
     assert stats["reject_examples"]["decode/not_found"][0]["image_id"] == "x"
     reg = stats["regions"]
     assert reg["total"] == 7 and reg["images_without_regions"] == 1

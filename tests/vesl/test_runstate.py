@@ -58,7 +58,8 @@ def test_output_policy(tmp_path):
 def test_funnel_accounts_per_stage():
     stages = funnel(10, {"read": 1, "decode": 3, "detect": 1}, funnel_steps())
     assert [(s["stage"], s["entered"], s["rejected"], s["passed"]) for s in stages] == [
-        ("read", 10, 1, 9), ("decode", 9, 3, 6), ("caption", 6, 0, 6), ("phrases", 6, 0, 6), ("detect", 6, 1, 5)]
+        ("read", 10, 1, 9), ("decode", 9, 3, 6), ("caption", 6, 0, 6), ("fuse", 6, 0, 6), ("phrases", 6, 0, 6),
+        ("detect", 6, 1, 5)]
 
 
 def test_funnel_keeps_a_stage_it_does_not_know_last():

@@ -15,7 +15,8 @@ def finished_batch(drop: str | None = None) -> pa.Table:
         "alt_text": ["a cat", None], "ordinal": [0, 1],
         "reject_stage": [None, "decode"], "reject_reason": [None, "not_found"], "reject_message": [None, "gone"],
         "width": pa.array([4, None], pa.int32()), "height": pa.array([3, None], pa.int32()),
-        "caption": ["a cat on a mat", None], "phrases": [["cat", "mat"], None],
+        "caption": ["a cat on a mat", None], "vlm_caption": ["a cat", None], "caption_source": ["fused", None],
+        "phrases": [["cat", "mat"], None],
         "regions": pa.array([[{"box": [0.1, 0.1, 0.5, 0.5], "phrase": "cat", "score": 0.4, "source": "caption"}],
                              None], pa.list_(REGION_TYPE)),
     })

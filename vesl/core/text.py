@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 import unicodedata
 
@@ -9,6 +10,8 @@ import unicodedata
 MAX_MESSAGE_CHARS = 500
 
 _SPACE = re.compile(r"\s+")
+_TAG = re.compile(r"<[^>]{0,500}>")
+_SCRIPT = re.compile(r"<(script|style)\b[^>]{0,500}>.*?</\1\s*>", re.IGNORECASE | re.DOTALL)
 _OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
@@ -16,6 +19,14 @@ def normalize_text(text: str) -> str:
     """Control and format characters (NUL, bidi overrides, ...) become spaces; whitespace runs collapse."""
     text = "".join(" " if unicodedata.category(c)[0] == "C" else c for c in text)
     return _SPACE.sub(" ", text).strip()
+
+
+def clean_text(text: str | None, limit: int) -> str:
+    """Plain text for tagging: scripts and styles, HTML tags and entities, control characters and runs
+    of space removed; cut to LIMIT characters."""
+    if not text:
+        return ""
+    return normalize_text(html.unescape(_TAG.sub(" ", _SCRIPT.sub(" ", text[: limit * 4]))))[:limit]
 
 
 def fmt(x: float | None, digits: int = 2) -> str:

@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from operators.base import run_stage_task
-from operators.registry import drops_after, funnel_steps
+from operators.registry import check_chain, drops_after, funnel_steps
 from schemas.region_text import (
     META_CONFIG_HASH,
     META_MODELS,
@@ -55,7 +55,7 @@ log = logging.getLogger("vesl.jobs.annotate")
 
 def footer_metadata(config: AnnotateConfigBase, models: dict[str, Any]) -> dict[str, str]:
     thresholds: dict[str, Any] = {}
-    for stage in config.stage_classes():
+    for stage in config.active_stages():
         thresholds.update(stage.thresholds(config.stage_config(stage)))
     return {
         META_SCHEMA_VERSION: SCHEMA_VERSION,
@@ -69,7 +69,7 @@ def footer_metadata(config: AnnotateConfigBase, models: dict[str, Any]) -> dict[
 def model_provenance(config: AnnotateConfigBase) -> dict[str, Any]:
     """What the footer records about the models, read from their configs without loading weights."""
     out: dict[str, Any] = {}
-    for stage in config.stage_classes():
+    for stage in config.active_stages():
         out.update(stage.describe_models(config.stage_config(stage)))
     return out
 
@@ -82,8 +82,8 @@ def build(ds, config: AnnotateConfigBase, storage_options: dict, use_gpu: bool):
     resources = ray.cluster_resources()
     pools = plan_pools(resources.get("CPU", 1.0), resources.get("GPU", 0.0), config, use_gpu=use_gpu)
     log.info("stage resources: %s", {k: vars(v) for k, v in pools.items()})
-    drops = drops_after(config.stage_classes())
-    for stage in config.stage_classes():
+    drops = drops_after(config.active_stages())
+    for stage in config.active_stages():
         cfg, pool = config.stage_config(stage), pools[stage.name]
         kwargs: dict[str, Any] = dict(batch_format="pyarrow", udf_modifying_row_count=False, num_cpus=pool.num_cpus)
         if pool.num_gpus > 0:
@@ -107,6 +107,7 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfigBase) ->
     import ray
 
     started = time.perf_counter()
+    check_chain(config.active_stages())  # a config that switches a needed stage off is refused here
     storage_options = config.storage.options()
     init_ray()
     install_stop_handlers()  # after ray.init, which sets a SIGTERM handler of its own
@@ -203,7 +204,7 @@ def account(output_uri: str, storage_options: dict, total_inputs: int, duplicate
     counts = count_outputs(output_uri, storage_options)
     counts["inputs"] = total_inputs
     counts["duplicate_ids"] = len(duplicates)
-    counts["funnel"] = funnel(total_inputs, counts["by_stage"], funnel_steps(config.stage_classes()))
+    counts["funnel"] = funnel(total_inputs, counts["by_stage"], funnel_steps(config.active_stages()))
     counts["accounted"] = (counts["rows"] + counts["rejects"] == total_inputs
                            and counts["unique_row_ids"] == counts["rows"]
                            and counts["funnel"][-1]["passed"] == counts["rows"])

@@ -24,7 +24,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vesl train", description=__doc__.split("\n\n")[0])
     p.add_argument("shards", help="region-text shards: an annotate OUTPUT, a folder of .parquet shards, or one file")
     p.add_argument("out", help="training output folder (local path or s3://...)")
-    add_config_arguments(p, "loss.region_weight=0")  # sections: model, data, loss, optim, run, storage
+    # sections: model, data, loss, optim, run, storage
+    add_config_arguments(p, "loss.region_weight=0", ["tiny"], "tiny: the tiny CLIP built offline")
     p.add_argument("--overwrite", action="store_true", help="discard a training run already in OUT")
     p.add_argument("--print-config", action="store_true", help="print the full effective config as YAML and exit")
     return p

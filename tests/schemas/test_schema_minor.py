@@ -1,0 +1,59 @@
+"""Schema 1.1 is additive: a 1.0 shard (no vlm_caption, no caption_source, footer 1.0) still reads in
+inspect, read_regions and the trainer's data path; 1.1 readers see the new columns as nulls."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.region_text import META_SCHEMA_VERSION, SCHEMA_VERSION, check_shard_schema, region_text_schema
+
+ROWS = [
+    {"image_id": "a", "image_uri": None, "image_bytes": None, "width": 64, "height": 48, "alt_text": "a red circle",
+     "caption": "a red circle on a gray background", "phrases": ["red circle"],
+     "regions": [{"box": [0.1, 0.1, 0.5, 0.6], "phrase": "red circle", "score": 0.9, "source": "caption"}]},
+    {"image_id": "b", "image_uri": None, "image_bytes": None, "width": 64, "height": 48, "alt_text": None,
+     "caption": "a blue square", "phrases": [], "regions": []},
+]
+
+
+def write_v10_shard(folder, with_images: bytes | None = None):
+    """A shard exactly as vesl 1.0 wrote it: its columns and its footer."""
+    v11 = region_text_schema()
+    fields = [f for f in v11 if f.name not in ("vlm_caption", "caption_source")]
+    schema = pa.schema(fields, metadata={META_SCHEMA_VERSION: "1.0", "vesl.version": "0.1.0"})
+    rows = [dict(r, image_bytes=with_images) for r in ROWS]
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "data" / "part-0.parquet")
+    return folder
+
+
+def test_the_version_is_a_minor_step_of_major_1():
+    assert SCHEMA_VERSION == "1.1"
+    assert {"vlm_caption", "caption_source"} <= set(region_text_schema().names)
+
+
+def test_a_v10_shard_reads_in_inspect_and_read_regions(tmp_path):
+    import vesl
+    from vesl.inspect import collect_stats
+
+    out = write_v10_shard(tmp_path / "out")
+    checked = check_shard_schema(pq.read_schema(out / "data" / "part-0.parquet"))
+    assert checked.version == "1.0" and set(checked.filled) == {"vlm_caption", "caption_source"}
+    assert list(vesl.read_regions(str(out))["phrase"]) == ["red circle"]
+    df = vesl.read_regions(str(out), explode=False)
+    assert list(df["image_id"]) == ["a", "b"] and df["vlm_caption"].isna().all() and df["caption_source"].isna().all()
+    stats = collect_stats(str(out))
+    assert stats["rows"] == 2 and stats["regions"]["total"] == 1 and stats["footer"]["schema_version"] == ["1.0"]
+
+
+def test_a_v10_shard_feeds_the_trainer(tmp_path, tiny_dir):
+    from tests.conftest import encode, photo
+    from vesl.cloc.data import DataConfig, iter_prepared
+    from vesl.core.shards import find_shards
+
+    out = write_v10_shard(tmp_path / "out", with_images=encode(photo(64, 48)))
+    batches = list(iter_prepared(find_shards(str(out)), tokenizer=str(tiny_dir / "clip"), revision=None,
+                                 image_size=32, caption_max_tokens=16, config=DataConfig(), batch_rows=8))
+    assert sum(int(b["ok"].sum()) for b in batches) == 2
+    assert sum(int(b["region_valid"].sum()) for b in batches) == 1
