@@ -57,3 +57,7 @@ def test_a_v10_shard_feeds_the_trainer(tmp_path, tiny_dir):
                                  image_size=32, caption_max_tokens=16, config=DataConfig(), batch_rows=8))
     assert sum(int(b["ok"].sum()) for b in batches) == 2
     assert sum(int(b["region_valid"].sum()) for b in batches) == 1
+    from vesl.cloc.data import read_shard_files  # the Ray Data reader `vesl train` maps over the shard files
+
+    tables = list(read_shard_files(pa.table({"uri": find_shards(str(out))}), None, batch_rows=8))
+    assert sum(t.num_rows for t in tables) == 2 and tables[0].column("caption").to_pylist()[0].startswith("a red")
