@@ -89,7 +89,10 @@ def test_cluster_shape_cpu_head_and_autoscaling_gpu_workers():
     from vesl.config import load_config
 
     config = load_config(str(DEPLOY / "cluster.yaml"))
-    pools = (config.ray.pools.caption, config.ray.pools.detect)
+    gpu_stages = [s.name for s in config.active_stages() if s.resources.gpu]
+    assert gpu_stages == ["caption", "fuse", "detect"]  # the paper's recipe
+    pools = [getattr(config.ray.pools, name) for name in gpu_stages]
+    assert all(p.size and p.num_gpus for p in pools)  # sized for this cluster, not guessed
     assert sum(p.size * p.num_gpus for p in pools) <= gpu["maxReplicas"] * int(limits["nvidia.com/gpu"])
     cpus = float(limits["cpu"])
     assert all(p.num_cpus <= cpus for p in pools)
@@ -124,9 +127,10 @@ def test_entrypoint_is_one_the_cli_accepts():
     assert args.input.startswith("s3://") and args.output.startswith("s3://")
     config_path = REPO / Path(args.config).relative_to(IMAGE_ROOT)
     config = load_config(str(config_path), args.preset, args.overrides)
-    assert config.caption.model == "Salesforce/blip-image-captioning-large"
+    assert config.caption.model == "HuggingFaceTB/SmolVLM-Instruct" and config.caption.prompt_style == "chat"
+    assert config.fuse.enabled and config.fuse.model == "Qwen/Qwen2.5-1.5B-Instruct"
     assert config.detect.model == "google/owlv2-base-patch16-ensemble"
-    assert config.ray.pools.caption.num_gpus == 1 and config.ray.pools.detect.num_gpus == 1
+    assert config.ray.pools.caption.num_gpus == config.ray.pools.fuse.num_gpus == config.ray.pools.detect.num_gpus == 1
 
 
 def dockerfile_copies(text: str) -> list[str]:
