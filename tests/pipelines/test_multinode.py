@@ -28,6 +28,7 @@ def test_annotate_on_a_three_node_cluster(tmp_path, tiny_dir):
     assert report["node_count"] == 3
     placement = report["placement"]
     assert set(placement["CaptionImages"]) == {report["caption_node"]}
+    assert set(placement["FuseCaptions"]) == {report["caption_node"]}
     assert set(placement["DetectRegions"]) == {report["detect_node"]}
     assert set(placement["ExtractPhrases"]) == {report["head"]}
     assert len({report["head"], report["caption_node"], report["detect_node"]}) == 3
