@@ -113,7 +113,7 @@ class AnnotateConfigBase(Settings):
     def label_hash(self) -> str:
         """Hash of everything that changes the labels (not paths, credentials, resources or speed)."""
         label = {"input": self.input.model_dump(mode="json")}
-        for key in ("limit", "block_rows", "allow_empty"):  # how much and how fast, not what
+        for key in ("limit", "block_rows", "allow_empty", "unit_rows", "slice"):  # how much and how fast, not what
             label["input"].pop(key, None)
         for stage in self.stage_classes():
             section = self.stage_config(stage).model_dump(mode="json")

@@ -55,6 +55,19 @@ class InputConfig(Settings):
                                        description="Alt-text column names (img2dataset: caption).")
     image_extensions: list[str] = Field(default=list(IMAGE_SUFFIXES), description="Files a folder input reads.")
     limit: int | None = Field(default=None, ge=1, description="Read only the first N inputs (smoke runs).")
+    unit_rows: int = Field(
+        default=10_000, ge=1,
+        description="Inputs per work unit: the input is split once into units (a manifest every this many records, "
+        "a tar or img2dataset shard each, a folder's images this many at a time), each written as one shard, one "
+        "rejects file and one completion record. A resume redoes only units without a record. Used when the plan is "
+        "made (the first run on an OUTPUT); later runs keep the saved units.",
+    )
+    slice: str | None = Field(
+        default=None, pattern=r"^\d+/\d+$",
+        description="I/N: process only slice I of N of the plan's units (contiguous), so N jobs (e.g. N RayJobs) "
+        "share one input and one OUTPUT. `--shard I/N` sets it. Slices of one N never overlap; every job reads "
+        "the same saved plan.",
+    )
     block_rows: int = Field(
         default=64, ge=1,
         description="Rows per Ray Data block, the unit that streams from stage to stage. A reader emits a whole "
@@ -168,15 +181,20 @@ def _utf8_problem(fields: list[str]) -> str | None:
     return None
 
 
-def iter_csv_rows(lines: Iterator[bytes], uri: str) -> Iterator[dict[str, Any]]:
-    """Rows of a CSV file (header first), every value a string or None. A record that cannot be read
+Record = tuple[int, int, dict[str, Any]]  # (line or row number, byte offset or row number, raw row)
+
+
+def iter_csv_rows(lines: Iterator[bytes], uri: str, header: list[str] | None = None, first_line: int = 1,
+                  first_offset: int = 0, on_header=None) -> Iterator[Record]:
+    """Records of a CSV file as (first line, byte offset, row), every value a string or None. Without
+    HEADER the first record is the header (ON_HEADER is called with it). A record that cannot be read
     (bad quoting, invalid UTF-8, a wrong number of fields) becomes one error row naming its line, and
     reading goes on with the next record: an unclosed quote costs the row it opens, not the rest of
-    the file (a record may span at most CSV_MAX_RECORD_LINES lines)."""
+    the file (a record may span at most CSV_MAX_RECORD_LINES lines). LINES may start mid-file at a
+    record's first line (FIRST_LINE, FIRST_OFFSET: where they start), with the HEADER read before."""
     import csv
 
-    header: list[str] | None = None
-    pending: list[tuple[int, str]] = []  # physical lines of the record being assembled
+    pending: list[tuple[int, int, str]] = []  # (line, offset, text) of the record being assembled
 
     def parse(text: str) -> list[str] | None:
         """The record in TEXT, None when TEXT ends inside a quoted field; csv.Error when it is broken."""
@@ -201,6 +219,8 @@ def iter_csv_rows(lines: Iterator[bytes], uri: str) -> Iterator[dict[str, Any]]:
             if problem:
                 raise ValueError(f"header line: {problem}")
             header = fields
+            if on_header is not None:
+                on_header(fields)
             return None
         if problem:
             return _bad_row(uri, f"line {lineno}", problem)
@@ -208,95 +228,139 @@ def iter_csv_rows(lines: Iterator[bytes], uri: str) -> Iterator[dict[str, Any]]:
             return _bad_row(uri, f"line {lineno}", f"{len(fields)} fields, the header has {len(header)}")
         return {k: (v if v != "" else None) for k, v in zip(header, fields)}
 
-    def drain(final: bool) -> Iterator[dict[str, Any]]:
+    def drain(final: bool) -> Iterator[Record]:
         """Emit every record that PENDING's lines complete; keep an open one unless FINAL or too long."""
         while pending:
-            lineno = pending[0][0]
+            lineno, offset = pending[0][0], pending[0][1]
             for k in range(1, len(pending) + 1):  # the shortest run of lines that makes a record
                 try:
-                    fields = parse("".join(t for _, t in pending[:k]))
+                    fields = parse("".join(t for _, _, t in pending[:k]))
                 except csv.Error as e:
                     if header is None:
                         raise ValueError(f"header line: {e}") from None
-                    yield _bad_row(uri, f"line {lineno}", f"bad CSV: {e}")
+                    yield lineno, offset, _bad_row(uri, f"line {lineno}", f"bad CSV: {e}")
                     del pending[0]  # the next lines may be fine on their own: read them again
                     break
                 if fields is not None:
                     del pending[:k]
                     row = emit(lineno, fields)
                     if row is not None:
-                        yield row
+                        yield lineno, offset, row
                     break
             else:  # every run of lines ends inside a quoted field
                 if not final and len(pending) < CSV_MAX_RECORD_LINES:
                     return  # the field goes on on the next line
                 if header is None:
                     raise ValueError("header line: a quote that never closes")
-                yield _bad_row(uri, f"line {lineno}", "bad CSV: a quote that never closes")
+                yield lineno, offset, _bad_row(uri, f"line {lineno}", "bad CSV: a quote that never closes")
                 del pending[0]
 
-    for lineno, raw in enumerate(lines, start=1):
-        pending.append((lineno, raw.decode("utf-8", errors="surrogateescape")))
+    offset = first_offset
+    for lineno, raw in enumerate(lines, start=first_line):
+        pending.append((lineno, offset, raw.decode("utf-8", errors="surrogateescape")))
+        offset += len(raw)
         yield from drain(final=False)
     yield from drain(final=True)
 
 
-def iter_parquet_rows(f, uri: str, chunk_rows: int) -> Iterator[list[dict[str, Any]]]:
-    """Chunks of rows of a Parquet manifest, by row group. A row group that cannot be read becomes one
-    error row per row it holds (the footer says how many), and the next row group is read; a row that
-    cannot be converted (invalid UTF-8 in a string column) becomes one error row."""
+def csv_header(f, uri: str) -> list[str] | None:
+    """The header record of the CSV file F (opened at its start)."""
+    got: list[list[str]] = []
+    for _ in iter_csv_rows(iter(f), uri, on_header=got.append):
+        break
+    return got[0] if got else None
+
+
+def iter_parquet_rows(f, uri: str, chunk_rows: int, start: int = 0) -> Iterator[list[Record]]:
+    """Chunks of records (row, row, raw row) of a Parquet manifest, from row START on, by row group. A
+    row group that cannot be read becomes one error row per row it holds (the footer says how many),
+    and the next row group is read; a row that cannot be converted (invalid UTF-8 in a string column)
+    becomes one error row."""
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(f)
+    first = 0  # the row number of the group's first row
     for group in range(pf.metadata.num_row_groups):
+        n = pf.metadata.row_group(group).num_rows
+        if first + n <= start:
+            first += n
+            continue
+        skip = max(0, start - first)
         try:
             batches = list(pf.iter_batches(batch_size=chunk_rows, row_groups=[group]))
         except Exception as e:  # noqa: BLE001 - a broken row group costs its rows, each counted
-            n = pf.metadata.row_group(group).num_rows
             message = f"row group {group} unreadable: {describe_error(e)}"
-            yield [_bad_row(uri, f"row {k}", message) for k in range(n)]
+            yield [(first + k, first + k, _bad_row(uri, f"row {k}", message)) for k in range(skip, n)]
+            first += n
             continue
+        at = first
         for batch in batches:
+            if at + batch.num_rows <= first + skip:
+                at += batch.num_rows
+                continue
+            lo = max(0, first + skip - at)
+            batch = batch.slice(lo)
             try:
-                yield batch.to_pylist()
+                rows = batch.to_pylist()
             except Exception:  # noqa: BLE001 - find the rows that do not convert
                 rows = []
                 for k in range(batch.num_rows):
                     try:
                         rows.append(batch.slice(k, 1).to_pylist()[0])
                     except Exception as e:  # noqa: BLE001
-                        rows.append(_bad_row(uri, f"row group {group} row {k}", describe_error(e)))
-                yield rows
+                        rows.append(_bad_row(uri, f"row group {group} row {at - first + lo + k}", describe_error(e)))
+            yield [(at + lo + k, at + lo + k, row) for k, row in enumerate(rows)]
+            at += lo + batch.num_rows
+        first += n
 
 
-def iter_manifest_rows(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None,
-                       chunk_rows: int = 2048) -> Iterator[list[dict[str, Any]]]:
-    """Chunks of raw rows of one manifest file, in file order: Parquet by row group, CSV record by
-    record as strings (one odd value cannot change a column's type), JSON lines one by one. A row that
-    cannot be read becomes an error row (a `read` reject naming its line) and the rest of the file is
-    still read; a file that cannot be opened at all becomes one error row."""
+def iter_manifest_records(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None,
+                          start: tuple[int, int] | None = None, chunk_rows: int = 2048) -> Iterator[list[Record]]:
+    """Chunks of records (line or row, byte offset or row, raw row) of one manifest file, in file
+    order, from START (a record's (line, offset) as an earlier reading gave it) on: Parquet by row
+    group, CSV record by record as strings (one odd value cannot change a column's type), JSON lines
+    one by one. A row that cannot be read becomes an error row (a `read` reject naming its line) and
+    the rest of the file is still read; a file that cannot be opened at all becomes one error row."""
     kind = MANIFEST_SUFFIXES[posixpath.splitext(uri.split("?")[0])[1].lower()]
     fs, path = filesystem(uri, storage_options)
+    line, offset = start or (1 if kind != "parquet" else 0, 0)
     try:
         with fs.open(path, "rb") as f:
             if kind == "parquet":
-                yield from iter_parquet_rows(f, uri, chunk_rows)
+                yield from iter_parquet_rows(f, uri, chunk_rows, start=offset)
                 return
-            rows = iter_csv_rows(iter(f), uri) if kind == "csv" else _iter_json_rows(f, uri)
-            chunk: list[dict[str, Any]] = []
-            for row in rows:
-                chunk.append(row)
+            header = None
+            if kind == "csv" and offset > 0:
+                header = csv_header(f, uri)
+                f.seek(offset)
+            elif offset:
+                f.seek(offset)
+            records = (iter_csv_rows(iter(f), uri, header, line, offset) if kind == "csv"
+                       else _iter_json_rows(f, uri, line, offset))
+            chunk: list[Record] = []
+            for record in records:
+                chunk.append(record)
                 if len(chunk) >= chunk_rows:
                     yield chunk
                     chunk = []
             if chunk:
                 yield chunk
     except Exception as e:  # noqa: BLE001 - an unreadable manifest file is a reject, not a crash
-        yield [{READ_ERROR: f"{uri}: {describe_error(e)}"[:500], READ_REASON: R.UNREADABLE_MANIFEST.value, SOURCE: uri}]
+        row = {READ_ERROR: f"{uri}: {describe_error(e)}"[:500], READ_REASON: R.UNREADABLE_MANIFEST.value, SOURCE: uri}
+        yield [(line, offset, row)]
 
 
-def _iter_json_rows(f, uri: str) -> Iterator[dict[str, Any]]:
-    for number, line in enumerate(f, start=1):
+def iter_manifest_rows(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None,
+                       chunk_rows: int = 2048) -> Iterator[list[dict[str, Any]]]:
+    """Chunks of raw rows of one manifest file, in file order (`iter_manifest_records` without positions)."""
+    for chunk in iter_manifest_records(uri, storage_options, chunk_rows=chunk_rows):
+        yield [row for _, _, row in chunk]
+
+
+def _iter_json_rows(f, uri: str, first_line: int = 1, first_offset: int = 0) -> Iterator[Record]:
+    offset = first_offset
+    for number, line in enumerate(f, start=first_line):
+        at, offset = offset, offset + len(line)
         if not line.strip():
             continue
         try:
@@ -305,7 +369,7 @@ def _iter_json_rows(f, uri: str) -> Iterator[dict[str, Any]]:
                 raise ValueError(f"a JSON {type(row).__name__}, not an object")
         except ValueError as e:  # invalid JSON, and invalid UTF-8 (UnicodeDecodeError is a ValueError)
             row = _bad_row(uri, f"line {number}", e)
-        yield row
+        yield number, at, row
 
 
 def read_manifest_files(batch: pa.Table, config: InputConfig, storage_options, bases: Mapping[str, str]):

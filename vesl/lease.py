@@ -54,8 +54,9 @@ class Lease:
     `token()` -> (output, generation, options), checked with `check_token`."""
 
     def __init__(self, output: str, storage_options: Mapping[str, Any] | None = None, run_id: str | None = None,
-                 ttl_s: float = TTL_S, heartbeat_s: float = HEARTBEAT_S) -> None:
+                 ttl_s: float = TTL_S, heartbeat_s: float = HEARTBEAT_S, name: str | None = None) -> None:
         self.output, self.options = output.rstrip("/"), storage_options
+        self.name = name  # a slice's lease: _lease/NAME/ (the whole run's is _lease/ itself)
         self.run_id = run_id or uuid.uuid4().hex[:8]
         self.ttl_s, self.heartbeat_s = ttl_s, heartbeat_s
         self.generation: int | None = None
@@ -69,7 +70,7 @@ class Lease:
         from vesl.core.storage import filesystem
 
         fs, root = filesystem(self.output, self.options)
-        return fs, f"{root.rstrip('/')}/{LEASE_DIR}"
+        return fs, f"{root.rstrip('/')}/{LEASE_DIR}" + (f"/{self.name}" if self.name else "")
 
     def _generations(self, fs, folder: str) -> list[int]:
         fs.invalidate_cache(folder)
@@ -118,6 +119,17 @@ class Lease:
         """Seconds since the holder last showed life: the newer of its own heartbeat and the file's mtime."""
         marks = [t for t in (record.get("heartbeat_ts"), mtime) if isinstance(t, (int, float))]
         return _now() - max(marks) if marks else float("inf")
+
+    def live_holder(self) -> dict[str, Any] | None:
+        """The record of this lease's live holder (not released, heartbeat within the TTL), else None."""
+        fs, folder = self._fs()
+        generations = self._generations(fs, folder)
+        if not generations:
+            return None
+        record, mtime = self._read(fs, f"{folder}/{generations[-1]:08d}.json")
+        if record.get("released") or self._age(record, mtime) >= self.ttl_s or self._holder_dead_here(record):
+            return None
+        return record
 
     # ------------------------------------------------------------------ holder
     def acquire(self) -> "Lease":
@@ -219,17 +231,17 @@ class Lease:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def token(self) -> tuple[str, int, Mapping[str, Any] | None]:
-        return self.output, int(self.generation or 0), self.options
+    def token(self) -> tuple[str, int, Mapping[str, Any] | None, str | None]:
+        return self.output, int(self.generation or 0), self.options, self.name
 
 
-def check_token(token: tuple[str, int, Mapping[str, Any] | None] | None) -> None:
+def check_token(token: tuple[str, int, Mapping[str, Any] | None, str | None] | None) -> None:
     """Raise LeaseLostError when a newer generation than TOKEN's holds OUTPUT (a worker calls this
     just before it commits a file). TOKEN None: no lease in use (plain-Python callers)."""
     if token is None:
         return
-    output, generation, options = token
-    probe = Lease(output, options)
+    output, generation, options, name = token
+    probe = Lease(output, options, name=name)
     fs, folder = probe._fs()
     newest = probe._generations(fs, folder)
     if newest and newest[-1] != generation:

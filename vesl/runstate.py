@@ -1,14 +1,14 @@
-"""Accounting across runs: duplicate ids, resume after a kill, counts read back from the output.
+"""Run state: one OUTPUT, its lease, its saved plan and its units' completion records.
 
-Resume is an anti-join against the output itself: every shard and rejects file is complete (written
-under OUTPUT/_tmp/ and moved into place whole), so the files already in OUTPUT are the checkpoint.
-A re-run of the same input with the same label config skips what they hold and processes the rest.
+OUTPUT holds its own state (see vesl.units and vesl.writer): `_vesl_run.json` (which input and label
+config it holds), `_vesl/plan/` (the units, made once), `_vesl/units/<unit>.json` (one record per
+committed unit). Nothing here reads the rows of finished outputs:
 
-- Rows sharing an image_id: the first (lowest `ordinal`, its position in the input) is kept, every
-  other one is rejected as `duplicate`. The rule depends on input positions only, so every run
-  (and every resumed run) picks the same row.
-- Done on resume: an input whose ordinal is in a rejects file, or whose image_id is in a shard and
-  which is not a duplicate occurrence.
+- Resume lists `_vesl/units/` and skips the units it names; a unit without a record (in flight when
+  a run was killed) is redone whole, its staged parts discarded.
+- Accounting (`manifest.json`: counts, the funnel, `accounted`) is summed from the records; each
+  unit checked its own rows + rejects == inputs before it committed.
+- Repeated image_ids were found once, when the plan was made (first occurrence by input position kept).
 """
 
 from __future__ import annotations
@@ -18,22 +18,18 @@ import json
 import logging
 import uuid
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-from operators.base import mark_rejects
-from schemas.rejects import READ_STAGE, RejectReason
-from vesl.core.storage import filesystem, join_uri, modified_time
+from vesl.core.storage import filesystem, join_uri
 from vesl.core.text import describe_error
-from vesl.writer import DATA_DIR, MANIFEST, REJECTS_DIR, TMP_DIR, stage_totals
+from vesl.units import STAGING_DIR, STATE_DIR, UNITS_DIR, Slice
+from vesl.writer import DATA_DIR, MANIFEST, REJECTS_DIR, stage_totals, write_json_atomic
 
 log = logging.getLogger("vesl.runstate")
 RUN_STATE = "_vesl_run.json"
+STRAY_DIR = f"{STATE_DIR}/stray"
+LAYOUT = 2  # 1: shards per write task, resumed by reading every id back; 2: work units with completion records
 
 
 class OutputConflictError(RuntimeError):
@@ -62,23 +58,27 @@ def check_output_target(output: str, storage_options) -> None:
                                   "vesl does not create buckets: create it, or fix the name")
 
 
-def take_lease(output: str, storage_options, wait_s: float = 0.0, poll_s: float = 5.0):
-    """This run's lease on OUTPUT, heartbeating (vesl.lease). A live holder is a LeaseHeldError (after
-    waiting up to WAIT_S for it to finish or go stale); an OUTPUT this run cannot write to is an
-    OutputConflictError; both before any work."""
+def take_lease(output: str, storage_options, wait_s: float = 0.0, poll_s: float = 5.0, part: Slice = Slice()):
+    """This run's lease on OUTPUT (on its slice PART of it), heartbeating (vesl.lease). A live holder of
+    an overlapping slice (a whole run overlaps every slice) is a LeaseHeldError, after waiting up to
+    WAIT_S for it to finish or go stale; an OUTPUT this run cannot write to is an OutputConflictError;
+    both before any work."""
     import time
 
     from vesl.errors import storage_problem
     from vesl.lease import Lease, LeaseHeldError
 
-    lease = Lease(output, storage_options)
     deadline = time.monotonic() + wait_s
     try:
         while True:
+            lease = Lease(output, storage_options, name=None if part.whole else slice_lease_name(part))
             try:
                 lease.acquire()
+                check_overlapping_leases(output, storage_options, part, lease)
                 break
             except LeaseHeldError as held:
+                if lease.generation is not None:
+                    lease.discard()
                 if time.monotonic() + poll_s > deadline:
                     raise
                 log.info("waiting for the lease (output.lease_wait_s): %s", held)
@@ -88,6 +88,38 @@ def take_lease(output: str, storage_options, wait_s: float = 0.0, poll_s: float 
         raise OutputConflictError(f"cannot write to OUTPUT {output}: "
                                   f"{problem[1] if problem else 'write failed'}: {describe_error(e)}") from e
     return lease.start()
+
+
+def slice_lease_name(part: Slice) -> str:
+    return f"slice-{part.index}-of-{part.count}"
+
+
+def check_overlapping_leases(output: str, storage_options, part: Slice, mine) -> None:
+    """LeaseHeldError when a live run holds a slice of OUTPUT that overlaps PART (the whole-run lease
+    overlaps everything). Every taker checks after taking its own lease, so of two overlapping runs
+    that start together neither goes on unseen by the other."""
+    from vesl.lease import LEASE_DIR, Lease, LeaseHeldError
+
+    fs, root = filesystem(output, storage_options)
+    folder = f"{root.rstrip('/')}/{LEASE_DIR}"
+    fs.invalidate_cache(folder)
+    others: list[tuple[Slice, str | None]] = [(Slice(), None)]
+    for path in fs.ls(folder, detail=False) if fs.exists(folder) else []:
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("slice-") and fs.isdir(path):
+            i, _, n = name[len("slice-"):].partition("-of-")
+            if i.isdigit() and n.isdigit():
+                others.append((Slice(int(i), int(n)), name))
+    for other, name in others:
+        if name == mine.name or not other.overlaps(part):
+            continue
+        holder = Lease(output, storage_options, name=name).live_holder()
+        if holder:
+            raise LeaseHeldError(
+                f"{output} is being written by run {holder.get('run_id', '?')} on host {holder.get('host', '?')} "
+                f"(pid {holder.get('pid', '?')}) for {'the whole input' if other.whole else 'slice ' + other.label}, "
+                f"which overlaps {'the whole input' if part.whole else 'slice ' + part.label}: slices of one N never "
+                "overlap; wait for it to finish")
 
 
 def read_state_file(fs, path: str, uri: str) -> dict[str, Any]:
@@ -108,18 +140,14 @@ def read_state_file(fs, path: str, uri: str) -> dict[str, Any]:
 
 
 def write_state_file(fs, root: str, name: str, state: Mapping[str, Any]) -> None:
-    """Write OUTPUT/NAME whole or not at all: staged under _tmp/, then moved into place."""
-    tmp = f"{root}/{TMP_DIR}/{name}.{uuid.uuid4().hex}"
-    fs.makedirs(f"{root}/{TMP_DIR}", exist_ok=True)
-    with fs.open(tmp, "w") as f:
-        json.dump(state, f, indent=1, default=str)
-    fs.mv(tmp, f"{root}/{name}")
+    """Write OUTPUT/NAME whole or not at all: written beside it, then moved into place."""
+    write_json_atomic(fs, f"{root}/{name}", state)
 
 
 def prepare_output(output: str, input_uri: str, label_hash: str, on_existing: str,
-                   storage_options: Mapping[str, Any] | None) -> str:
-    """Decide 'fresh' or 'resume' for OUTPUT, clear stale staging files, record the run state. The
-    caller holds OUTPUT's lease (vesl.lease), whose folder is never counted or deleted here."""
+                   storage_options: Mapping[str, Any] | None, part: Slice = Slice()) -> str:
+    """Decide 'fresh' or 'resume' for OUTPUT and record the run state. The caller holds OUTPUT's lease
+    (vesl.lease) for PART, whose folder is never counted or deleted here."""
     from vesl.lease import LEASE_DIR
 
     fs, root = filesystem(output, storage_options)
@@ -131,6 +159,9 @@ def prepare_output(output: str, input_uri: str, label_hash: str, on_existing: st
     mode = "fresh"
     if entries:
         if on_existing == "overwrite":
+            if not part.whole:
+                raise OutputConflictError(f"--overwrite deletes all of OUTPUT {output}, every slice's work: it is "
+                                          "refused with a slice. Clear OUTPUT once before starting the slices")
             for path in entries:
                 fs.rm(path, recursive=True)
         elif on_existing == "error":
@@ -146,15 +177,117 @@ def prepare_output(output: str, input_uri: str, label_hash: str, on_existing: st
                     f"output {output} holds a run of {state.get('input')} with config hash {state.get('config_hash')}; "
                     f"this run is {input_uri} with config hash {label_hash}. Resuming would mix labels: "
                     "use the same input and config, another OUTPUT, or --overwrite")
+            if state.get("layout", 1) != LAYOUT:
+                raise OutputConflictError(
+                    f"output {output} was written by a vesl older than work units (shards per write task, no "
+                    "completion records); this vesl cannot resume it. Finish it with the vesl that started it, or "
+                    "use --overwrite or another OUTPUT")
             mode = "resume"
-            if fs.exists(f"{root}/{TMP_DIR}"):
-                fs.rm(f"{root}/{TMP_DIR}", recursive=True)  # half-written files of a killed run
     if mode == "fresh":
         fs.makedirs(root, exist_ok=True)
-        write_state_file(fs, root, RUN_STATE, {"input": input_uri, "config_hash": label_hash,
+        write_state_file(fs, root, RUN_STATE, {"input": input_uri, "config_hash": label_hash, "layout": LAYOUT,
                                                "run_id": uuid.uuid4().hex[:8],
                                                "created_at": dt.datetime.now(dt.timezone.utc).isoformat()})
     return mode
+
+
+def records_of(output: str, storage_options) -> Iterator[dict[str, Any]]:
+    """Every completion record of OUTPUT, read in batches (fsspec's `cat` of many paths: concurrent on S3)."""
+    fs, root = filesystem(output, storage_options)
+    folder = f"{root.rstrip('/')}/{UNITS_DIR}"
+    fs.invalidate_cache(folder)
+    if not fs.exists(folder):
+        return
+    paths = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json") and not p.rsplit("/", 1)[-1]
+                   .startswith("."))
+    for start in range(0, len(paths), RECORD_BATCH):
+        batch = paths[start:start + RECORD_BATCH]
+        for path, data in sorted(fs.cat(batch).items()):
+            try:
+                yield json.loads(data)
+            except ValueError as e:
+                raise CorruptOutputError(f"{path}: a completion record that is not JSON ({e}). Delete it and re-run: "
+                                         "its unit is redone") from None
+
+
+RECORD_BATCH = 1000
+
+
+def done_units(output: str, storage_options, bounds: tuple[int, int] | None = None) -> tuple[set[int], list[dict]]:
+    """(the units of OUTPUT whose record stands, the units redone because their files do not match
+    their record). A record whose shard or rejects file is missing, or of another size than it
+    committed (truncated, replaced), is removed when its unit is in [BOUNDS) (this run's): the unit is
+    then redone whole. One listing of data/ and rejects/ and a read of each record; no rows are read."""
+    fs, root = filesystem(output, storage_options)
+    root = root.rstrip("/")
+    sizes: dict[str, int] = {}
+    for sub in (DATA_DIR, REJECTS_DIR):
+        fs.invalidate_cache(f"{root}/{sub}")
+        if fs.exists(f"{root}/{sub}"):
+            sizes.update({f"{sub}/{e['name'].rstrip('/').rsplit('/', 1)[-1]}": e["size"]
+                          for e in fs.ls(f"{root}/{sub}", detail=True)})
+    done, redo = set(), []
+    for record in records_of(output, storage_options):
+        unit = int(record["unit"])
+        wrong = {k: (v, sizes.get(k)) for k, v in record.get("sizes", {}).items() if sizes.get(k) != v}
+        if not wrong or bounds is None or not bounds[0] <= unit < bounds[1]:
+            done.add(unit)
+            continue
+        fs.rm(f"{root}/{UNITS_DIR}/{unit:09d}.json")
+        redo.append({"unit": unit, "files": {k: {"committed_bytes": v, "found_bytes": found}
+                                             for k, (v, found) in wrong.items()}})
+    return done, redo
+
+
+def clean_staging(output: str, storage_options, bounds: tuple[int, int]) -> int:
+    """Remove the staged parts of the units in [BOUNDS) (this run's own: no other run owns them while
+    it holds their lease). Returns how many units had some."""
+    fs, root = filesystem(output, storage_options)
+    folder = f"{root.rstrip('/')}/{STAGING_DIR}"
+    fs.invalidate_cache(folder)
+    if not fs.exists(folder):
+        return 0
+    cleaned = 0
+    for path in fs.ls(folder, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name.isdigit() and bounds[0] <= int(name) < bounds[1]:
+            fs.rm(path, recursive=True)
+            cleaned += 1
+    return cleaned
+
+
+def drop_empty_staging(output: str, storage_options) -> None:
+    """Remove `_vesl/staging/` when no unit has parts there (after a run, so a finished OUTPUT has none)."""
+    fs, root = filesystem(output, storage_options)
+    folder = f"{root.rstrip('/')}/{STAGING_DIR}"
+    fs.invalidate_cache(folder)
+    try:
+        if fs.exists(folder) and not fs.ls(folder, detail=False):
+            fs.rm(folder, recursive=True)
+    except OSError:  # another slice staged a part meanwhile: it stays
+        pass
+
+
+def move_strays(output: str, storage_options, units: int) -> dict[str, Any] | None:
+    """Move out of data/ and rejects/ every Parquet file that is not a unit's (`part-<unit>.parquet`
+    of a unit of the plan): a file copied in by hand, or left by a vesl older than work units. They go
+    to `_vesl/stray/`, so readers of data/ see each image once. Returns what moved, or None."""
+    fs, root = filesystem(output, storage_options)
+    root = root.rstrip("/")
+    moved = []
+    for sub in (DATA_DIR, REJECTS_DIR):
+        for fs_, path in parquet_files(output, sub, storage_options):
+            name = path.rsplit("/", 1)[-1]
+            stem = name[len("part-"):-len(".parquet")] if name.startswith("part-") else ""
+            if stem.isdigit() and len(stem) == 9 and int(stem) < units:
+                continue
+            target = f"{root}/{STRAY_DIR}/{sub}/{name}"
+            fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            fs.mv(path, target)
+            moved.append(join_uri(output, sub, name))
+    if not moved:
+        return None
+    return {"stray_files": moved, "moved_to": join_uri(output, STRAY_DIR)}
 
 
 class CorruptOutputError(OutputConflictError):
@@ -173,158 +306,24 @@ def parquet_files(output: str, subdir: str, storage_options) -> list[tuple[Any, 
     return [(fs, p) for p in sorted(fs.ls(folder, detail=False)) if p.endswith(".parquet")]
 
 
-def _read_columns(fs, path: str, columns: list[str]) -> pa.Table:
-    try:
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f, columns=columns)
-    except (pa.ArrowInvalid, pa.ArrowException, ValueError) as e:
-        raise CorruptOutputError(
-            f"{path} cannot be read ({describe_error(e)}). Move it out of OUTPUT and re-run the same command: "
-            "the inputs it held are processed again") from None
-
-
-def completed(output: str, storage_options) -> tuple[np.ndarray, np.ndarray]:
-    """(image_ids in shards, ordinals in rejects files), each sorted, for the resume anti-join."""
-    ids = [_read_columns(fs, p, ["image_id"]).column("image_id")
-           for fs, p in parquet_files(output, DATA_DIR, storage_options)]
-    ords = [_read_columns(fs, p, ["ordinal"]).column("ordinal")
-            for fs, p in parquet_files(output, REJECTS_DIR, storage_options)]
-    # object arrays: fixed-width numpy strings would truncate longer ids when compared
-    id_array = np.array(sorted(i for chunk in ids for i in chunk.to_pylist()), dtype=object)
-    ord_array = np.sort(np.array([o for chunk in ords for o in chunk.to_pylist() if o is not None], dtype=np.int64))
-    return id_array, ord_array
-
-
-def hash_ids(ids: np.ndarray) -> np.ndarray:
-    import pandas as pd
-
-    return pd.util.hash_array(ids.astype(object), categorize=False).view(np.int64)
-
-
-def id_hashes(table: pa.Table, keep: np.ndarray | None = None, hasher=hash_ids) -> pa.Table:
-    """64-bit hashes of TABLE's image_ids (column `h`); with KEEP (sorted hashes), the rows whose
-    hash is in KEEP, with their image_id and ordinal."""
-    hashes = hasher(table.column("image_id").to_numpy(zero_copy_only=False))
-    if keep is None:
-        return pa.table({"h": hashes})
-    return table.select(["image_id", "ordinal"]).filter(pa.array(is_in(list(hashes), keep)))
-
-
-def find_duplicates(inputs, hasher=hash_ids) -> tuple[int, dict[str, int]]:
-    """(number of inputs, {image_id: ordinal kept} for the ids that occur more than once).
-
-    Two light passes instead of a distributed group-by (whose hash shuffle is slow to start; README,
-    Performance): tasks hash the ids, the driver finds repeated hashes (8 bytes per input), and
-    only the rows with a repeated hash come back with their ids (a hash collision is resolved there)."""
-    chunks = [np.asarray(b["h"]) for b in inputs.map_batches(
-        id_hashes, fn_kwargs={"hasher": hasher}, batch_format="pyarrow").iter_batches(batch_format="numpy",
-                                                                                      batch_size=None)]
-    hashes = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
-    values, counts = np.unique(hashes, return_counts=True)
-    repeated = values[counts > 1]
-    if not len(repeated):
-        return len(hashes), {}
-    seen: Counter = Counter()
-    first: dict[str, int] = {}
-    for batch in inputs.map_batches(id_hashes, fn_kwargs={"keep": repeated, "hasher": hasher},
-                                    batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=None):
-        for image_id, ordinal in zip(batch.column("image_id").to_pylist(), batch.column("ordinal").to_pylist()):
-            seen[image_id] += 1
-            first[image_id] = min(ordinal, first.get(image_id, ordinal))
-    return len(hashes), {i: first[i] for i, n in seen.items() if n > 1}
-
-
-def is_in(values: list, value_set: np.ndarray) -> np.ndarray:
-    """Which of VALUES are in VALUE_SET, as a bool array (pyarrow's hash-based is_in)."""
-    if not len(value_set) or not len(values):
-        return np.zeros(len(values), dtype=bool)
-    return pc.is_in(pa.array(values), value_set=pa.array(value_set)).to_numpy(zero_copy_only=False)
-
-
-def plan_batch(table: pa.Table, duplicates: Mapping[str, int], done_ids: np.ndarray,
-               done_ordinals: np.ndarray) -> pa.Table:
-    """Mark duplicate occurrences as rejects and drop the inputs a previous run already finished."""
-    ids = table.column("image_id").to_pylist()
-    ordinals = table.column("ordinal").to_pylist()
-    is_duplicate = [i in duplicates and o != duplicates[i] for i, o in zip(ids, ordinals)]
-    table = mark_rejects(table, READ_STAGE, {
-        k: (RejectReason.DUPLICATE.value,
-            f"image_id {ids[k]!r} already appears at input ordinal {duplicates[ids[k]]}, which is kept")
-        for k, dup in enumerate(is_duplicate) if dup})
-    done = is_in(ordinals, done_ordinals) | (is_in(ids, done_ids) & ~np.asarray(is_duplicate, dtype=bool))
-    return table.filter(pa.array(~done)) if done.any() else table
-
-
-def _dedupe_files(output: str, subdir: str, key: str, storage_options) -> tuple[int, list[Any], list[str]]:
-    """Remove from OUTPUT/SUBDIR every row whose KEY an earlier-committed row already has (commit time,
-    then file name, then row order). Each changed file is rewritten whole (staged, then moved; a file
-    left empty is deleted). Returns (rows removed, their keys, the files changed)."""
-    files = sorted(parquet_files(output, subdir, storage_options), key=lambda fp: (modified_time(*fp) or 0.0, fp[1]))
-    seen: set = set()
-    removed, keys, changed = 0, [], []
-    for fs, path in files:
-        values = _read_columns(fs, path, [key]).column(key).to_pylist()
-        drop = []
-        for i, v in enumerate(values):
-            if v is None:
-                continue
-            if v in seen:
-                drop.append(i)
-            else:
-                seen.add(v)
-        if not drop:
-            continue
-        removed += len(drop)
-        keys += [values[i] for i in drop]
-        changed.append(path)
-        if len(drop) == len(values):
-            fs.rm(path)
-            continue
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
-        mask = np.ones(len(values), dtype=bool)
-        mask[drop] = False
-        root = filesystem(output, storage_options)[1].rstrip("/")
-        tmp = f"{root}/{TMP_DIR}/repair-{uuid.uuid4().hex}.parquet"
-        fs.makedirs(f"{root}/{TMP_DIR}", exist_ok=True)
-        with fs.open(tmp, "wb") as f:
-            pq.write_table(table.filter(pa.array(mask)), f, compression="zstd")
-        fs.mv(tmp, path)
-    return removed, keys, changed
-
-
-def repair_duplicates(output: str, storage_options) -> dict[str, Any] | None:
-    """Make OUTPUT hold each image_id in one row and each input ordinal in one reject, keeping the
-    first committed copy. Duplicates only arise when two runs wrote into one OUTPUT at once (the lease
-    forbids it; this repairs an OUTPUT from before the lease, or one whose lease was broken). Returns
-    what was removed, or None when nothing was."""
-    rows, ids, row_files = _dedupe_files(output, DATA_DIR, "image_id", storage_options)
-    rejects, ordinals, reject_files = _dedupe_files(output, REJECTS_DIR, "ordinal", storage_options)
-    if not rows and not rejects:
-        return None
-    return {"rows_removed": rows, "image_ids": sorted(set(ids))[:20], "distinct_image_ids": len(set(ids)),
-            "rejects_removed": rejects, "ordinals": sorted(set(ordinals))[:20],
-            "files_changed": [join_uri(output, p.rsplit("/", 2)[-2], p.rsplit("/", 1)[-1])
-                              for p in row_files + reject_files]}
-
-
-def count_outputs(output: str, storage_options) -> dict[str, Any]:
-    """Counts read back from every shard and rejects file in OUTPUT (all runs that wrote there)."""
-    rows = regions = phrases = 0
-    ids: set[str] = set()
-    for fs, path in parquet_files(output, DATA_DIR, storage_options):
-        table = _read_columns(fs, path, ["image_id", "phrases", "regions"])
-        rows += table.num_rows
-        ids.update(table.column("image_id").to_pylist())
-        regions += int(pc.sum(pc.list_value_length(table.column("regions"))).as_py() or 0)
-        phrases += int(pc.sum(pc.list_value_length(table.column("phrases"))).as_py() or 0)
+def account(output: str, storage_options, plan_inputs: int, units: int) -> dict[str, Any]:
+    """The manifest's counts, summed from every completion record in OUTPUT (all runs and slices that
+    wrote there), and whether they add up: each unit's rows + rejects == its inputs, and, once every
+    unit is done, the units' inputs == the plan's."""
+    totals = {"inputs": 0, "rows": 0, "rejects": 0, "regions": 0, "phrases": 0}
     by_reason: Counter = Counter()
-    for fs, path in parquet_files(output, REJECTS_DIR, storage_options):
-        table = _read_columns(fs, path, ["stage", "reason"])
-        stages, reasons = table.column("stage").to_pylist(), table.column("reason").to_pylist()
-        by_reason.update(f"{s}/{r}" for s, r in zip(stages, reasons))
-    return {"rows": rows, "unique_row_ids": len(ids), "rejects": sum(by_reason.values()), "regions": regions,
-            "phrases": phrases, "by_stage": stage_totals(by_reason), "by_reason": dict(sorted(by_reason.items()))}
+    done, bad, files = 0, [], []
+    for record in records_of(output, storage_options):
+        done += 1
+        files += record.get("files", [])
+        for key in totals:
+            totals[key] += int(record.get(key, 0))
+        by_reason.update(record.get("by_reason", {}))
+        if record.get("rows", 0) + record.get("rejects", 0) != record.get("inputs"):
+            bad.append(record.get("unit"))
+    return {**totals, "by_reason": dict(sorted(by_reason.items())), "by_stage": stage_totals(by_reason),
+            "units": {"total": units, "done": done, "unbalanced": bad[:20]}, "planned_inputs": plan_inputs,
+            "complete": done == units, "files": files}
 
 
 def funnel(inputs: int, by_stage: Mapping[str, int], stages: list[str]) -> list[dict[str, Any]]:
@@ -339,11 +338,19 @@ def funnel(inputs: int, by_stage: Mapping[str, int], stages: list[str]) -> list[
     return out
 
 
+def hash_ids(ids):
+    """64-bit hashes of image ids (vesl inspect counts repeated ids from these)."""
+    import numpy as np
+    import pandas as pd
+
+    return pd.util.hash_array(np.asarray(ids).astype(object), categorize=False).view(np.int64)
+
+
 def output_files(output: str, storage_options) -> list[str]:
     return [join_uri(output, sub, p.rsplit("/", 1)[-1]) for sub in (DATA_DIR, REJECTS_DIR)
             for _, p in parquet_files(output, sub, storage_options)]
 
 
-__all__ = ["CorruptOutputError", "MANIFEST", "OutputConflictError", "RUN_STATE", "check_output_target", "completed",
-           "count_outputs", "find_duplicates", "funnel", "output_files", "parquet_files", "plan_batch",
-           "prepare_output", "repair_duplicates", "take_lease", "is_in"]
+__all__ = ["CorruptOutputError", "MANIFEST", "OutputConflictError", "RUN_STATE", "account", "check_output_target",
+           "clean_staging", "done_units", "drop_empty_staging", "funnel", "move_strays", "output_files",
+           "parquet_files", "prepare_output", "records_of", "take_lease"]

@@ -1,10 +1,14 @@
-"""write: region-text shards (schema v1) and rejects, as Parquet, through a Ray Data Datasink.
+"""write: region-text shards (schema v1) and rejects, as Parquet, one shard per work unit.
 
 Layout of OUTPUT:
-    data/part-<run>-<task>.parquet     region-text shards, one row per image
-    rejects/part-<run>-<task>.parquet  one row per rejected input
-    manifest.json                      the run manifest, written last (its presence = run complete)
-Files are written under OUTPUT/_tmp/ and moved into place whole, so a reader never sees half a file.
+    data/part-<unit>.parquet      region-text shards, one row per image (a unit's rows)
+    rejects/part-<unit>.parquet   one row per rejected input (a unit's rejects)
+    _vesl/units/<unit>.json       the unit's completion record: inputs, rows, rejects by reason, files
+    manifest.json                 the run manifest, written last by every run
+A unit's batches are first written as parts under OUTPUT/_vesl/staging/<unit>/ (`stage_unit_parts`,
+the last Ray Data step); once all its inputs are staged, `commit_unit` checks rows + rejects ==
+inputs, writes the unit's shard and rejects file (each staged and moved into place whole), then its
+record. A unit without a record is not done: a resume redoes it whole.
 """
 
 from __future__ import annotations
@@ -108,34 +112,126 @@ def stage_totals(by_reason: Mapping[str, int]) -> dict[str, int]:
     return dict(sorted(by_stage.items()))
 
 
-def make_datasink(output: str, run_id: str, footer: Mapping[str, str], storage_options: Mapping[str, Any] | None,
-                  rows_per_shard: int, compression: str, lease_token=None):
-    """A Ray Data Datasink writing shards + rejects; each write task returns its counts and files."""
-    from ray.data import Datasink
+def unit_file(unit: int) -> str:
+    return f"part-{unit:09d}.parquet"
 
-    class RegionShardDatasink(Datasink):
-        def __init__(self) -> None:
-            self.results: list[dict[str, Any]] = []
 
-        @property
-        def min_rows_per_write(self) -> int:
-            return rows_per_shard
+def stage_unit_parts(table: pa.Table, output: str, footer: Mapping[str, str],
+                     storage_options: Mapping[str, Any] | None) -> pa.Table:
+    """Ray Data UDF, the last step of the chain: a finished batch in; per unit, its rows and rejects
+    written as parts under OUTPUT/_vesl/staging/<unit>/; out, one small row per unit: (unit, inputs,
+    the parts). Only parts a finished task reports are ever committed (a failed attempt's are not)."""
+    import numpy as np
 
-        def write(self, blocks, ctx) -> dict[str, Any]:
-            from ray.data.block import BlockAccessor
+    from vesl.units import STAGING_DIR, UNIT
 
-            tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-            tables = [t for t in tables if t.num_rows]
-            if not tables:
-                return {"inputs": 0, "files": []}
-            table = pa.concat_tables(tables, promote_options="permissive")
-            return write_batch(table, output, f"part-{run_id}-{ctx.task_idx:05d}.parquet", footer,
-                               storage_options, compression, lease_token)
+    schema = region_text_schema(dict(footer))
+    fs, root = filesystem(output, storage_options)
+    units = table.column(UNIT).to_numpy()
+    out: dict[str, list] = {"unit": [], "inputs": [], "parts": []}
+    for unit in np.unique(units):
+        rows, rejects = split_rows_and_rejects(table.filter(pa.array(units == unit)), schema)
+        folder = f"{root.rstrip('/')}/{STAGING_DIR}/{int(unit):09d}"
+        fs.makedirs(folder, exist_ok=True)
+        name, parts = uuid.uuid4().hex, []
+        for kind, part in (("rows", rows), ("rejects", rejects)):
+            if part.num_rows:
+                path = f"{folder}/{name}-{kind}.parquet"
+                with fs.open(path, "wb") as f:
+                    pq.write_table(part, f, compression="none")
+                parts.append(path)
+        out["unit"].append(int(unit))
+        out["inputs"].append(rows.num_rows + rejects.num_rows)
+        out["parts"].append(parts)
+    return pa.table({"unit": pa.array(out["unit"], pa.int64()), "inputs": pa.array(out["inputs"], pa.int64()),
+                     "parts": pa.array(out["parts"], pa.list_(pa.string()))})
 
-        def on_write_complete(self, write_result) -> None:
-            self.results = list(write_result.write_returns)
 
-    return RegionShardDatasink()
+class UnitAccountingError(RuntimeError):
+    """A unit's staged rows + rejects are not its planned inputs: it is not committed."""
+
+
+def _read_parts(fs, paths: list[str], schema: pa.Schema) -> pa.Table:
+    tables = []
+    for path in paths:
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f))
+    return pa.concat_tables(tables).cast(schema) if tables else schema.empty_table()
+
+
+def _commit_file(fs, root: str, table: pa.Table, subdir: str, name: str, compression: str, lease_token) -> int | None:
+    """TABLE as ROOT/SUBDIR/NAME, staged and moved into place; no rows: any earlier file there (of a
+    killed attempt) is removed. Returns the size of the file there now (None: none)."""
+    from vesl.lease import check_token
+
+    final = f"{root}/{subdir}/{name}"
+    if not table.num_rows:
+        if fs.exists(final):
+            check_token(lease_token)
+            fs.rm(final)
+        return None
+    tmp = f"{root}/{subdir}/.{name}.{uuid.uuid4().hex[:8]}"
+    fs.makedirs(f"{root}/{subdir}", exist_ok=True)
+    with fs.open(tmp, "wb") as f:
+        pq.write_table(table, f, compression=compression)
+    size = fs.size(tmp)
+    check_token(lease_token)
+    fs.mv(tmp, final)
+    return size
+
+
+def commit_unit(output: str, unit: int, inputs: int, parts: list[str], footer: Mapping[str, str],
+                storage_options: Mapping[str, Any] | None, compression: str, lease_token=None,
+                run_id: str = "") -> dict[str, Any]:
+    """Commit one unit whose INPUTS are all staged in PARTS: check rows + rejects == INPUTS and one row
+    per image_id, write its shard and rejects file, then its completion record; remove its staging.
+    Returns the record. Raises UnitAccountingError (nothing committed) when the counts disagree."""
+    import datetime as dt
+
+    from vesl.units import STAGING_DIR, UNITS_DIR
+
+    fs, root = filesystem(output, storage_options)
+    root = root.rstrip("/")
+    schema = region_text_schema(dict(footer))
+    rows = _read_parts(fs, [p for p in parts if p.endswith("-rows.parquet")], schema)
+    rejects = _read_parts(fs, [p for p in parts if p.endswith("-rejects.parquet")], REJECT_SCHEMA)
+    if rows.num_rows + rejects.num_rows != inputs:
+        raise UnitAccountingError(f"unit {unit}: {rows.num_rows} rows + {rejects.num_rows} rejects != {inputs} "
+                                  "planned inputs; not committed")
+    if rows.num_rows and pc.count_distinct(rows.column("image_id")).as_py() != rows.num_rows:
+        raise UnitAccountingError(f"unit {unit}: an image_id appears in two rows; not committed")
+    name = unit_file(unit)
+    sizes = {f"{sub}/{name}": _commit_file(fs, root, table, sub, name, compression, lease_token)
+             for sub, table in ((DATA_DIR, rows), (REJECTS_DIR, rejects))}
+    sizes = {k: v for k, v in sizes.items() if v is not None}
+    files = [join_uri(output, *key.split("/")) for key in sizes]
+    by_reason = Counter(f"{s}/{r}" for s, r in zip(rejects.column("stage").to_pylist(),
+                                                   rejects.column("reason").to_pylist()))
+    record = {"unit": unit, "inputs": inputs, "rows": rows.num_rows, "rejects": rejects.num_rows,
+              "regions": int(pc.sum(pc.list_value_length(rows.column("regions"))).as_py() or 0),
+              "phrases": int(pc.sum(pc.list_value_length(rows.column("phrases"))).as_py() or 0),
+              "by_reason": dict(sorted(by_reason.items())), "files": files, "sizes": sizes, "run_id": run_id,
+              "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    write_json_atomic(fs, f"{root}/{UNITS_DIR}/{unit:09d}.json", record, lease_token)
+    try:
+        fs.rm(f"{root}/{STAGING_DIR}/{unit:09d}", recursive=True)
+    except FileNotFoundError:
+        pass
+    return record
+
+
+def write_json_atomic(fs, path: str, data: Mapping[str, Any], lease_token=None) -> None:
+    """DATA as JSON at PATH, written beside it and moved into place (with LEASE_TOKEN: only while the
+    lease is still this run's)."""
+    from vesl.lease import check_token
+
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/.{name}.{uuid.uuid4().hex[:8]}"
+    fs.makedirs(folder, exist_ok=True)
+    with fs.open(tmp, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    check_token(lease_token)
+    fs.mv(tmp, path)
 
 
 def write_batch(table: pa.Table, output: str, name: str, footer: Mapping[str, str],
@@ -155,13 +251,5 @@ def write_batch(table: pa.Table, output: str, name: str, footer: Mapping[str, st
 
 def write_manifest(manifest: Mapping[str, Any], output: str, storage_options: Mapping[str, Any] | None) -> str:
     fs, root = filesystem(output, storage_options)
-    tmp = f"{root.rstrip('/')}/{TMP_DIR}/{MANIFEST}.{uuid.uuid4().hex}"
-    fs.makedirs(f"{root.rstrip('/')}/{TMP_DIR}", exist_ok=True)
-    with fs.open(tmp, "w") as f:
-        json.dump(manifest, f, indent=2, sort_keys=False, default=str)
-    fs.mv(tmp, f"{root.rstrip('/')}/{MANIFEST}")
-    try:
-        fs.rm(f"{root.rstrip('/')}/{TMP_DIR}", recursive=True)
-    except FileNotFoundError:
-        pass
+    write_json_atomic(fs, f"{root.rstrip('/')}/{MANIFEST}", manifest)
     return join_uri(output, MANIFEST)

@@ -42,7 +42,9 @@ def test_manifest_with_broken_inputs_every_input_a_row_or_a_reject(tmp_path, tin
     assert models["detector"]["id"] == str(tiny_dir / "detector")
     assert json.loads(meta[b"vesl.thresholds"])["detect_threshold"] == 0.1
     assert meta[b"vesl.config_hash"].decode() == config.label_hash()
-    assert not (tmp_path / "out" / "_tmp").exists()  # staging area cleaned up
+    assert not [p for p in (tmp_path / "out" / "_vesl").rglob("*") if "staging" in p.parts and p.is_file()]
+    record = json.loads((tmp_path / "out" / "_vesl" / "units" / "000000000.json").read_text())
+    assert (record["inputs"], record["rows"], record["rejects"]) == (9, 5, 4)  # the unit's own check, recorded
 
 
 def test_pandas_reads_the_shards_with_schema_v1_types(tmp_path, tiny_dir, ray_local):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -61,42 +63,64 @@ def test_hostile_manifest_every_valid_image_a_row_every_broken_one_a_specific_re
     alts = dict(zip(rows["image_id"], rows["alt_text"]))
     assert len(alts["palette_alpha"]) == 80_000 and "🐈" in alts["grayscale"]
     # ids and URIs never steer where files go: every file is vesl's own, inside OUTPUT
+    own = {"plan": ("plan.json", "units.parquet", "duplicates.parquet")}
     for path in out.rglob("*"):
         assert path.resolve().is_relative_to(out.resolve())
         if path.is_file():
-            assert (path.name in ("manifest.json", "_vesl_run.json") or path.name.startswith("part-")
+            assert (path.name in ("manifest.json", "_vesl_run.json")
+                    or path.parent.name in ("data", "rejects") and re.fullmatch(r"part-\d{9}\.parquet", path.name)
+                    or path.parent.name == "units" and re.fullmatch(r"\d{9}\.json", path.name)
+                    or path.name in own.get(path.parent.name, ())
                     or path.parent.name == "_lease" and path.name[:8].isdigit()), path
     assert not (tmp_path / "etc").exists()
 
 
-def test_kill_the_driver_then_rerun_finishes_only_the_rest(tmp_path, tiny_dir):
+def records(out: Path) -> dict[int, dict]:
+    return {int(p.stem): json.loads(p.read_text()) for p in (out / "_vesl" / "units").glob("*.json")}
+
+
+def in_flight(out: Path) -> set[int]:
+    """Units with staged parts (written by a finished task) but no record yet."""
+    staging = out / "_vesl" / "staging"
+    return {int(d.name) for d in staging.iterdir() if d.is_dir() and any(d.iterdir())} if staging.exists() else set()
+
+
+def test_kill_the_driver_with_units_in_flight_then_rerun_redoes_only_those(tmp_path, tiny_dir):
     manifest = many_images(tmp_path / "in", 40)
     out = tmp_path / "out"
-    cmd = [sys.executable, SCRIPT, str(manifest), str(out), "--preset", "tiny",
-           "--set", "output.rows_per_shard=2", "--set", "decode.batch_size=2", "--set", "caption.batch_size=2",
-           "--set", "phrases.batch_size=2", "--set", "detect.batch_size=2", "--set", "input.block_rows=2"]
+    cmd = [sys.executable, SCRIPT, str(manifest), str(out), "--preset", "tiny", "--set", "input.unit_rows=5",
+           "--set", "output.rows_per_shard=1", "--set", "decode.batch_size=1", "--set", "caption.batch_size=1",
+           "--set", "fuse.batch_size=1", "--set", "phrases.batch_size=1", "--set", "detect.batch_size=1",
+           "--set", "input.block_rows=1"]
     first = subprocess.Popen(cmd, env=script_env(tiny_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not list((out / "data").glob("*.parquet")):
+    while not (records(out) and len(in_flight(out)) >= 2):  # some units committed, several in flight
         assert first.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "no shard appeared"
-        time.sleep(0.05)
+        assert time.time() < deadline, "never saw a committed unit beside two in flight"
+        time.sleep(0.02)
     first.send_signal(signal.SIGKILL)
     first.wait()
+    time.sleep(2)  # its workers finish or die: what they staged is there now
     assert not (out / "manifest.json").exists()
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
-    assert before
+    done_before, flying = records(out), in_flight(out)
+    assert done_before and len(flying) >= 2 and not flying & set(done_before)
+    shards_before = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")
+                     if int(p.stem[5:]) in done_before}
 
     second = subprocess.run(cmd, env=script_env(tiny_dir), capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
     rows, rejects, result = read_output(out)
     assert len(rejects) == 0 and sorted(rows["image_id"]) == [f"img{i:03d}" for i in range(40)]
     assert result["mode"] == "resume" and result["counts"]["accounted"]
-    processed = result["this_run"]["inputs"]
-    assert 0 < processed < 40  # the rest only: what the killed run finished is not redone
-    assert f"resumed: {processed} processed now" in second.stdout
-    after = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
-    assert all(after[name] == mtime for name, mtime in before.items())  # earlier shards untouched
+    after = records(out)
+    redone = {u for u, r in after.items() if r["run_id"] == result["run_id"]}
+    assert redone == set(range(8)) - set(done_before)  # exactly the units without a record: in flight or not begun
+    assert flying <= redone and all(after[u] == r for u, r in done_before.items())
+    assert result["this_run"]["units"] == len(redone) and result["this_run"]["inputs"] == 5 * len(redone)
+    assert f"resumed: {5 * len(redone)} processed now" in second.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")
+            if p.name in shards_before} == shards_before  # committed shards untouched
+    assert not in_flight(out)  # staged parts of the killed run were discarded, none left
 
 
 def _model_actor_pids(name: str) -> set[int]:

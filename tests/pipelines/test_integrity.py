@@ -103,11 +103,10 @@ def test_a_doubled_output_is_repaired_and_readers_warn_until_then(tmp_path, tiny
     from vesl.read import DuplicateImageIdWarning
 
     manifest = many_images(tmp_path / "in", 30)
-    config = load_config(preset_name="tiny", overrides=["output.rows_per_shard=10"])
-    run_annotate(str(manifest), str(tmp_path / "out"), config)
-    # what two runs at once left behind before the lease: the same rows committed twice, later
+    overrides = ["output.rows_per_shard=10", "input.unit_rows=10"]
+    run_annotate(str(manifest), str(tmp_path / "out"), load_config(preset_name="tiny", overrides=overrides))
+    # a shard copied in by hand (or left by a vesl older than work units): the same rows twice
     data = sorted((tmp_path / "out" / "data").glob("*.parquet"))
-    time.sleep(1.1)  # a later commit time than the originals
     (tmp_path / "out" / "data" / "part-zzzzzzzz-00000.parquet").write_bytes(data[0].read_bytes())
     doubled = pq.read_table(data[0]).num_rows
     with pytest.warns(DuplicateImageIdWarning, match=f"{doubled} row"):
@@ -116,34 +115,42 @@ def test_a_doubled_output_is_repaired_and_readers_warn_until_then(tmp_path, tiny
     assert stats["repeated_image_id_rows"] == doubled and not stats["accounted"]
     assert "WARNING" in format_summary(stats)
 
-    assert main([str(manifest), str(tmp_path / "out"), "--preset", "tiny", "--set", "output.rows_per_shard=10"]) == 0
+    args = [str(manifest), str(tmp_path / "out"), "--preset", "tiny"] + [a for o in overrides for a in ("--set", o)]
+    assert main(args) == 0
     err = capfd.readouterr().err
-    assert f"repaired OUTPUT: removed {doubled} duplicate row(s) of {doubled} image_id(s)" in err
-    assert not (tmp_path / "out" / "data" / "part-zzzzzzzz-00000.parquet").exists()  # the later copy went
-    assert data[0].exists()  # the first committed copy stayed
+    assert "repaired OUTPUT: moved 1 file(s) that are no unit's" in err
+    assert not (tmp_path / "out" / "data" / "part-zzzzzzzz-00000.parquet").exists()  # moved aside, not deleted
+    assert (tmp_path / "out" / "_vesl" / "stray" / "data" / "part-zzzzzzzz-00000.parquet").exists()
     rows, _, result = read_output(tmp_path / "out")
     assert rows.image_id.is_unique and len(rows) == 30 and result["counts"]["accounted"]
-    assert result["repairs"][0]["rows_removed"] == doubled
+    assert result["repairs"][0]["stray_files"] == [str(tmp_path / "out" / "data" / "part-zzzzzzzz-00000.parquet")]
+    assert result["this_run"]["inputs"] == 0  # nothing redone: every unit's own files were intact
 
 
-def test_broken_state_and_corrupt_files_are_named(tmp_path, tiny_dir, ray_local, capfd):
+def test_broken_state_and_damaged_files_are_named_or_redone(tmp_path, tiny_dir, ray_local, capfd):
     manifest = many_images(tmp_path / "in", 12)
     out = tmp_path / "out"
-    run_annotate(str(manifest), str(out), load_config(preset_name="tiny", overrides=["output.rows_per_shard=4"]))
-    args = [str(manifest), str(out), "--preset", "tiny", "--set", "output.rows_per_shard=4"]
+    overrides = ["output.rows_per_shard=4", "input.unit_rows=4"]
+    run_annotate(str(manifest), str(out), load_config(preset_name="tiny", overrides=overrides))
+    args = [str(manifest), str(out), "--preset", "tiny"] + [a for o in overrides for a in ("--set", o)]
     state = (out / "_vesl_run.json").read_bytes()
     (out / "_vesl_run.json").write_bytes(b"")  # what a full disk left behind before state files were staged
     assert main(args) == EXIT_USAGE
     err = error_line(capfd.readouterr().err)
     assert "_vesl_run.json is empty" in err and "delete that file" in err
     (out / "_vesl_run.json").write_bytes(state)
-    victim = sorted((out / "data").glob("*.parquet"))[0]
-    victim.write_bytes(b"PAR1 not really parquet")
+    record = out / "_vesl" / "units" / "000000001.json"
+    good = record.read_bytes()
+    record.write_bytes(b"{half a rec")
     assert main(args) == EXIT_USAGE
     err = error_line(capfd.readouterr().err)
-    assert str(victim) in err and "Move it out of OUTPUT" in err
-    victim.unlink()  # as the message says: its inputs are processed again
+    assert str(record) in err and "Delete it and re-run" in err
+    record.write_bytes(good)
+    victim = out / "data" / "part-000000002.parquet"
+    victim.write_bytes(b"PAR1 not really parquet")  # damaged after it committed: another size than its record says
     assert main(args) == 0
+    assert "redid 1 unit(s) whose files did not match their completion record" in capfd.readouterr().err
+    assert pq.read_metadata(victim).num_rows == 4
     assert_complete(out, 12)
 
 
@@ -255,7 +262,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly(tmp_path, tiny_dir, sig, code):
     # every process of this run's Ray instance has it on its command line (short: Ray's socket paths live in it)
     ray_tmp = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))
     env = {**script_env(tiny_dir), "RAY_TMPDIR": str(ray_tmp)}
-    proc = start(manifest, out, env, "--set", "output.rows_per_shard=50")
+    proc = start(manifest, out, env, "--set", "output.rows_per_shard=50", "--set", "input.unit_rows=50")
     _wait_for_data(out, proc)
     proc.send_signal(sig)
     assert proc.wait(timeout=60) == code
@@ -267,7 +274,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly(tmp_path, tiny_dir, sig, code):
     assert not subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True).stdout, "orphaned Ray processes"
     for f in (out / "data").glob("*.parquet"):
         pq.read_metadata(f)  # nothing half-written where readers look
-    rerun = start(manifest, out, env, "--set", "output.rows_per_shard=50")
+    rerun = start(manifest, out, env, "--set", "output.rows_per_shard=50", "--set", "input.unit_rows=50")
     assert rerun.wait(timeout=400) == 0, rerun.communicate()[1][-2000:]
     assert_complete(out, 900)
     import shutil

@@ -165,16 +165,17 @@ def test_an_s3_resume_that_writes_new_shards_counts_them(tmp_path, tiny_dir, ray
     fs.put(str(local.parent) + "/", "vesl-resume/in/", recursive=True)
     config = load_config(preset_name="tiny", overrides=[
         f"storage.endpoint_url={s3_endpoint}", f"storage.key={KEY}", f"storage.secret={SECRET}",
-        "storage.region=us-east-1", "output.rows_per_shard=8", "input.block_rows=8"])
+        "storage.region=us-east-1", "output.rows_per_shard=8", "input.block_rows=8", "input.unit_rows=8"])
     first = run_annotate("s3://vesl-resume/in/manifest.jsonl", "s3://vesl-resume/out", config)
     assert first["counts"]["rows"] == 40 and first["counts"]["accounted"]
     shards = sorted(fs.ls("vesl-resume/out/data"))
     assert len(shards) >= 3
-    for path in shards[:2]:  # another process deletes shards: their inputs are redone, as new files
+    for path in shards[:2]:  # another process deletes shards: their units are redone (their records name them)
         fs.rm(path)
     again = run_annotate("s3://vesl-resume/in/manifest.jsonl", "s3://vesl-resume/out", config)
-    assert again["mode"] == "resume" and 0 < again["this_run"]["rows"] < 40
-    assert again["counts"]["rows"] == 40 and again["counts"]["unique_row_ids"] == 40 and again["counts"]["accounted"]
+    assert again["mode"] == "resume" and again["this_run"]["rows"] == 16 and again["this_run"]["units"] == 2
+    assert [r["unit"] for r in again["repairs"][0]["redone_units"]] == [0, 1]
+    assert again["counts"]["rows"] == 40 and again["counts"]["accounted"]
     fs.invalidate_cache()
     assert len(again["files"]) == len(fs.ls("vesl-resume/out/data"))
 
