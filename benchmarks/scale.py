@@ -43,11 +43,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+os.environ["RAY_AUTH_MODE"] = "disabled"  # one local cluster, joined by the benchmark and each job (README)
 BASELINE = "b2abc0e519632a096ad0249ab7715f54f9301d06"  # the last commit before work units
-# The driver wrapper: runs `vesl annotate ...` and prints its own peak RSS (KiB) as the last stderr line.
-WRAPPER = ("import resource, runpy, sys\n"
+# The driver wrapper: runs `vesl annotate ...` and prints its own peak RSS (VmHWM, KiB) on stderr when it
+# ends (not ru_maxrss: Linux keeps the forking parent's high-water mark across exec).
+WRAPPER = ("import runpy, sys\n"
            "try:\n    runpy.run_module('vesl.cli', run_name='__main__')\n"
-           "finally:\n    print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+           "finally:\n    print('PEAK_RSS_KB', next(line.split()[1] for line in open('/proc/self/status')\n"
+           "                                  if line.startswith('VmHWM:')), file=sys.stderr)\n")
 
 
 def write_manifest(path: Path, n: int) -> None:
@@ -99,7 +102,8 @@ def build_output(manifest: Path, out: Path, unit_rows: int, config) -> dict:
                              unit["unit"])
         staged = stage_unit_parts(rows, str(out), footer, None).to_pylist()[0]
         commit_unit(str(out), unit["unit"], unit["count"], staged["parts"], footer, None, "zstd", run_id="bench")
-    return {"plan_s": round(plan_s, 1), "units": plan.unit_count}
+    return {"plan_s": round(plan_s, 1), "plan_scan_s": plan.meta["timings_s"]["scan"],
+            "plan_duplicates_s": plan.meta["timings_s"]["duplicates"], "units": plan.unit_count}
 
 
 def build_baseline_output(out: Path, baseline_out: Path, manifest: Path, label_hash: str) -> None:
@@ -121,7 +125,7 @@ def rerun(code_dir: Path, manifest: Path, out: Path, env: dict) -> dict:
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         raise RuntimeError(f"re-run in {code_dir} failed ({proc.returncode}): {proc.stderr[-3000:]}")
-    rss_kb = int(proc.stderr.strip().splitlines()[-1].split()[-1])
+    rss_kb = int(next(line for line in proc.stderr.splitlines()[::-1] if line.startswith("PEAK_RSS_KB")).split()[-1])
     result = json.loads((out / "manifest.json").read_text())
     timings = result["timings_s"]
     return {"total_s": round(wall, 1), "setup_s": round(timings["setup"], 1),
@@ -155,8 +159,9 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="vesl-scale-"))
     env = {**os.environ}
-    subprocess.run(["ray", "start", "--head", "--num-cpus", str(os.cpu_count()), "--include-dashboard=false",
-                    f"--temp-dir={work / 'ray'}", "--disable-usage-stats"], check=True, capture_output=True)
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray_cli, "start", "--head", "--num-cpus", str(os.cpu_count()), "--include-dashboard=false",
+                    f"--temp-dir={work / 'ray'}", "--disable-usage-stats"], check=True, capture_output=True, env=env)
     try:
         ray.init(address="auto", log_to_driver=False)
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
@@ -177,9 +182,12 @@ def main() -> int:
                 build_baseline_output(case / "out", case / "old", manifest, config.label_hash())
                 baseline_runs.append({"inputs": n, **rerun(old_code, manifest, case / "old", env)})
             shutil.rmtree(case)
-        ray.shutdown()
+    except BaseException as e:
+        print(f"benchmark failed: {e!r}", file=sys.stderr, flush=True)
+        raise
     finally:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True)
+        ray.shutdown()
+        subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
         if (work / "baseline").exists():
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "baseline")],
                            capture_output=True)

@@ -142,6 +142,7 @@ class Lease:
                 record, mtime = self._read(fs, f"{folder}/{newest:08d}.json")
                 age = self._age(record, mtime)
                 if not record.get("released") and age < self.ttl_s and not self._holder_dead_here(record):
+                    self.generation = None  # nothing held: release() and discard() then touch nothing
                     raise LeaseHeldError(
                         f"{self.output} is being written by run {record.get('run_id', '?')} on host "
                         f"{record.get('host', '?')} (pid {record.get('pid', '?')}), last heartbeat {age:.0f} s ago. "
@@ -164,6 +165,7 @@ class Lease:
                     except FileNotFoundError:
                         pass
                 return self
+        self.generation = None
         raise LeaseHeldError(f"{self.output}: could not take the lease (other runs keep taking it); try again")
 
     def _verify(self, fs, folder: str) -> bool:

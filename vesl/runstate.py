@@ -19,6 +19,7 @@ import logging
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from vesl.core.storage import filesystem, join_uri
@@ -73,12 +74,14 @@ def take_lease(output: str, storage_options, wait_s: float = 0.0, poll_s: float 
         while True:
             lease = Lease(output, storage_options, name=None if part.whole else slice_lease_name(part))
             try:
-                lease.acquire()
-                check_overlapping_leases(output, storage_options, part, lease)
+                lease.acquire()  # raises before it holds anything
+                try:
+                    check_overlapping_leases(output, storage_options, part, lease)
+                except LeaseHeldError:
+                    lease.discard()  # ours, taken a moment ago: given back untouched
+                    raise
                 break
             except LeaseHeldError as held:
-                if lease.generation is not None:
-                    lease.discard()
                 if time.monotonic() + poll_s > deadline:
                     raise
                 log.info("waiting for the lease (output.lease_wait_s): %s", held)
@@ -191,15 +194,17 @@ def prepare_output(output: str, input_uri: str, label_hash: str, on_existing: st
     return mode
 
 
-def records_of(output: str, storage_options) -> Iterator[dict[str, Any]]:
-    """Every completion record of OUTPUT, read in batches (fsspec's `cat` of many paths: concurrent on S3)."""
+def records_of(output: str, storage_options, skip: set[int] | frozenset = frozenset()) -> Iterator[dict[str, Any]]:
+    """The completion records of OUTPUT (but those of the units in SKIP), read in batches (fsspec's `cat`
+    of many paths: concurrent GETs on S3)."""
     fs, root = filesystem(output, storage_options)
     folder = f"{root.rstrip('/')}/{UNITS_DIR}"
     fs.invalidate_cache(folder)
     if not fs.exists(folder):
         return
-    paths = sorted(p for p in fs.ls(folder, detail=False) if p.endswith(".json") and not p.rsplit("/", 1)[-1]
-                   .startswith("."))
+    names = (p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False))
+    paths = sorted(f"{folder}/{n}" for n in names if n.endswith(".json") and n[:-5].isdigit()
+                   and int(n[:-5]) not in skip)
     for start in range(0, len(paths), RECORD_BATCH):
         batch = paths[start:start + RECORD_BATCH]
         for path, data in sorted(fs.cat(batch).items()):
@@ -211,13 +216,42 @@ def records_of(output: str, storage_options) -> Iterator[dict[str, Any]]:
 
 
 RECORD_BATCH = 1000
+FILES_LISTED = 10_000  # the manifest lists every file up to this many units (the records always do)
 
 
-def done_units(output: str, storage_options, bounds: tuple[int, int] | None = None) -> tuple[set[int], list[dict]]:
-    """(the units of OUTPUT whose record stands, the units redone because their files do not match
-    their record). A record whose shard or rejects file is missing, or of another size than it
-    committed (truncated, replaced), is removed when its unit is in [BOUNDS) (this run's): the unit is
-    then redone whole. One listing of data/ and rejects/ and a read of each record; no rows are read."""
+@dataclass
+class Ledger:
+    """What OUTPUT's completion records add up to, as running totals: the driver keeps the unit ids and
+    sums, never the records (and the file list only up to FILES_LISTED units)."""
+
+    done: set[int] = field(default_factory=set)
+    totals: Counter = field(default_factory=Counter)
+    by_reason: Counter = field(default_factory=Counter)
+    unbalanced: list[int] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def add(self, record: Mapping[str, Any]) -> None:
+        self.done.add(int(record["unit"]))
+        for key in ("inputs", "rows", "rejects", "regions", "phrases"):
+            self.totals[key] += int(record.get(key, 0))
+        self.by_reason.update(record.get("by_reason", {}))
+        if record.get("rows", 0) + record.get("rejects", 0) != record.get("inputs"):
+            self.unbalanced.append(int(record["unit"]))
+        if len(self.done) <= FILES_LISTED:
+            self.files += record.get("files", [])
+
+    def catch_up(self, output: str, storage_options) -> "Ledger":
+        """Add the records committed since this ledger was read (this run's, other slices')."""
+        for record in records_of(output, storage_options, skip=self.done):
+            self.add(record)
+        return self
+
+
+def read_ledger(output: str, storage_options, bounds: tuple[int, int] | None = None) -> tuple[Ledger, list[dict]]:
+    """(OUTPUT's ledger, the units to redo because their files do not match their record). A record
+    whose shard or rejects file is missing, or of another size than it committed (truncated, replaced),
+    is removed when its unit is in [BOUNDS) (this run's): the unit is then redone whole. One listing of
+    data/ and rejects/ and one read of each record; no rows are read."""
     fs, root = filesystem(output, storage_options)
     root = root.rstrip("/")
     sizes: dict[str, int] = {}
@@ -226,17 +260,23 @@ def done_units(output: str, storage_options, bounds: tuple[int, int] | None = No
         if fs.exists(f"{root}/{sub}"):
             sizes.update({f"{sub}/{e['name'].rstrip('/').rsplit('/', 1)[-1]}": e["size"]
                           for e in fs.ls(f"{root}/{sub}", detail=True)})
-    done, redo = set(), []
+    ledger, redo = Ledger(), []
     for record in records_of(output, storage_options):
         unit = int(record["unit"])
         wrong = {k: (v, sizes.get(k)) for k, v in record.get("sizes", {}).items() if sizes.get(k) != v}
         if not wrong or bounds is None or not bounds[0] <= unit < bounds[1]:
-            done.add(unit)
+            ledger.add(record)
             continue
         fs.rm(f"{root}/{UNITS_DIR}/{unit:09d}.json")
         redo.append({"unit": unit, "files": {k: {"committed_bytes": v, "found_bytes": found}
                                              for k, (v, found) in wrong.items()}})
-    return done, redo
+    return ledger, redo
+
+
+def done_units(output: str, storage_options, bounds: tuple[int, int] | None = None) -> tuple[set[int], list[dict]]:
+    """(the units of OUTPUT whose record stands, the units to redo): `read_ledger` without the sums."""
+    ledger, redo = read_ledger(output, storage_options, bounds)
+    return ledger.done, redo
 
 
 def clean_staging(output: str, storage_options, bounds: tuple[int, int]) -> int:
@@ -306,24 +346,15 @@ def parquet_files(output: str, subdir: str, storage_options) -> list[tuple[Any, 
     return [(fs, p) for p in sorted(fs.ls(folder, detail=False)) if p.endswith(".parquet")]
 
 
-def account(output: str, storage_options, plan_inputs: int, units: int) -> dict[str, Any]:
-    """The manifest's counts, summed from every completion record in OUTPUT (all runs and slices that
-    wrote there), and whether they add up: each unit's rows + rejects == its inputs, and, once every
-    unit is done, the units' inputs == the plan's."""
-    totals = {"inputs": 0, "rows": 0, "rejects": 0, "regions": 0, "phrases": 0}
-    by_reason: Counter = Counter()
-    done, bad, files = 0, [], []
-    for record in records_of(output, storage_options):
-        done += 1
-        files += record.get("files", [])
-        for key in totals:
-            totals[key] += int(record.get(key, 0))
-        by_reason.update(record.get("by_reason", {}))
-        if record.get("rows", 0) + record.get("rejects", 0) != record.get("inputs"):
-            bad.append(record.get("unit"))
-    return {**totals, "by_reason": dict(sorted(by_reason.items())), "by_stage": stage_totals(by_reason),
-            "units": {"total": units, "done": done, "unbalanced": bad[:20]}, "planned_inputs": plan_inputs,
-            "complete": done == units, "files": files}
+def account(ledger: Ledger, plan_inputs: int, units: int) -> dict[str, Any]:
+    """The manifest's counts from LEDGER (every unit committed in OUTPUT, by any run or slice): each
+    unit's rows + rejects == its inputs, and, once every unit is done, the units' inputs == the plan's."""
+    done = len(ledger.done)
+    return {**{k: ledger.totals[k] for k in ("inputs", "rows", "rejects", "regions", "phrases")},
+            "by_reason": dict(sorted(ledger.by_reason.items())), "by_stage": stage_totals(ledger.by_reason),
+            "units": {"total": units, "done": done, "unbalanced": ledger.unbalanced[:20]},
+            "planned_inputs": plan_inputs, "complete": done == units,
+            "files": ledger.files if done <= FILES_LISTED else None}
 
 
 def funnel(inputs: int, by_stage: Mapping[str, int], stages: list[str]) -> list[dict[str, Any]]:
@@ -353,4 +384,4 @@ def output_files(output: str, storage_options) -> list[str]:
 
 __all__ = ["CorruptOutputError", "MANIFEST", "OutputConflictError", "RUN_STATE", "account", "check_output_target",
            "clean_staging", "done_units", "drop_empty_staging", "funnel", "move_strays", "output_files",
-           "parquet_files", "prepare_output", "records_of", "take_lease"]
+           "parquet_files", "prepare_output", "read_ledger", "records_of", "take_lease", "Ledger"]

@@ -328,9 +328,12 @@ def make_plan(input_uri: str, input_plan: InputPlan, config: InputConfig, storag
     """Scan the input on Ray (the real readers, one task per source), cut it into units, find the
     repeated ids. Nothing is written: the scan's rows stay in Ray's object store (spilled to disk
     when large) and the driver receives per-source counts and the repeated ids only."""
+    import time
+
     import ray.data
 
     unit_rows = config.unit_rows
+    started = time.perf_counter()
     if input_plan.units:
         sources = ray.data.from_items(input_plan.units, override_num_blocks=max(1, min(len(input_plan.units), 256)))
         batch = 1 if input_plan.kind != "folder" else max(1, min(256, unit_rows))
@@ -343,6 +346,7 @@ def make_plan(input_uri: str, input_plan: InputPlan, config: InputConfig, storag
     else:
         scans, scanned = None, _meta_rows(SCAN_SCHEMA.empty_table())
     units = build_units(input_plan, scanned, unit_rows, config.limit)
+    scan_s = time.perf_counter() - started
     duplicates = DUPLICATES_SCHEMA.empty_table()
     if scans is not None and units.num_rows:
         duplicates = find_duplicates(scans.map_batches(_id_rows, batch_format="pyarrow"), units)
@@ -352,6 +356,7 @@ def make_plan(input_uri: str, input_plan: InputPlan, config: InputConfig, storag
             "inputs": int(pc.sum(units.column("count")).as_py() or 0), "units": units.num_rows,
             "unit_rows": unit_rows, "limit": config.limit, "duplicates": duplicates.num_rows,
             "duplicate_ids": len(set(duplicates.column("image_id").to_pylist())),
+            "timings_s": {"scan": round(scan_s, 3), "duplicates": round(time.perf_counter() - started - scan_s, 3)},
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
     return Plan(meta, units, duplicates)
 

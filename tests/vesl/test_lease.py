@@ -115,3 +115,29 @@ def test_a_dead_holder_on_this_host_is_taken_over_at_once(tmp_path):
     assert lease.generation == 2 and lease.took_over["run_id"] == "killed00"
     with pytest.raises(LeaseHeldError):  # a live holder on this host is still respected
         Lease(out).acquire()
+
+
+def test_slices_hold_leases_side_by_side_and_overlapping_runs_are_refused(tmp_path):
+    from vesl.runstate import take_lease
+    from vesl.units import Slice
+
+    out = str(tmp_path / "out")
+    first, second = take_lease(out, None, part=Slice(0, 2)), take_lease(out, None, part=Slice(1, 2))
+    try:
+        with pytest.raises(LeaseHeldError, match="for slice 0/2, which overlaps the whole input"):
+            take_lease(out, None)
+        with pytest.raises(LeaseHeldError, match="for slice 1/2, which overlaps slice 3/4"):
+            take_lease(out, None, part=Slice(3, 4))
+        with pytest.raises(LeaseHeldError, match="is being written by run"):
+            take_lease(out, None, part=Slice(1, 2))  # the same slice twice
+    finally:
+        first.release()
+    again = take_lease(out, None, part=Slice(0, 4))  # inside the released half: free
+    again.release()
+    second.release()
+    whole = take_lease(out, None)
+    try:
+        with pytest.raises(LeaseHeldError, match="for the whole input, which overlaps slice 1/2"):
+            take_lease(out, None, part=Slice(1, 2))
+    finally:
+        whole.release()

@@ -40,11 +40,11 @@ from vesl.runstate import (
     account,
     check_output_target,
     clean_staging,
-    done_units,
     drop_empty_staging,
     funnel,
     move_strays,
     prepare_output,
+    read_ledger,
     take_lease,
 )
 from vesl.units import (
@@ -195,11 +195,11 @@ def run_holding_lease(input_uri: str, output_uri: str, config: AnnotateConfigBas
     bounds = part.bounds(plan.unit_count)
     repairs = [r for r in [move_strays(output_uri, storage_options, plan.unit_count)] if r]
     staged = clean_staging(output_uri, storage_options, bounds)  # parts of units a killed run had in flight
-    done, damaged = done_units(output_uri, storage_options, bounds)
+    ledger, damaged = read_ledger(output_uri, storage_options, bounds)
     for unit in damaged:
         log.warning("unit %s is redone: its files do not match its completion record: %s", unit["unit"], unit["files"])
     repairs += [{"redone_units": damaged}] if damaged else []
-    todo = todo_units(plan, done, bounds)
+    todo = todo_units(plan, ledger.done, bounds)
     log.info("plan: %d inputs in %d units; this run: units [%d, %d) (slice %s), %d to do%s", plan.inputs,
              plan.unit_count, *bounds, part.label, todo.num_rows,
              f", {staged} half-done unit(s) redone whole" if staged else "")
@@ -227,7 +227,7 @@ def run_holding_lease(input_uri: str, output_uri: str, config: AnnotateConfigBas
     execute_s = time.perf_counter() - started - setup_s
     if lease.lost:
         raise LeaseLostError(lease.lost)
-    counts = counts_of(output_uri, storage_options, plan, config)
+    counts = counts_of(ledger.catch_up(output_uri, storage_options), plan, config)
     manifest = {
         "counts": counts,
         "schema_version": SCHEMA_VERSION,
@@ -254,7 +254,7 @@ def run_holding_lease(input_uri: str, output_uri: str, config: AnnotateConfigBas
         "config": config.public_dict(),
     }
     manifest = {"vesl_version": __version__, "schema_version": SCHEMA_VERSION, **manifest}
-    manifest["files"] = manifest["counts"].pop("files")
+    manifest["files"] = manifest["counts"].pop("files")  # None past FILES_LISTED units: the records list them
     write_manifest(manifest, output_uri, storage_options)
     return manifest
 
@@ -314,11 +314,11 @@ def commit_units(staged_parts, todo, output_uri: str, footer: dict[str, str], co
         this_run["failed_units"].append({"unit": unit, "error": f"unit {unit}: no input of it reached the writer"})
 
 
-def counts_of(output_uri: str, storage_options: dict, plan: Plan, config: AnnotateConfigBase) -> dict[str, Any]:
+def counts_of(ledger, plan: Plan, config: AnnotateConfigBase) -> dict[str, Any]:
     """The manifest's counts, summed from OUTPUT's completion records (all runs and slices), and
     whether they add up: every input of a done unit is one row or one reject, and (once every unit is
     done) the units' inputs are the plan's."""
-    counts = account(output_uri, storage_options, plan.inputs, plan.unit_count)
+    counts = account(ledger, plan.inputs, plan.unit_count)
     counts["duplicate_ids"] = plan.meta.get("duplicate_ids", 0)
     counts["funnel"] = funnel(counts["inputs"], counts["by_stage"], funnel_steps(config.active_stages()))
     counts["accounted"] = (counts["rows"] + counts["rejects"] == counts["inputs"] and not counts["units"]["unbalanced"]
@@ -327,11 +327,15 @@ def counts_of(output_uri: str, storage_options: dict, plan: Plan, config: Annota
     return counts
 
 
-def driver_peak_rss_mb() -> float:
-    """This process's peak resident memory (ru_maxrss: KiB on Linux)."""
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+def driver_peak_rss_mb() -> float | None:
+    """This process's peak resident memory: VmHWM of /proc/self/status (Linux). Not ru_maxrss, which
+    Linux carries over an exec from the parent that forked the process (a big launcher inflates it)."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return round(kib / 1024, 1)
 
 
 def torch_version() -> str | None:
