@@ -54,7 +54,8 @@ class InputConfig(Settings):
     alt_text_column: list[str] = Field(default=["alt_text", "caption", "text", "txt"],
                                        description="Alt-text column names (img2dataset: caption).")
     image_extensions: list[str] = Field(default=list(IMAGE_SUFFIXES), description="Files a folder input reads.")
-    limit: int | None = Field(default=None, ge=1, description="Read only the first N inputs (smoke runs).")
+    limit: int | None = Field(default=None, ge=1, description="Read only the first N inputs (smoke runs): the "
+                              "plan scans source files in order until it has N, and keeps the first N.")
     unit_rows: int = Field(
         default=10_000, ge=1,
         description="Inputs per work unit: the input is split once into units (a manifest every this many records, "

@@ -61,6 +61,7 @@ STAGING_DIR = f"{STATE_DIR}/staging"  # parts of units in flight, per unit
 UNIT = "unit"  # the column that carries a row's unit through the stages
 SOURCE_SPAN = 1 << ORDINAL_FILE_SHIFT
 PLAN_VERSION = 1
+LIMIT_WAVE_SOURCES = 16  # sources scanned at a time when input.limit is set
 
 
 class PlanMismatchError(RuntimeError):
@@ -190,6 +191,8 @@ def build_units(plan: InputPlan, scans: pa.Table, unit_rows: int, limit: int | N
             group.clear()
 
     for source in plan.units:
+        if source["index"] not in by_source:  # not scanned: past input.limit
+            break
         scan = by_source[source["index"]]
         count, base = scan["count"], source["index"] << ORDINAL_FILE_SHIFT
         if plan.kind == "folder" and not source.get("status"):
@@ -334,17 +337,25 @@ def make_plan(input_uri: str, input_plan: InputPlan, config: InputConfig, storag
 
     unit_rows = config.unit_rows
     started = time.perf_counter()
-    if input_plan.units:
-        sources = ray.data.from_items(input_plan.units, override_num_blocks=max(1, min(len(input_plan.units), 256)))
-        batch = 1 if input_plan.kind != "folder" else max(1, min(256, unit_rows))
-        kwargs = {"kind": input_plan.kind, "config": config, "storage_options": storage_options, "unit_rows": unit_rows}
+    batch = 1 if input_plan.kind != "folder" else max(1, min(256, unit_rows))
+    kwargs = {"kind": input_plan.kind, "config": config, "storage_options": storage_options, "unit_rows": unit_rows}
+    # with input.limit, sources are scanned a wave at a time until the limit is reached (a smoke run of a
+    # huge input reads its first files only); otherwise all at once
+    wave = LIMIT_WAVE_SOURCES if config.limit else max(1, len(input_plan.units))
+    parts, metas, seen = [], [], 0
+    for first in range(0, len(input_plan.units), wave):
+        chunk = input_plan.units[first:first + wave]
+        sources = ray.data.from_items(chunk, override_num_blocks=max(1, min(len(chunk), 256)))
         scans = sources.map_batches(scan_sources, batch_size=batch, batch_format="pyarrow", num_cpus=num_cpus,
                                     fn_kwargs=kwargs).materialize()
-        metas = [b for b in scans.map_batches(_meta_rows, batch_format="pyarrow").iter_batches(
+        parts.append(scans)
+        metas += [b for b in scans.map_batches(_meta_rows, batch_format="pyarrow").iter_batches(
             batch_format="pyarrow", batch_size=None)]
-        scanned = pa.concat_tables(metas) if metas else _meta_rows(SCAN_SCHEMA.empty_table())
-    else:
-        scans, scanned = None, _meta_rows(SCAN_SCHEMA.empty_table())
+        seen = sum(int(pc.sum(m.column("count")).as_py() or 0) for m in metas)
+        if config.limit and seen >= config.limit:
+            break
+    scanned = pa.concat_tables(metas) if metas else _meta_rows(SCAN_SCHEMA.empty_table())
+    scans = (parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])) if parts else None
     units = build_units(input_plan, scanned, unit_rows, config.limit)
     scan_s = time.perf_counter() - started
     duplicates = DUPLICATES_SCHEMA.empty_table()
@@ -352,7 +363,7 @@ def make_plan(input_uri: str, input_plan: InputPlan, config: InputConfig, storag
         duplicates = find_duplicates(scans.map_batches(_id_rows, batch_format="pyarrow"), units)
         duplicates = duplicates.filter(pc.greater_equal(duplicates.column("unit"), 0))  # beyond input.limit
     meta = {"plan_version": PLAN_VERSION, "input": input_uri, "kind": input_plan.kind, "label": input_plan.label,
-            "found": input_plan.found, "sources": len(input_plan.units),
+            "found": input_plan.found, "sources": len(input_plan.units), "sources_scanned": scanned.num_rows,
             "inputs": int(pc.sum(units.column("count")).as_py() or 0), "units": units.num_rows,
             "unit_rows": unit_rows, "limit": config.limit, "duplicates": duplicates.num_rows,
             "duplicate_ids": len(set(duplicates.column("image_id").to_pylist())),

@@ -166,3 +166,21 @@ def test_a_unit_commits_whole_with_its_record_and_only_when_its_counts_add_up(tm
     done, redo = done_units(out, None, (0, 2))
     assert done == {0} and redo[0]["unit"] == 1
     assert not (tmp_path / "out" / "_vesl" / "units" / "000000001.json").exists()
+
+
+@pytest.mark.slow
+def test_a_limited_plan_scans_the_first_files_only_and_keeps_the_first_n_inputs(tmp_path, ray_local):
+    from vesl.units import LIMIT_WAVE_SOURCES, make_plan
+
+    (tmp_path / "in").mkdir()
+    for f in range(3 * LIMIT_WAVE_SOURCES):
+        (tmp_path / "in" / f"{f:03d}.jsonl").write_text(
+            "".join(json.dumps({"id": f"{f}-{k}", "image": f"{f}-{k}.jpg"}) + "\n" for k in range(3)))
+    config = InputConfig(limit=3 * LIMIT_WAVE_SOURCES + 1, unit_rows=2)  # one into the 17th file: its unit cut
+    plan = make_plan(str(tmp_path / "in"), plan_input(str(tmp_path / "in"), config, None), config, None)
+    assert plan.meta["sources"] == 3 * LIMIT_WAVE_SOURCES and plan.meta["sources_scanned"] == 2 * LIMIT_WAVE_SOURCES
+    assert plan.inputs == config.limit  # the first N, in input order
+    last = plan.units.to_pylist()[-1]
+    assert json.loads(last["sources"])[0]["index"] == LIMIT_WAVE_SOURCES and last["count"] == 1
+    whole = make_plan(str(tmp_path / "in"), plan_input(str(tmp_path / "in"), InputConfig(), None), InputConfig(), None)
+    assert whole.inputs == 9 * LIMIT_WAVE_SOURCES and whole.meta["sources_scanned"] == 3 * LIMIT_WAVE_SOURCES
