@@ -67,7 +67,6 @@ def load_image(row: Mapping[str, Any], size: int, storage_options: Mapping[str, 
                config: DataConfig) -> np.ndarray:
     """A row's image as (SIZE, SIZE, 3) uint8, stretched to the square: normalised boxes keep their
     meaning (a crop would cut them, padding would move them)."""
-    from PIL import Image
 
     from vesl.core.images import decode_image, fetch_bytes
 
@@ -76,7 +75,17 @@ def load_image(row: Mapping[str, Any], size: int, storage_options: Mapping[str, 
         if not row.get("image_uri"):
             raise ValueError("no image_bytes and no image_uri")
         data = fetch_bytes(row["image_uri"], storage_options, config.max_image_bytes, config.fetch_timeout_s)
-    image, _, _ = decode_image(data, max_side=1024)
+    image, _, _ = decode_image(data, max_side=WORKING_MAX_SIDE)
+    return square_pixels(image, size)
+
+
+WORKING_MAX_SIDE = 1024  # the longer side an image is first scaled down to, as decode does
+
+
+def square_pixels(image, size: int) -> np.ndarray:
+    """An oriented RGB image (its longer side at most WORKING_MAX_SIDE) -> (SIZE, SIZE, 3) uint8, stretched."""
+    from PIL import Image
+
     return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 

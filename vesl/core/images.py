@@ -132,9 +132,20 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, min_side:
     width, height = image.size
     if min(width, height) < min_side:
         raise DecodeError(R.TOO_SMALL, f"{width}x{height} has a side below min_side {min_side}")
+    return scale_down(image, max_side), width, height
+
+
+def scale_down(image: Image.Image, max_side: int | None) -> Image.Image:
+    """IMAGE uniformly scaled down so its longer side is at most MAX_SIDE (as it is when smaller)."""
+    width, height = image.size
     longest = max(width, height)
-    if max_side is not None and longest > max_side:
-        scale = max_side / longest
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    return image, width, height
+    if max_side is None or longest <= max_side:
+        return image
+    scale = max_side / longest
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """IMAGE as RGB, the way decoding makes it (alpha over white, palettes and grey expanded)."""
+    return _to_rgb(image)
