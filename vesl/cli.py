@@ -38,9 +38,14 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("inspect", help="statistics of an annotate OUTPUT, and an HTML report with boxes drawn "
                    "(see `vesl inspect --help`)")
     ev = sub.add_parser("eval", help="region recognition mAcc and region<->text retrieval of a CLOC checkpoint")
-    ev.add_argument("shards", help="region-text shards with ground-truth boxes (annotate OUTPUT, folder or file)")
+    ev.add_argument("shards", nargs="?", help="region-text shards with ground-truth boxes (annotate OUTPUT, folder "
+                    "or file); or --coco and --images instead")
     ev.add_argument("--checkpoint", required=True, help="a checkpoint folder, or a training OUT (its model/)")
-    ev.add_argument("--classes", required=True, help="JSON: a list of class names, or name -> [phrases meaning it]")
+    ev.add_argument("--classes", help="with SHARDS: JSON, a list of class names, or name -> [phrases meaning it]")
+    ev.add_argument("--coco", metavar="INSTANCES.json", help="a COCO-format instances file (COCO, LVIS): region "
+                    "recognition over its categories with its ground-truth boxes (crowd annotations left out)")
+    ev.add_argument("--images", help="with --coco: the folder its file_names are in (local or s3://)")
+    ev.add_argument("--max-images", type=int, help="with --coco: evaluate the first N images (by id) only")
     ev.add_argument("--baseline", action="store_true",
                     help="RoI-average the patch tokens inside each box instead of using the Prompter")
     ev.add_argument("--template", default="{}", help="class-name prompt, e.g. 'a photo of a {}.' (default: the name)")
@@ -83,11 +88,21 @@ def show_config(args) -> int:
 def run_eval(args) -> int:
     import json
 
+    from vesl.cloc.coco import evaluate_coco
     from vesl.cloc.evaluate import evaluate
 
+    if bool(args.coco) == bool(args.shards) or (args.coco and not args.images) or (args.shards and not args.classes):
+        print("vesl eval: error: give SHARDS with --classes, or --coco INSTANCES.json with --images DIR",
+              file=sys.stderr)
+        return 2
     try:
-        result = evaluate(args.shards, args.checkpoint, args.classes, baseline=args.baseline,
-                          template=args.template, device=args.device, batch_rows=args.batch_rows)
+        if args.coco:
+            result = evaluate_coco(args.coco, args.images, args.checkpoint, template=args.template,
+                                   baseline=args.baseline, max_images=args.max_images, device=args.device,
+                                   batch_rows=args.batch_rows)
+        else:
+            result = evaluate(args.shards, args.checkpoint, args.classes, baseline=args.baseline,
+                              template=args.template, device=args.device, batch_rows=args.batch_rows)
     except (FileNotFoundError, ValueError) as e:
         print(f"vesl eval: error: {e}", file=sys.stderr)
         return 2
