@@ -234,8 +234,8 @@ def collect_stats(output: str, storage_options: Mapping[str, Any] | None = None,
     progress.close()
     repeated_rows = tally.repeated_rows()
     if repeated_rows:
-        log.warning("%s: %d row(s) repeat an image_id already in another row: the shards were written by two runs "
-                    "at once; `vesl annotate` with the same INPUT and OUTPUT repairs it", output, repeated_rows)
+        log.warning("%s: %d row(s) repeat an image_id already in another row (a shard that is no unit's); `vesl "
+                    "annotate` with the same INPUT and OUTPUT moves it aside", output, repeated_rows)
     by_reason, reject_examples = _rejects(output, options)
     rows, rejects = tally.rows, sum(by_reason.values())
     inputs = int(manifest["counts"]["inputs"]) if manifest and "counts" in manifest else rows + rejects
@@ -249,6 +249,7 @@ def collect_stats(output: str, storage_options: Mapping[str, Any] | None = None,
         "paper": PAPER,
         "run": {k: manifest.get(k) for k in ("run_id", "input", "started_at", "finished_at", "timings_s")}
         if manifest else None,
+        "units": (manifest.get("counts") or {}).get("units") if manifest else None,  # work units done / total
     }
     if sample > 0:
         stats["sample"] = _sample_rows(sorted((-k, uri, i) for k, uri, i in tally.picked), options)
@@ -290,9 +291,13 @@ def format_summary(stats: Mapping[str, Any]) -> str:
     add(f"  images      {stats['images']} inputs -> {stats['rows']} rows + {stats['rejects']} rejects"
         f"  ({'all accounted for' if stats['accounted'] else 'NOT accounted: inputs != rows + rejects'}),"
         f" {stats['shards']} shard file(s)")
+    units = stats.get("units")
+    if units and units.get("done") != units.get("total"):
+        add(f"  units       {units['done']} of {units['total']} work units done: the run (or one of its slices) has "
+            "not finished; the figures cover the units done")
     if stats.get("repeated_image_id_rows"):
-        add(f"  WARNING     {stats['repeated_image_id_rows']} row(s) repeat an image_id of another row: two runs wrote "
-            "this OUTPUT at once; re-run `vesl annotate` with the same INPUT and OUTPUT to repair it")
+        add(f"  WARNING     {stats['repeated_image_id_rows']} row(s) repeat an image_id of another row (a shard copied "
+            "in by hand?); re-run `vesl annotate` with the same INPUT and OUTPUT to move it aside")
     if stats["by_reason"]:
         add("  rejects     " + ", ".join(f"{k} {v}" for k, v in stats["by_reason"].items()))
     reg, phr, words = stats["regions"], stats["phrases"], stats["words_per_region_phrase"]

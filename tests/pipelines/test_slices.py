@@ -28,6 +28,9 @@ def test_two_slices_into_one_output_give_the_rows_of_one_whole_run(tmp_path, tin
     assert half["slice"] == "1/2" and half["this_run"]["units_range"] == [2, 5]
     assert not half["counts"]["complete"] and half["counts"]["units"]["done"] == 3 and half["counts"]["accounted"]
     assert "slice 1/2: 3 unit(s) committed now; dataset: 3/5 units done" in capfd.readouterr().out
+    from vesl.inspect import collect_stats, format_summary
+
+    assert "3 of 5 work units done" in format_summary(collect_stats(str(tmp_path / "sliced")))
     assert main(args + ["--shard", "0/2"]) == 0
     sliced = json.loads((tmp_path / "sliced" / "manifest.json").read_text())
     assert sliced["counts"]["complete"] and sliced["this_run"]["units_range"] == [0, 2]
