@@ -142,11 +142,6 @@ def read_state_file(fs, path: str, uri: str) -> dict[str, Any]:
             "otherwise use --overwrite or another OUTPUT") from None
 
 
-def write_state_file(fs, root: str, name: str, state: Mapping[str, Any]) -> None:
-    """Write OUTPUT/NAME whole or not at all: written beside it, then moved into place."""
-    write_json_atomic(fs, f"{root}/{name}", state)
-
-
 def prepare_output(output: str, input_uri: str, label_hash: str, on_existing: str,
                    storage_options: Mapping[str, Any] | None, part: Slice = Slice()) -> str:
     """Decide 'fresh' or 'resume' for OUTPUT and record the run state. The caller holds OUTPUT's lease
@@ -188,9 +183,9 @@ def prepare_output(output: str, input_uri: str, label_hash: str, on_existing: st
             mode = "resume"
     if mode == "fresh":
         fs.makedirs(root, exist_ok=True)
-        write_state_file(fs, root, RUN_STATE, {"input": input_uri, "config_hash": label_hash, "layout": LAYOUT,
-                                               "run_id": uuid.uuid4().hex[:8],
-                                               "created_at": dt.datetime.now(dt.timezone.utc).isoformat()})
+        write_json_atomic(fs, f"{root}/{RUN_STATE}", {"input": input_uri, "config_hash": label_hash, "layout": LAYOUT,
+                                                      "run_id": uuid.uuid4().hex[:8],
+                                                      "created_at": dt.datetime.now(dt.timezone.utc).isoformat()})
     return mode
 
 
@@ -271,12 +266,6 @@ def read_ledger(output: str, storage_options, bounds: tuple[int, int] | None = N
         redo.append({"unit": unit, "files": {k: {"committed_bytes": v, "found_bytes": found}
                                              for k, (v, found) in wrong.items()}})
     return ledger, redo
-
-
-def done_units(output: str, storage_options, bounds: tuple[int, int] | None = None) -> tuple[set[int], list[dict]]:
-    """(the units of OUTPUT whose record stands, the units to redo): `read_ledger` without the sums."""
-    ledger, redo = read_ledger(output, storage_options, bounds)
-    return ledger.done, redo
 
 
 def clean_staging(output: str, storage_options, bounds: tuple[int, int]) -> int:
@@ -377,11 +366,6 @@ def hash_ids(ids):
     return pd.util.hash_array(np.asarray(ids).astype(object), categorize=False).view(np.int64)
 
 
-def output_files(output: str, storage_options) -> list[str]:
-    return [join_uri(output, sub, p.rsplit("/", 1)[-1]) for sub in (DATA_DIR, REJECTS_DIR)
-            for _, p in parquet_files(output, sub, storage_options)]
-
-
 __all__ = ["CorruptOutputError", "MANIFEST", "OutputConflictError", "RUN_STATE", "account", "check_output_target",
-           "clean_staging", "done_units", "drop_empty_staging", "funnel", "move_strays", "output_files",
+           "clean_staging", "drop_empty_staging", "funnel", "move_strays",
            "parquet_files", "prepare_output", "read_ledger", "records_of", "take_lease", "Ledger"]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
@@ -27,7 +27,7 @@ from schemas.columns import REJECT_MESSAGE, REJECT_REASON, REJECT_STAGE
 from schemas.region_text import REJECT_SCHEMA, region_text_schema
 from vesl.core.storage import filesystem, join_uri
 
-DATA_DIR, REJECTS_DIR, TMP_DIR, MANIFEST = "data", "rejects", "_tmp", "manifest.json"
+DATA_DIR, REJECTS_DIR, MANIFEST = "data", "rejects", "manifest.json"
 
 
 class MissingColumnError(ValueError):
@@ -55,25 +55,6 @@ def split_rows_and_rejects(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table
     return rows, rejects
 
 
-def write_parquet_atomic(table: pa.Table, output: str, subdir: str, name: str,
-                         storage_options: Mapping[str, Any] | None, compression: str, lease_token=None) -> str:
-    """Write TABLE to OUTPUT/SUBDIR/NAME via OUTPUT/_tmp/, so the final path appears only when whole.
-    With LEASE_TOKEN the move happens only while this run still holds OUTPUT's lease (a run whose lease
-    was taken over raises LeaseLostError instead of committing beside its successor)."""
-    from vesl.lease import check_token
-
-    fs, root = filesystem(output, storage_options)
-    tmp = f"{root.rstrip('/')}/{TMP_DIR}/{uuid.uuid4().hex}-{name}"
-    final = f"{root.rstrip('/')}/{subdir}/{name}"
-    fs.makedirs(f"{root.rstrip('/')}/{TMP_DIR}", exist_ok=True)
-    fs.makedirs(f"{root.rstrip('/')}/{subdir}", exist_ok=True)
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f, compression=compression)
-    check_token(lease_token)
-    fs.mv(tmp, final)
-    return join_uri(output, subdir, name)
-
-
 def summarize(table: pa.Table) -> dict[str, Any]:
     """Counts of a finished batch for the run manifest."""
     stages = table.column(REJECT_STAGE).to_pylist()
@@ -90,18 +71,6 @@ def summarize(table: pa.Table) -> dict[str, Any]:
         "phrases": sum(len(p or []) for p, good in zip(phrases, ok) if good),
         "by_reason": dict(by_reason),
     }
-
-
-def merge_counts(parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    total: dict[str, Any] = {"inputs": 0, "rows": 0, "rejects": 0, "regions": 0, "phrases": 0}
-    by_reason: Counter = Counter()
-    for part in parts:
-        for key in total:
-            total[key] += part.get(key, 0)
-        by_reason.update(part.get("by_reason", {}))
-    total["by_reason"] = dict(sorted(by_reason.items()))
-    total["by_stage"] = stage_totals(by_reason)
-    return total
 
 
 def stage_totals(by_reason: Mapping[str, int]) -> dict[str, int]:
@@ -239,13 +208,9 @@ def write_batch(table: pa.Table, output: str, name: str, footer: Mapping[str, st
     """Write one finished batch's rows and rejects; return its counts and files (no Ray needed)."""
     rows, rejects = split_rows_and_rejects(table, region_text_schema(dict(footer)))
     counts = summarize(table)
-    files = []
-    if rows.num_rows:
-        files.append(write_parquet_atomic(rows, output, DATA_DIR, name, storage_options, compression, lease_token))
-    if rejects.num_rows:
-        files.append(write_parquet_atomic(rejects, output, REJECTS_DIR, name, storage_options, compression,
-                                          lease_token))
-    counts["files"] = files
+    fs, root = filesystem(output, storage_options)
+    counts["files"] = [join_uri(output, sub, name) for sub, part in ((DATA_DIR, rows), (REJECTS_DIR, rejects))
+                       if _commit_file(fs, root.rstrip("/"), part, sub, name, compression, lease_token) is not None]
     return counts
 
 

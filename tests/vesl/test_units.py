@@ -139,7 +139,7 @@ def finished(ids: list[str], unit: int, rejected: set[str] = frozenset()) -> pa.
 
 
 def test_a_unit_commits_whole_with_its_record_and_only_when_its_counts_add_up(tmp_path):
-    from vesl.runstate import done_units
+    from vesl.runstate import read_ledger
     from vesl.writer import UnitAccountingError, commit_unit, stage_unit_parts
 
     out = str(tmp_path / "out")
@@ -159,12 +159,13 @@ def test_a_unit_commits_whole_with_its_record_and_only_when_its_counts_add_up(tm
     assert not (tmp_path / "out" / "_vesl" / "staging" / "000000000").exists()
     assert json.loads((tmp_path / "out" / "_vesl" / "units" / "000000000.json").read_text()) == record
     commit_unit(out, 1, 2, b[1]["parts"], footer, None, "zstd")
-    assert done_units(out, None, (0, 2)) == ({0, 1}, [])
+    assert read_ledger(out, None, (0, 2))[0].done == {0, 1}
     shard = tmp_path / "out" / "data" / "part-000000001.parquet"
     shard.write_bytes(shard.read_bytes()[:-10])  # truncated after it committed
-    assert done_units(out, None, (0, 1)) == ({0, 1}, [])  # not this run's unit: left alone
-    done, redo = done_units(out, None, (0, 2))
-    assert done == {0} and redo[0]["unit"] == 1
+    ledger, redo = read_ledger(out, None, (0, 1))
+    assert ledger.done == {0, 1} and redo == []  # not this run's unit: left alone
+    ledger, redo = read_ledger(out, None, (0, 2))
+    assert ledger.done == {0} and redo[0]["unit"] == 1
     assert not (tmp_path / "out" / "_vesl" / "units" / "000000001.json").exists()
 
 

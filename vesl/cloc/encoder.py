@@ -122,19 +122,15 @@ class RegionEncoder:
             out.append(normalize(embeds).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.model.clip.config.projection_dim)
 
-    @torch.no_grad()
     def embed_texts(self, texts: Sequence[str] | str) -> torch.Tensor:
-        """(T, E): each text's embedding, in the space of the image and region embeddings."""
-        from vesl.cloc.data import tokenize
-        from vesl.cloc.model import normalize
+        """(T, E): each text's embedding, in the space of the image and region embeddings (as `vesl eval`
+        embeds its class names)."""
+        from vesl.cloc.evaluate import encode_texts
 
         texts = [texts] if isinstance(texts, str) else list(texts)
-        out = []
-        for i in range(0, len(texts), 256):
-            ids, mask = (torch.from_numpy(a).to(self.device)
-                         for a in tokenize(self.tokenizer, texts[i:i + 256], self.max_tokens))
-            out.append(normalize(self.model.encode_text(ids, mask)).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.model.clip.config.projection_dim)
+        if not texts:
+            return torch.zeros(0, self.model.clip.config.projection_dim)
+        return encode_texts(self.model, self.tokenizer, texts, self.max_tokens, self.device)
 
     @torch.no_grad()
     def embed_regions(self, images, boxes, *, normalized: bool = False) -> torch.Tensor:

@@ -144,9 +144,10 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfigBase) ->
     # Everything that can refuse the job (OUTPUT's bucket, models, input) is checked before OUTPUT is touched.
     check_output_target(output_uri, storage_options)
     models = model_provenance_on_ray(config)
-    plan = load_plan(output_uri, storage_options)  # a resume (or another slice) reuses the saved plan
-    planning_s = 0.0
-    if plan is None:
+    # a resume (or another slice) reuses the saved plan; --overwrite plans afresh
+    plan = None if config.output.on_existing == "overwrite" else load_plan(output_uri, storage_options)
+    fresh_plan, planning_s = plan is None, 0.0
+    if fresh_plan:
         planning = time.perf_counter()
         input_plan = plan_input(input_uri, config.input, storage_options)
         log.info("input %s: %s, %d source(s); it holds %s", input_uri, input_plan.label, len(input_plan.units),
@@ -157,17 +158,12 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfigBase) ->
             raise EmptyInputError(f"input {input_uri} yields no inputs: read as {input_plan.label}, its "
                                   f"{len(input_plan.units)} source(s) hold no rows; it holds {input_plan.holds()}. "
                                   "Set input.allow_empty=true to accept an empty input")
-        fresh_plan = True
-    else:
-        fresh_plan = False
     lease = take_lease(output_uri, storage_options, wait_s=config.output.lease_wait_s, part=part)
     try:
         mode = prepare_output(output_uri, input_uri, config.label_hash(), config.output.on_existing, storage_options,
                               part)
-        if mode == "fresh" and not fresh_plan:  # --overwrite removed the plan this run loaded
-            return run_annotate_again(lease, input_uri, output_uri, config)
         check_plan(plan, input_uri, config.input)
-        if fresh_plan:
+        if fresh_plan or mode == "fresh":
             save_plan(output_uri, storage_options, plan)
     except BaseException:
         lease.discard()  # refused: OUTPUT is left as it was found
@@ -176,12 +172,6 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfigBase) ->
         return run_holding_lease(input_uri, output_uri, config, lease, mode, plan, part, models, started, planning_s)
     finally:
         lease.release()
-
-
-def run_annotate_again(lease: Lease, input_uri: str, output_uri: str, config: AnnotateConfigBase) -> dict[str, Any]:
-    """--overwrite of an OUTPUT whose plan was loaded: OUTPUT is empty now; plan afresh."""
-    lease.release()
-    return run_annotate(input_uri, output_uri, config)
 
 
 def run_holding_lease(input_uri: str, output_uri: str, config: AnnotateConfigBase, lease: Lease, mode: str,
