@@ -169,9 +169,6 @@ def main() -> int:
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "gpu_models.json"))
     args = p.parse_args()
 
-    from operators.caption import CaptionConfig, CaptionImages
-    from operators.detect import DetectConfig, DetectRegions
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"
     root = Path(args.models or tempfile.mkdtemp(prefix="vesl-gpu-models-"))
@@ -183,44 +180,65 @@ def main() -> int:
         paths = build_real_size_models(root)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     images = synthetic_images(args.images)
-    queries = phrase_lists(args.images)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     results: dict = {"device": name, "dtype": dtype, "torch": torch.__version__, "images": args.images}
-    peak = matmul_peak(device, torch.bfloat16 if device == "cuda" else torch.float32)
-    results["matmul_peak_flops"] = peak
+    results["matmul_peak_flops"] = matmul_peak(device, torch.bfloat16 if device == "cuda" else torch.float32)
+    results.update(bench_detector(paths["detector"], images, phrase_lists(args.images), sizes, device, dtype,
+                                  args.naive_images, results["matmul_peak_flops"]))
+    if not args.skip_captioner:
+        results["captioner"] = bench_captioner(paths["captioner"], images, sizes, device, dtype, args.new_tokens)
+    print(format_table(results, args.new_tokens))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return 0
 
-    detector = DetectRegions(DetectConfig(model=str(paths["detector"]), dtype=dtype, threshold=0.1))
+
+def bench_detector(model: Path, images, queries, sizes: list[int], device: str, dtype: str, naive_images: int,
+                   peak: float) -> dict:
+    """DetectRegions.detect at each batch size, and the naive HF loop it is compared with."""
+    from operators.detect import DetectConfig, DetectRegions
+
+    detector = DetectRegions(DetectConfig(model=str(model), dtype=dtype, threshold=0.1))
     flops = detector_flops(detector, images[0], queries[0])
-    results["detector_flops_per_image"] = flops
-    results["detector"] = {}
+    out: dict = {"detector_flops_per_image": flops, "detector": {}}
     for b in sizes:
         def run(b=b):
             detector._text_cache.clear()  # count every batch's text encoding, as on fresh phrases
             for i in range(0, len(images), b):
                 detector.detect(images[i:i + b], queries[i:i + b])
         img_s = rate(run, len(images), device, repeat=1)
-        results["detector"][b] = {"img_s": img_s, "flops_s": img_s * flops, "of_peak": img_s * flops / peak}
-    n = min(args.naive_images, len(images))
-    results["naive_detector_img_s"] = naive_detector_loop(paths["detector"], images[:n], queries[:n], device)
-    best = max(results["detector"].values(), key=lambda r: r["img_s"])
-    results["detector_speedup_vs_naive"] = best["img_s"] / results["naive_detector_img_s"]
+        out["detector"][b] = {"img_s": img_s, "flops_s": img_s * flops, "of_peak": img_s * flops / peak}
+    n = min(naive_images, len(images))
+    out["naive_detector_img_s"] = naive_detector_loop(model, images[:n], queries[:n], device)
+    best = max(out["detector"].values(), key=lambda r: r["img_s"])
+    out["detector_speedup_vs_naive"] = best["img_s"] / out["naive_detector_img_s"]
+    return out
 
-    if not args.skip_captioner:
-        from PIL import Image
 
-        pil = [Image.fromarray(a) for a in images]
-        results["captioner"] = {}
-        for beams in (1, 3):
-            captioner = CaptionImages(CaptionConfig(model=str(paths["captioner"]), prompt_style="prefix", prompt="",
-                                                    processor_kwargs={}, dtype=dtype, num_beams=beams,
-                                                    max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens))
-            for b in sizes:
-                def run(b=b, captioner=captioner):
-                    for i in range(0, len(pil), b):
-                        captioner.caption_images(pil[i:i + b])
-                results["captioner"][f"beams={beams} batch={b}"] = {"img_s": rate(run, len(pil), device, repeat=1)}
+def bench_captioner(model: Path, images, sizes: list[int], device: str, dtype: str, new_tokens: int) -> dict:
+    """CaptionImages.caption_images at each batch size, greedy and with 3 beams."""
+    from PIL import Image
 
-    lines = [f"device: {name}; {dtype}; torch {torch.__version__}; {args.images} images 640x480, 20 phrases each",
+    from operators.caption import CaptionConfig, CaptionImages
+
+    pil = [Image.fromarray(a) for a in images]
+    out = {}
+    for beams in (1, 3):
+        captioner = CaptionImages(CaptionConfig(model=str(model), prompt_style="prefix", prompt="",
+                                                processor_kwargs={}, dtype=dtype, num_beams=beams,
+                                                max_new_tokens=new_tokens, min_new_tokens=new_tokens))
+        for b in sizes:
+            def run(b=b, captioner=captioner):
+                for i in range(0, len(pil), b):
+                    captioner.caption_images(pil[i:i + b])
+            out[f"beams={beams} batch={b}"] = {"img_s": rate(run, len(pil), device, repeat=1)}
+    return out
+
+
+def format_table(results: dict, new_tokens: int) -> str:
+    peak, flops = results["matmul_peak_flops"], results["detector_flops_per_image"]
+    lines = [f"device: {results['device']}; {results['dtype']}; torch {results['torch']}; {results['images']} images "
+             "640x480, 20 phrases each",
              f"measured matmul peak: {peak / 1e12:.1f} TFLOP/s; detector: {flops / 1e9:.1f} GFLOP per image",
              "", "detector (DetectRegions.detect)   batch    img/s   TFLOP/s   of peak"]
     for b, r in results["detector"].items():
@@ -228,12 +246,9 @@ def main() -> int:
     lines.append(f"naive HF loop (batch 1, fp32, CPU processor)  {results['naive_detector_img_s']:8.1f} img/s   "
                  f"-> ours {results['detector_speedup_vs_naive']:.1f}x")
     if "captioner" in results:
-        lines += ["", f"captioner (CaptionImages, {args.new_tokens} new tokens)          img/s"]
+        lines += ["", f"captioner (CaptionImages, {new_tokens} new tokens)          img/s"]
         lines += [f"   {k:<40} {r['img_s']:8.1f}" for k, r in results["captioner"].items()]
-    print("\n".join(lines))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return 0
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from schemas.rejects import RejectReason as R
+
 
 def photo(width: int, height: int, seed: int = 0) -> Image.Image:
     """A real-looking RGB test image: smooth gradients and a solid block (not flat noise)."""
@@ -76,12 +78,12 @@ def write_hostile_sample(root: str | Path) -> tuple[Path, dict[str, str | None]]
     valid = _valid_files()
     good = valid["plain"][1]
     broken = {
-        "truncated": ("truncated.jpg", good[: len(good) // 2], "corrupt_image"),
-        "zero_bytes": ("zero.jpg", b"", "empty_file"),
-        "random_bytes": ("random.png", np.random.default_rng(0).bytes(4096), "not_an_image"),
-        "html": ("page.jpg", b"<!DOCTYPE html><html><body><h1>403 Forbidden</h1></body></html>", "not_an_image"),
-        "text": ("notes.png", b"just some text, not a picture\n", "not_an_image"),
-        "bomb": ("bomb.png", bomb_png(), "decompression_bomb"),
+        "truncated": ("truncated.jpg", good[: len(good) // 2], R.CORRUPT_IMAGE),
+        "zero_bytes": ("zero.jpg", b"", R.EMPTY_FILE),
+        "random_bytes": ("random.png", np.random.default_rng(0).bytes(4096), R.NOT_AN_IMAGE),
+        "html": ("page.jpg", b"<!DOCTYPE html><html><body><h1>403 Forbidden</h1></body></html>", R.NOT_AN_IMAGE),
+        "text": ("notes.png", b"just some text, not a picture\n", R.NOT_AN_IMAGE),
+        "bomb": ("bomb.png", bomb_png(), R.DECOMPRESSION_BOMB),
     }
     for name, data in list(valid.values()) + [(n, d) for n, d, _ in broken.values()]:
         (images / name).write_bytes(data)
@@ -110,8 +112,8 @@ def write_hostile_sample(root: str | Path) -> tuple[Path, dict[str, str | None]]
         {"id": "../../../etc/passwd", "image": "images/plain.jpg", "alt_text": "an id that looks like a path"},
         {"id": "plain", "image": "images/plain.jpg", "alt_text": "the same id again"},  # duplicate id
     ]
-    expected.update({"missing_path": "not_found", "bad_scheme": "fetch_failed", "refused_http": "fetch_failed",
-                     "directory": "not_found", "no_image": "missing_input", "../../../etc/passwd": None})
+    expected.update({"missing_path": R.NOT_FOUND, "bad_scheme": R.FETCH_FAILED, "refused_http": R.FETCH_FAILED,
+                     "directory": R.NOT_FOUND, "no_image": R.MISSING_INPUT, "../../../etc/passwd": None})
     lines = [json.dumps(r, ensure_ascii=False) for r in rows]
     lines.insert(3, "{this line is not json")
     lines.insert(5, "[1, 2, 3]")
@@ -121,4 +123,4 @@ def write_hostile_sample(root: str | Path) -> tuple[Path, dict[str, str | None]]
 
 # Inputs whose outcome is not one row per id: the duplicate 'plain' (one row, one 'duplicate'
 # reject) and the two manifest lines that are not JSON objects ('bad_manifest_row' rejects).
-EXTRA_REJECTS = {"duplicate": 1, "bad_manifest_row": 2}
+EXTRA_REJECTS = {R.DUPLICATE: 1, R.BAD_MANIFEST_ROW: 2}

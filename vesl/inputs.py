@@ -193,75 +193,86 @@ def iter_csv_rows(lines: Iterator[bytes], uri: str, header: list[str] | None = N
     reading goes on with the next record: an unclosed quote costs the row it opens, not the rest of
     the file (a record may span at most CSV_MAX_RECORD_LINES lines). LINES may start mid-file at a
     record's first line (FIRST_LINE, FIRST_OFFSET: where they start), with the HEADER read before."""
+    reader = _CsvRecords(uri, header, on_header)
+    offset = first_offset
+    for lineno, raw in enumerate(lines, start=first_line):
+        reader.pending.append((lineno, offset, raw.decode("utf-8", errors="surrogateescape")))
+        offset += len(raw)
+        yield from reader.drain(final=False)
+    yield from reader.drain(final=True)
+
+
+def _parse_csv_record(text: str) -> list[str] | None:
+    """The record in TEXT, None when TEXT ends inside a quoted field; csv.Error when it is broken."""
     import csv
 
-    pending: list[tuple[int, int, str]] = []  # (line, offset, text) of the record being assembled
+    if '"' not in text and "\r" not in text.rstrip("\r\n"):  # no quoting: a plain split is the CSV reading
+        return text.rstrip("\r\n").split(",") if text.strip("\r\n") else []
+    try:
+        records = list(csv.reader(io.StringIO(text, newline=""), strict=True))
+    except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            return None
+        raise
+    if len(records) > 1:
+        raise csv.Error("more than one record on one line (a bare carriage return?)")
+    return records[0] if records else []
 
-    def parse(text: str) -> list[str] | None:
-        """The record in TEXT, None when TEXT ends inside a quoted field; csv.Error when it is broken."""
-        if '"' not in text and "\r" not in text.rstrip("\r\n"):  # no quoting: a plain split is the CSV reading
-            return text.rstrip("\r\n").split(",") if text.strip("\r\n") else []
-        try:
-            records = list(csv.reader(io.StringIO(text, newline=""), strict=True))
-        except csv.Error as e:
-            if "unexpected end of data" in str(e):
-                return None
-            raise
-        if len(records) > 1:
-            raise csv.Error("more than one record on one line (a bare carriage return?)")
-        return records[0] if records else []
 
-    def emit(lineno: int, fields: list[str]) -> dict[str, Any] | None:
-        nonlocal header
+class _CsvRecords:
+    """The state of iter_csv_rows: the header once read, and the lines of the record being assembled."""
+
+    def __init__(self, uri: str, header: list[str] | None, on_header) -> None:
+        self.uri, self.header, self.on_header = uri, header, on_header
+        self.pending: list[tuple[int, int, str]] = []  # (line, offset, text) of the record being assembled
+
+    def emit(self, lineno: int, fields: list[str]) -> dict[str, Any] | None:
         if not fields or fields == [""]:
             return None  # a blank line
         problem = _utf8_problem(fields)
-        if header is None:
+        if self.header is None:
             if problem:
                 raise ValueError(f"header line: {problem}")
-            header = fields
-            if on_header is not None:
-                on_header(fields)
+            self.header = fields
+            if self.on_header is not None:
+                self.on_header(fields)
             return None
         if problem:
-            return _bad_row(uri, f"line {lineno}", problem)
-        if len(fields) != len(header):
-            return _bad_row(uri, f"line {lineno}", f"{len(fields)} fields, the header has {len(header)}")
-        return {k: (v if v != "" else None) for k, v in zip(header, fields)}
+            return _bad_row(self.uri, f"line {lineno}", problem)
+        if len(fields) != len(self.header):
+            return _bad_row(self.uri, f"line {lineno}", f"{len(fields)} fields, the header has {len(self.header)}")
+        return {k: (v if v != "" else None) for k, v in zip(self.header, fields)}
 
-    def drain(final: bool) -> Iterator[Record]:
+    def bad(self, problem: str) -> Record:
+        """The first pending line as an error row (its record cannot be read), dropped from PENDING."""
+        lineno, offset, _ = self.pending.pop(0)
+        if self.header is None:
+            raise ValueError(f"header line: {problem}")
+        return lineno, offset, _bad_row(self.uri, f"line {lineno}", f"bad CSV: {problem}")
+
+    def drain(self, final: bool) -> Iterator[Record]:
         """Emit every record that PENDING's lines complete; keep an open one unless FINAL or too long."""
+        import csv
+
+        pending = self.pending
         while pending:
             lineno, offset = pending[0][0], pending[0][1]
             for k in range(1, len(pending) + 1):  # the shortest run of lines that makes a record
                 try:
-                    fields = parse("".join(t for _, _, t in pending[:k]))
+                    fields = _parse_csv_record("".join(t for _, _, t in pending[:k]))
                 except csv.Error as e:
-                    if header is None:
-                        raise ValueError(f"header line: {e}") from None
-                    yield lineno, offset, _bad_row(uri, f"line {lineno}", f"bad CSV: {e}")
-                    del pending[0]  # the next lines may be fine on their own: read them again
+                    yield self.bad(str(e))  # the next lines may be fine on their own: read them again
                     break
                 if fields is not None:
                     del pending[:k]
-                    row = emit(lineno, fields)
+                    row = self.emit(lineno, fields)
                     if row is not None:
                         yield lineno, offset, row
                     break
             else:  # every run of lines ends inside a quoted field
                 if not final and len(pending) < CSV_MAX_RECORD_LINES:
                     return  # the field goes on on the next line
-                if header is None:
-                    raise ValueError("header line: a quote that never closes")
-                yield lineno, offset, _bad_row(uri, f"line {lineno}", "bad CSV: a quote that never closes")
-                del pending[0]
-
-    offset = first_offset
-    for lineno, raw in enumerate(lines, start=first_line):
-        pending.append((lineno, offset, raw.decode("utf-8", errors="surrogateescape")))
-        offset += len(raw)
-        yield from drain(final=False)
-    yield from drain(final=True)
+                yield self.bad("a quote that never closes")
 
 
 def csv_header(f, uri: str) -> list[str] | None:

@@ -238,8 +238,23 @@ def write_regions(data, path: str, *, storage_options: Mapping[str, Any] | None 
     otherwise a folder of `part-NNNNN.parquet` of ROWS_PER_SHARD rows, row groups of ROW_GROUP_ROWS.
     Each file is written beside and moved into place whole. An existing PATH with shards is refused
     unless OVERWRITE. Returns the URIs written."""
-    import uuid
+    from vesl.core.storage import filesystem, join_uri, parent_uri
 
+    table = _shard_table(data, drop_extra, metadata)
+    fs, root = filesystem(path, by_protocol(path, storage_options))
+    single = root.endswith(".parquet")
+    folder = root.rsplit("/", 1)[0] if single else root.rstrip("/")
+    existing = _shards_to_replace(fs, path, root, folder, single, overwrite)
+    step = max(1, table.num_rows if single else rows_per_shard)
+    starts = range(0, max(1, table.num_rows), step)
+    names_out = [posixpath.basename(root)] if single else [f"part-{i:05d}.parquet" for i in range(len(starts))]
+    parts = {name: table.slice(start, step) for start, name in zip(starts, names_out)}
+    _replace_shards(fs, folder, parts, existing, row_group_rows=row_group_rows, compression=compression)
+    return [join_uri(parent_uri(path) if single else path, name) for name in names_out]
+
+
+def _shard_table(data, drop_extra: bool, metadata: Mapping[str, str] | None) -> pa.Table:
+    """DATA as a checked schema-v1 table whose footer carries what the data came with plus METADATA."""
     from schemas.region_text import (
         META_SCHEMA_VERSION,
         META_VERSION,
@@ -249,7 +264,6 @@ def write_regions(data, path: str, *, storage_options: Mapping[str, Any] | None 
         region_text_schema,
     )
     from vesl import __version__
-    from vesl.core.storage import filesystem, join_uri, parent_uri
 
     table, carried = _to_arrow(data)
     names = table.column_names
@@ -263,35 +277,43 @@ def write_regions(data, path: str, *, storage_options: Mapping[str, Any] | None 
     check_rows(table, where="write_regions")
     footer = {**carried, **(metadata or {}), META_SCHEMA_VERSION: SCHEMA_VERSION, META_VERSION: __version__,
               META_WRITTEN_BY: "write_regions"}
-    table = table.replace_schema_metadata({k.encode(): str(v).encode() for k, v in footer.items()})
-    options = by_protocol(path, storage_options)
-    fs, root = filesystem(path, options)
-    single = root.endswith(".parquet")
-    folder = root.rsplit("/", 1)[0] if single else root.rstrip("/")
+    return table.replace_schema_metadata({k.encode(): str(v).encode() for k, v in footer.items()})
+
+
+def _shards_to_replace(fs, path: str, root: str, folder: str, single: bool, overwrite: bool) -> list[str]:
+    """The .parquet files PATH already holds (the folder's own, not its subfolders'); refused unless OVERWRITE."""
     if not single and fs.exists(f"{folder}/data"):
         raise FileExistsError(f"{path} holds a data/ folder (an annotate OUTPUT?): write the shards somewhere else")
-    existing = [root] if single and fs.exists(root) else [  # the folder's own shards, not its subfolders'
-        p for p in (fs.ls(folder, detail=False) if not single and fs.exists(folder) else []) if p.endswith(".parquet")]
+    if single:
+        existing = [root] if fs.exists(root) else []
+    else:
+        listed = fs.ls(folder, detail=False) if fs.exists(folder) else []
+        existing = [p for p in listed if p.endswith(".parquet")]
     if existing and not overwrite:
         raise FileExistsError(f"{path} already holds {len(existing)} .parquet file(s); "
                               "pass overwrite=True to replace them")
-    step = max(1, table.num_rows if single else rows_per_shard)
-    starts = range(0, max(1, table.num_rows), step)
-    names_out = [posixpath.basename(root)] if single else [f"part-{i:05d}.parquet" for i in range(len(starts))]
+    return existing
+
+
+def _replace_shards(fs, folder: str, parts: Mapping[str, pa.Table], existing: list[str], *, row_group_rows: int,
+                    compression: str) -> None:
+    """Write PARTS (file name: table) into FOLDER in place of EXISTING. Every file is staged first, so a
+    failure leaves what FOLDER held before."""
+    import uuid
+
     tmp = f"{folder}/_tmp-{uuid.uuid4().hex[:8]}"
     fs.makedirs(tmp, exist_ok=True)
-    try:  # every file staged first: a failure leaves what PATH held before
-        for start, name in zip(starts, names_out):
+    try:
+        for name, part in parts.items():
             with fs.open(f"{tmp}/{name}", "wb") as f:
-                pq.write_table(table.slice(start, step), f, row_group_size=row_group_rows, compression=compression)
+                pq.write_table(part, f, row_group_size=row_group_rows, compression=compression)
         for p in existing:
             fs.rm(p)
-        for name in names_out:
+        for name in parts:
             fs.mv(f"{tmp}/{name}", f"{folder}/{name}")
     finally:
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)
-    return [join_uri(parent_uri(path) if single else path, name) for name in names_out]
 
 
 __all__ = ["DuplicateImageIdWarning", "explode_regions", "iter_tables", "read_regions", "shard_uris", "write_regions"]

@@ -35,6 +35,22 @@ def hex_rgb(colour: str) -> tuple[int, int, int]:
     return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
 
 
+def check_box(box: dict, region: dict, frame: dict, shot: Image.Image, dpr: float, image_id: str) -> None:
+    """BOX sits where REGION's box says, relative to the picture's FRAME, and is drawn on the screenshot."""
+    x0, y0, x1, y1 = region["box"]
+    assert box["rect"]["x"] == pytest.approx(frame["x"] + x0 * frame["w"], abs=1.0)
+    assert box["rect"]["y"] == pytest.approx(frame["y"] + y0 * frame["h"], abs=1.0)
+    assert box["rect"]["w"] == pytest.approx((x1 - x0) * frame["w"], abs=1.0)
+    assert box["rect"]["h"] == pytest.approx((y1 - y0) * frame["h"], abs=1.0)
+    assert box["label"] == f"{region['phrase']} {region['score']:.2f}"
+    # drawn: the middle of its left border has its colour on the screenshot
+    px = int((box["rect"]["x"] + 1.5) * dpr)
+    py = int((box["rect"]["y"] + box["rect"]["h"] * 0.6) * dpr)
+    got = shot.getpixel((px, py))
+    want = hex_rgb(box["colour"])
+    assert max(abs(a - b) for a, b in zip(got, want)) <= 12, (image_id, box, got, want)
+
+
 def test_report_renders_in_headless_chromium(tmp_path):
     chromium = find_chromium()
     if chromium is None:
@@ -74,21 +90,8 @@ def test_report_renders_in_headless_chromium(tmp_path):
     for image_id, card in cards.items():
         regions = rows[image_id]["regions"]
         assert len(card["boxes"]) == len(regions)
-        frame = card["frame"]
         for box, region in zip(card["boxes"], regions):
-            x0, y0, x1, y1 = region["box"]
-            # where the data says, relative to the picture
-            assert box["rect"]["x"] == pytest.approx(frame["x"] + x0 * frame["w"], abs=1.0)
-            assert box["rect"]["y"] == pytest.approx(frame["y"] + y0 * frame["h"], abs=1.0)
-            assert box["rect"]["w"] == pytest.approx((x1 - x0) * frame["w"], abs=1.0)
-            assert box["rect"]["h"] == pytest.approx((y1 - y0) * frame["h"], abs=1.0)
-            assert box["label"] == f"{region['phrase']} {region['score']:.2f}"
-            # and drawn: the middle of its left border has its colour on the screenshot
-            px = int((box["rect"]["x"] + 1.5) * dpr)
-            py = int((box["rect"]["y"] + box["rect"]["h"] * 0.6) * dpr)
-            got = shot.getpixel((px, py))
-            want = hex_rgb(box["colour"])
-            assert max(abs(a - b) for a, b in zip(got, want)) <= 12, (image_id, box, got, want)
+            check_box(box, region, card["frame"], shot, dpr, image_id)
             drawn += 1
     assert drawn == 7
     # boxes of one image have distinct colours

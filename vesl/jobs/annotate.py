@@ -183,35 +183,13 @@ def run_holding_lease(input_uri: str, output_uri: str, config: AnnotateConfigBas
     started_at = dt.datetime.now(dt.timezone.utc).isoformat()
     storage_options = config.storage.options()
     bounds = part.bounds(plan.unit_count)
-    repairs = [r for r in [move_strays(output_uri, storage_options, plan.unit_count)] if r]
-    staged = clean_staging(output_uri, storage_options, bounds)  # parts of units a killed run had in flight
-    ledger, damaged = read_ledger(output_uri, storage_options, bounds)
-    for unit in damaged:
-        log.warning("unit %s is redone: its files do not match its completion record: %s", unit["unit"], unit["files"])
-    repairs += [{"redone_units": damaged}] if damaged else []
-    todo = todo_units(plan, ledger.done, bounds)
-    log.info("plan: %d inputs in %d units; this run: units [%d, %d) (slice %s), %d to do%s", plan.inputs,
-             plan.unit_count, *bounds, part.label, todo.num_rows,
-             f", {staged} half-done unit(s) redone whole" if staged else "")
+    ledger, todo, repairs, staged = recover_output(output_uri, storage_options, plan, part)
     pools: dict[str, Any] = {}
     this_run = {"inputs": 0, "rows": 0, "rejects": 0, "regions": 0, "units": 0, "failed_units": [],
                 "discarded_staged_units": staged}
     setup_s = time.perf_counter() - started  # everything before the pipeline
     if todo.num_rows:
-        use_gpu = ray.cluster_resources().get("GPU", 0) > 0  # each GPU stage's device setting is checked per stage
-        footer = footer_metadata(config, models)
-        units = ray.data.from_arrow(todo).repartition(max(1, min(todo.num_rows, 1024)))
-        inputs = units.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=config.ray.read_num_cpus,
-                                   fn_kwargs={"kind": plan.meta["kind"], "config": config.input,
-                                              "storage_options": storage_options})
-        inputs = inputs.repartition(target_num_rows_per_block=config.input.block_rows)  # streaming split, no shuffle
-        ds, pools = build(inputs, config, storage_options, use_gpu)
-        staged_parts = ds.map_batches(stage_unit_parts, batch_size=config.output.rows_per_shard,
-                                      batch_format="pyarrow", num_cpus=config.ray.read_num_cpus,
-                                      fn_kwargs={"output": output_uri, "footer": footer,
-                                                 "storage_options": storage_options})
-        commit_units(staged_parts, todo, output_uri, footer, config, lease, this_run)
-        drop_empty_staging(output_uri, storage_options)
+        pools = run_units(todo, plan, output_uri, config, models, lease, this_run)
     elif plan.inputs == 0:
         log.warning("input %s yields no inputs (input.allow_empty is on): nothing to do", input_uri)
     execute_s = time.perf_counter() - started - setup_s
@@ -247,6 +225,47 @@ def run_holding_lease(input_uri: str, output_uri: str, config: AnnotateConfigBas
     manifest["files"] = manifest["counts"].pop("files")  # None past FILES_LISTED units: the records list them
     write_manifest(manifest, output_uri, storage_options)
     return manifest
+
+
+def recover_output(output_uri: str, storage_options: dict[str, Any], plan: Plan, part: Slice):
+    """Put OUTPUT right for this slice and say what is left: strays moved aside, staged parts of units a
+    killed run had in flight dropped, units whose files do not match their records redone. Returns the
+    ledger, the units to do, the repairs made and the number of half-done units dropped."""
+    bounds = part.bounds(plan.unit_count)
+    repairs = [r for r in [move_strays(output_uri, storage_options, plan.unit_count)] if r]
+    staged = clean_staging(output_uri, storage_options, bounds)  # parts of units a killed run had in flight
+    ledger, damaged = read_ledger(output_uri, storage_options, bounds)
+    for unit in damaged:
+        log.warning("unit %s is redone: its files do not match its completion record: %s", unit["unit"], unit["files"])
+    repairs += [{"redone_units": damaged}] if damaged else []
+    todo = todo_units(plan, ledger.done, bounds)
+    log.info("plan: %d inputs in %d units; this run: units [%d, %d) (slice %s), %d to do%s", plan.inputs,
+             plan.unit_count, *bounds, part.label, todo.num_rows,
+             f", {staged} half-done unit(s) redone whole" if staged else "")
+    return ledger, todo, repairs, staged
+
+
+def run_units(todo, plan: Plan, output_uri: str, config: AnnotateConfigBase, models: dict[str, Any], lease: Lease,
+              this_run: dict[str, Any]) -> dict[str, Any]:
+    """Read, annotate and commit the units TODO (a table of plan rows) on Ray Data; returns the stage pools."""
+    import ray
+
+    storage_options = config.storage.options()
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0  # each GPU stage's device setting is checked per stage
+    footer = footer_metadata(config, models)
+    units = ray.data.from_arrow(todo).repartition(max(1, min(todo.num_rows, 1024)))
+    inputs = units.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=config.ray.read_num_cpus,
+                               fn_kwargs={"kind": plan.meta["kind"], "config": config.input,
+                                          "storage_options": storage_options})
+    inputs = inputs.repartition(target_num_rows_per_block=config.input.block_rows)  # streaming split, no shuffle
+    ds, pools = build(inputs, config, storage_options, use_gpu)
+    staged_parts = ds.map_batches(stage_unit_parts, batch_size=config.output.rows_per_shard,
+                                  batch_format="pyarrow", num_cpus=config.ray.read_num_cpus,
+                                  fn_kwargs={"output": output_uri, "footer": footer,
+                                             "storage_options": storage_options})
+    commit_units(staged_parts, todo, output_uri, footer, config, lease, this_run)
+    drop_empty_staging(output_uri, storage_options)
+    return pools
 
 
 def commit_units(staged_parts, todo, output_uri: str, footer: dict[str, str], config: AnnotateConfigBase,
