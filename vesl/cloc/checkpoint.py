@@ -94,7 +94,8 @@ def load_cloc(directory: str | Path, device: str = "cpu",
     meta = read_meta(directory)
     clip = load_pretrained(CLIPModel, str(directory / CLIP_DIR), revision=None, trust_remote_code=False,
                            device="cpu", dtype=torch.float32, attn_implementation=attn_implementation)
-    model = ClocModel(clip, PrompterConfig.model_validate(meta["prompter"]), tuple(meta["pixel_mean"]),
+    prompter = {"grounding": "pooled", **meta["prompter"]}  # a checkpoint from before the choice had the paper's head
+    model = ClocModel(clip, PrompterConfig.model_validate(prompter), tuple(meta["pixel_mean"]),
                       tuple(meta["pixel_std"]))
     missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=False)
     missing = [k for k in missing if not k.startswith("clip.")]

@@ -8,6 +8,8 @@ every sampled region of every image in the global batch.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
@@ -30,6 +32,10 @@ class LossConfig(Settings):
                                        "scratch starts with nearly parallel text embeddings (cosine > 0.9), which "
                                        "would mask every negative and leave L_CLOC without signal.")
     grounding_weight: float = Field(default=1.0, ge=0, description="Weight of L_grounding inside the lambda term.")
+    grounding_loss: Literal["l1_giou", "l2"] = Field(
+        default="l1_giou", description="'l1_giou': L1 distance of the corners plus generalized IoU loss (as DETR "
+        "and OWL-ViT train boxes; 2 x L1 + GIoU). 'l2': the paper's squared L2 distance of the corners, whose "
+        "gradient vanishes as boxes get close and which does not care about the box's scale.")
 
 
 def gather_features(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -89,9 +95,25 @@ def cloc_loss(region: torch.Tensor, phrase: torch.Tensor, keys: torch.Tensor, lo
     return info_nce(logits.masked_fill(mask, float("-inf")))
 
 
-def grounding_loss(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """L_grounding: squared L2 distance between predicted and true normalised boxes, mean over regions."""
-    return ((pred.float() - true.float()) ** 2).sum(dim=-1).mean()
+def grounding_loss(pred: torch.Tensor, true: torch.Tensor, kind: str = "l2") -> torch.Tensor:
+    """L_grounding, mean over regions. 'l2': squared L2 distance of the normalised corners (the paper's);
+    'l1_giou': 2 x L1 distance + (1 - generalized IoU)."""
+    pred, true = pred.float(), true.float()
+    if kind == "l2":
+        return ((pred - true) ** 2).sum(dim=-1).mean()
+    return 2.0 * (pred - true).abs().sum(dim=-1).mean() + (1.0 - generalized_iou(pred, true)).mean()
+
+
+def generalized_iou(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Row-wise generalized IoU of (R, 4) boxes x0, y0, x1, y1 (Rezatofighi et al. 2019), in [-1, 1]."""
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt, rb = torch.max(a[:, :2], b[:, :2]), torch.min(a[:, 2:], b[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(dim=1)
+    union = area_a + area_b - inter
+    iou = inter / (union + eps)
+    hull = (torch.max(a[:, 2:], b[:, 2:]) - torch.min(a[:, :2], b[:, :2])).clamp(min=0).prod(dim=1)
+    return iou - (hull - union) / (hull + eps)
 
 
 class ClocLoss:
@@ -119,7 +141,7 @@ class ClocLoss:
                 n = mask.shape[0]
                 parts["masked_negatives"] = mask.sum() / max(1, n * (n - 1))  # a diagnostic, no gradient
                 parts["cloc"] = cloc_loss(region, phrase, key, scale, threshold, mask)
-                parts["grounding"] = grounding_loss(pred, true)
+                parts["grounding"] = grounding_loss(pred, true, self.config.grounding_loss)
             else:  # no region in the whole global batch: zero, still attached to the graph
                 parts["cloc"] = parts["grounding"] = (region.sum() + phrase.sum() + pred.sum()) * 0.0
             regions = parts["cloc"] + self.config.grounding_weight * parts["grounding"]

@@ -10,7 +10,7 @@ the same Prompter conditioned on text feeds the grounding head, which regresses 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -27,6 +27,12 @@ class PrompterConfig(Settings):
     patch_positions: bool = Field(default=True, description="Add the same corner code of each patch's centre to its "
                                   "token, so boxes and patches share one coordinate system inside the Prompter.")
     ffn_ratio: int = Field(default=4, ge=1, description="Feed-forward width of the encoder layer / ViT width.")
+    grounding: Literal["attend", "pooled"] = Field(
+        default="attend", description="Grounding head. 'attend': every patch token (after the Prompter's layer, "
+        "which lets it see the text prompt) proposes a box around its own centre and a score, the score being the "
+        "dot product of the text token's output and the patch's; the box is the score-softmax average of the "
+        "proposals (OWL-ViT's per-patch boxes, made differentiable). 'pooled': the paper's head, an MLP on the "
+        "average of all tokens (the average washes out where the phrase is).")
 
 
 def sinusoidal_encoding(points: torch.Tensor, frequencies: int, max_frequency: float) -> torch.Tensor:
@@ -84,9 +90,9 @@ class Prompter(nn.Module):
         """(R, embed_dim) text embeddings -> (R, 1, width) prompt tokens."""
         return (self.text(text_embeds) + self.text_type).unsqueeze(1)
 
-    def forward(self, patches: torch.Tensor, image_index: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    def encode(self, patches: torch.Tensor, image_index: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
         """PATCHES (B, N, width) of B images; IMAGE_INDEX (R,) the image of each of R prompts (R, P, width).
-        Returns (R, width): the layer's output averaged over the prompt and patch tokens."""
+        Returns (R, P + N, width): the layer's output, prompt tokens first."""
         tokens = self.patch_norm(patches)
         if self.patch_position is not None:
             grid = math.isqrt(tokens.shape[1])
@@ -94,7 +100,11 @@ class Prompter(nn.Module):
                                        self.config.max_frequency)
             tokens = tokens + self.patch_position(code.to(tokens.dtype))
         tokens = torch.cat([prompts.to(tokens.dtype), tokens[image_index]], dim=1)
-        return self.norm(self.layer(tokens)).mean(dim=1)
+        return self.norm(self.layer(tokens))
+
+    def forward(self, patches: torch.Tensor, image_index: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """(R, width): the layer's output averaged over the prompt and patch tokens."""
+        return self.encode(patches, image_index, prompts).mean(dim=1)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.proj(pooled)
@@ -109,6 +119,32 @@ class GroundingHead(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.mlp(pooled).sigmoid()
+
+
+class AttendGroundingHead(nn.Module):
+    """Text-conditioned patch tokens -> a box: each patch proposes a box around its centre (offsets of
+    the centre within two patch sides, log-size) and gets a score, the scaled dot product of its
+    output with the text token's; the box is the softmax(score)-weighted average of the proposals."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width)
+        self.box = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 4))
+        nn.init.zeros_(self.box[-1].weight)
+        nn.init.zeros_(self.box[-1].bias)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """TOKENS (R, 1 + N, width): the text token's output, then the N patches' -> (R, 4) x0, y0, x1, y1."""
+        text, patches = tokens[:, 0], tokens[:, 1:]
+        grid = math.isqrt(patches.shape[1])
+        scores = torch.einsum("rd,rnd->rn", self.query(text), self.key(patches)) / math.sqrt(text.shape[-1])
+        weights = scores.float().softmax(dim=1)
+        delta = self.box(patches).float()  # (R, N, 4)
+        centre = patch_centres(grid, tokens.device)[None] + torch.tanh(delta[..., :2]) * (2.0 / grid)
+        half = torch.exp(delta[..., 2:].clamp(-6, 3)) * (1.0 / grid)  # starts at one patch each side
+        boxes = torch.cat([centre - half, centre + half], dim=-1).clamp(0.0, 1.0)
+        return torch.einsum("rn,rnk->rk", weights, boxes)
 
 
 def normalize(x: torch.Tensor) -> torch.Tensor:
@@ -127,7 +163,7 @@ class ClocModel(nn.Module):
         width = clip.config.vision_config.hidden_size
         embed_dim = clip.config.projection_dim
         self.prompter = Prompter(width, embed_dim, prompter_config)
-        self.grounding = GroundingHead(width)
+        self.grounding = AttendGroundingHead(width) if prompter_config.grounding == "attend" else GroundingHead(width)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(1, 3, 1, 1), persistent=False)
 
@@ -150,7 +186,11 @@ class ClocModel(nn.Module):
         return self.prompter.project(self.prompter(patches, image_index, self.prompter.box_prompts(boxes)))
 
     def ground(self, patches: torch.Tensor, image_index: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
-        return self.grounding(self.prompter(patches, image_index, self.prompter.text_prompts(text_embeds)))
+        """(R, 4) the box of each text in its image, x0, y0, x1, y1 in [0, 1]."""
+        prompts = self.prompter.text_prompts(text_embeds)
+        if isinstance(self.grounding, AttendGroundingHead):
+            return self.grounding(self.prompter.encode(patches, image_index, prompts))
+        return self.grounding(self.prompter(patches, image_index, prompts))
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_index: torch.Tensor | None = None, boxes: torch.Tensor | None = None,

@@ -136,3 +136,17 @@ def test_cosine_mask_waits_for_its_step_identical_phrases_never_do():
     assert early["masked_negatives"].item() == pytest.approx(2 / 6)  # only the identical pair
     assert late["masked_negatives"].item() == pytest.approx(1.0)  # every pair is a near-duplicate
     assert late["cloc"].item() == pytest.approx(0.0, abs=1e-6) and early["cloc"].item() > 0.1
+
+
+def test_generalized_iou_and_the_l1_giou_loss_by_hand():
+    from vesl.cloc.loss import generalized_iou
+
+    a = torch.tensor([[0.0, 0.0, 0.5, 0.5], [0.0, 0.0, 0.2, 0.2], [0.1, 0.1, 0.3, 0.3]])
+    b = torch.tensor([[0.0, 0.0, 0.5, 0.25], [0.5, 0.5, 1.0, 1.0], [0.1, 0.1, 0.3, 0.3]])
+    # IoU 0.5 (hull = union); disjoint: 0 - (1 - 0.29) / 1; identical: 1
+    assert generalized_iou(a, b).tolist() == pytest.approx([0.5, -(1.0 - 0.29), 1.0], abs=1e-5)
+    loss = grounding_loss(a, b, "l1_giou")
+    l1 = (a - b).abs().sum(dim=1).mean()
+    assert loss.item() == pytest.approx(2 * l1.item() + (1 - torch.tensor([0.5, -0.71, 1.0])).mean().item(), abs=1e-5)
+    assert grounding_loss(a, a, "l1_giou").item() == pytest.approx(0.0, abs=1e-5)
+    assert grounding_loss(a, b, "l2").item() == pytest.approx(((a - b) ** 2).sum(dim=1).mean().item())

@@ -140,3 +140,41 @@ def test_a_batch_without_regions_trains_on_the_image_text_loss_alone(cloc):
     finally:
         cloc.zero_grad(set_to_none=True)
         cloc.eval()
+
+
+def test_the_attending_head_averages_patch_boxes_by_the_text_token_score():
+    from vesl.cloc.model import AttendGroundingHead
+
+    torch.manual_seed(0)
+    head = AttendGroundingHead(16)
+    tokens = torch.randn(3, 1 + 16, 16)  # a text token, then a 4 x 4 grid of patches
+    out = head(tokens)
+    assert out.shape == (3, 4) and (out >= 0).all() and (out <= 1).all()
+    assert (out[:, 0] < out[:, 2]).all() and (out[:, 1] < out[:, 3]).all()
+    # at initialisation each patch proposes the box one patch around its centre; make one patch win
+    with torch.no_grad():
+        head.query.weight.zero_()
+        head.query.bias.fill_(1.0)
+        head.key.weight.copy_(torch.eye(16) * 50)
+        head.key.bias.zero_()
+    keyed = torch.zeros(1, 17, 16)
+    keyed[0, 1 + 5, :] = 1.0  # only patch 5's key is not zero: its score is highest by far
+    cx, cy = patch_centres(4)[5].tolist()  # patch (1, 1)
+    assert head(keyed)[0].tolist() == pytest.approx([cx - 0.25, cy - 0.25, cx + 0.25, cy + 0.25], abs=1e-3)
+
+
+def test_an_old_checkpoint_loads_with_the_papers_head(tiny_dir, tmp_path):
+    import json
+
+    from transformers import AutoProcessor, CLIPModel
+
+    from vesl.cloc.checkpoint import META, load_cloc, save_checkpoint
+    from vesl.cloc.model import GroundingHead, PrompterConfig
+
+    model = ClocModel(CLIPModel.from_pretrained(tiny_dir / "clip"), PrompterConfig(grounding="pooled"))
+    save_checkpoint(tmp_path / "ck", model, AutoProcessor.from_pretrained(tiny_dir / "clip"), {"step": 1})
+    meta = json.loads((tmp_path / "ck" / META).read_text())
+    del meta["prompter"]["grounding"]  # as written before the choice existed
+    (tmp_path / "ck" / META).write_text(json.dumps(meta))
+    loaded, _ = load_cloc(tmp_path / "ck")
+    assert isinstance(loaded.grounding, GroundingHead)
