@@ -73,9 +73,16 @@ def test_total_is_clip_plus_lambda_times_region_terms():
     out = {"image": torch.randn(3, 4), "text": torch.randn(3, 4), "logit_scale": torch.tensor(math.log(10.0)),
            "region": torch.randn(5, 4), "phrase": torch.randn(5, 4), "pred_box": torch.rand(5, 4)}
     boxes, keys = torch.rand(5, 4), torch.arange(5)
-    parts = ClocLoss(LossConfig(region_weight=0.5))(out, boxes, keys)
+    parts = ClocLoss(LossConfig(region_weight=0.5))(out, boxes, keys)  # L1 + GIoU, weighted 0.25 by default
     assert parts["loss"].item() == pytest.approx(
-        (parts["clip"] + 0.5 * (parts["cloc"] + parts["grounding"])).item(), rel=1e-6)
+        (parts["clip"] + 0.5 * (parts["cloc"] + 0.25 * parts["grounding"])).item(), rel=1e-6)
+    paper = ClocLoss(LossConfig(region_weight=0.5, grounding_loss="l2"))(out, boxes, keys)  # the paper's: weight 1
+    assert paper["grounding"].item() == pytest.approx(grounding_loss(out["pred_box"], boxes, "l2").item())
+    assert paper["loss"].item() == pytest.approx(
+        (paper["clip"] + 0.5 * (paper["cloc"] + paper["grounding"])).item(), rel=1e-6)
+    heavy = ClocLoss(LossConfig(region_weight=0.5, grounding_weight=2.0))(out, boxes, keys)  # a set weight wins
+    assert heavy["loss"].item() == pytest.approx(
+        (parts["clip"] + 0.5 * (parts["cloc"] + 2.0 * parts["grounding"])).item(), rel=1e-6)
     plain = ClocLoss(LossConfig(region_weight=0.0))(out, boxes, keys)
     assert set(plain) == {"clip", "loss"} and plain["loss"].item() == pytest.approx(parts["clip"].item())
 
