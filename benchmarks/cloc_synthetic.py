@@ -45,6 +45,14 @@ RUNS = {  # name: (lambda, extra settings)
 }
 
 
+ROWS = [  # (run, table label, RoI-pooling baseline instead of the Prompter), in the table's order
+    ("cloc", "CLOC (lambda=1), Prompter", False),
+    ("paper", "CLOC, paper's grounding, Prompter", False),
+    ("clip", "CLIP (lambda=0), RoI pooling", True),
+    ("cloc", "CLOC (lambda=1), RoI pooling", True),
+]
+
+
 def train(shards: Path, out: Path, steps: int, minutes: float, region_weight: float, seed: int,
           extra: list[str] = ()) -> dict:
     started = time.perf_counter()
@@ -82,19 +90,8 @@ def main() -> int:
     for name in args.runs.split(","):
         weight, extra = RUNS[name]
         runs[name] = train(work / "train", work / name, args.steps, args.minutes, weight, args.seed, extra)
-    rows = []
-    if "cloc" in runs:
-        rows.append(("CLOC (lambda=1), Prompter", evaluate(work / "heldout", work / "cloc", classes, False),
-                     runs["cloc"]))
-    if "paper" in runs:
-        rows.append(("CLOC, paper's grounding, Prompter", evaluate(work / "heldout", work / "paper", classes, False),
-                     runs["paper"]))
-    if "clip" in runs:
-        rows.append(("CLIP (lambda=0), RoI pooling", evaluate(work / "heldout", work / "clip", classes, True),
-                     runs["clip"]))
-    if "cloc" in runs:
-        rows.append(("CLOC (lambda=1), RoI pooling", evaluate(work / "heldout", work / "cloc", classes, True),
-                     runs["cloc"]))
+    rows = [(label, evaluate(work / "heldout", work / run, classes, baseline), runs[run])
+            for run, label, baseline in ROWS if run in runs]
     chance = rows[0][1]["chance_mAcc"]
     header = (f"{'model, region embedding':34} {'mAcc':>7} {'reg->txt R@1':>12} {'txt->reg R@1':>12} "
               f"{'box IoU':>8} {'IoU>0.5':>8} {'steps':>6} {'train s':>8}")
