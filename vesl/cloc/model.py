@@ -111,14 +111,16 @@ class Prompter(nn.Module):
 
 
 class GroundingHead(nn.Module):
-    """Text-conditioned Prompter output -> box (x0, y0, x1, y1) in [0, 1]: a 2-layer MLP with GELU."""
+    """The paper's head: text-conditioned Prompter output, averaged over its tokens -> box (x0, y0, x1, y1)
+    in [0, 1], a 2-layer MLP with GELU."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 4))
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        return self.mlp(pooled).sigmoid()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """TOKENS (R, 1 + N, width): the Prompter's output for the text token and the N patches -> (R, 4)."""
+        return self.mlp(tokens.mean(dim=1)).sigmoid()
 
 
 class AttendGroundingHead(nn.Module):
@@ -187,10 +189,7 @@ class ClocModel(nn.Module):
 
     def ground(self, patches: torch.Tensor, image_index: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
         """(R, 4) the box of each text in its image, x0, y0, x1, y1 in [0, 1]."""
-        prompts = self.prompter.text_prompts(text_embeds)
-        if isinstance(self.grounding, AttendGroundingHead):
-            return self.grounding(self.prompter.encode(patches, image_index, prompts))
-        return self.grounding(self.prompter(patches, image_index, prompts))
+        return self.grounding(self.prompter.encode(patches, image_index, self.prompter.text_prompts(text_embeds)))
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 image_index: torch.Tensor | None = None, boxes: torch.Tensor | None = None,

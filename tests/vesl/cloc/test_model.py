@@ -61,7 +61,7 @@ def test_grounding_head_predicts_a_box_in_unit_range():
     head = GroundingHead(32)
     layers = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
     assert len(layers) == 2 and isinstance(head.mlp[1], torch.nn.GELU)
-    out = head(torch.randn(5, 32) * 10)
+    out = head(torch.randn(5, 7, 32) * 10)  # 5 prompts' Prompter outputs: a text token and 6 patches
     assert out.shape == (5, 4) and (out >= 0).all() and (out <= 1).all()
 
 
