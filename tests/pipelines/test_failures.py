@@ -79,31 +79,76 @@ def records(out: Path) -> dict[int, dict]:
     return {int(p.stem): json.loads(p.read_text()) for p in (out / "_vesl" / "units").glob("*.json")}
 
 
-def in_flight(out: Path) -> set[int]:
-    """Units with staged parts (written by a finished task) but no record yet."""
+def staged(out: Path) -> set[int]:
+    """Units with parts under the staging folder."""
     staging = out / "_vesl" / "staging"
     return {int(d.name) for d in staging.iterdir() if d.is_dir() and any(d.iterdir())} if staging.exists() else set()
 
 
-def test_kill_the_driver_with_units_in_flight_then_rerun_redoes_only_those(tmp_path, tiny_dir):
+def in_flight(out: Path) -> set[int]:
+    """Units with staged parts but no completion record yet (a commit removes the parts just after the record)."""
+    return staged(out) - set(records(out))
+
+
+def session_pids(sid: int) -> set[int]:
+    """Processes in session SID: the driver started with start_new_session, its local Ray and every worker
+    (Ray puts each worker in a process group of its own, so a process-group signal would miss them)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                pids.add(int(proc.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return pids
+
+
+def signal_session(sid: int, sig: int) -> None:
+    """SIG to every process in session SID, again until no new one appeared meanwhile."""
+    done: set[int] = set()
+    while todo := session_pids(sid) - done:
+        for pid in todo:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        done |= todo
+
+
+def freeze_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    """Poll until READY() holds, then stop PROC's whole session (the driver, its local Ray and the workers,
+    which run the commit tasks) and check again: while it is stopped nothing can commit, so what READY()
+    saw is what the kill that follows leaves behind."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, "never saw a committed unit beside two in flight"
+        if ready():
+            signal_session(proc.pid, signal.SIGSTOP)
+            if ready():
+                return
+            signal_session(proc.pid, signal.SIGCONT)
+        time.sleep(0.02)
+
+
+def test_kill_the_run_with_units_in_flight_then_rerun_redoes_only_those(tmp_path, tiny_dir):
     manifest = many_images(tmp_path / "in", 40)
     out = tmp_path / "out"
     cmd = [sys.executable, SCRIPT, str(manifest), str(out), "--preset", "tiny", "--set", "input.unit_rows=5",
            "--set", "output.rows_per_shard=1", "--set", "decode.batch_size=1", "--set", "caption.batch_size=1",
            "--set", "fuse.batch_size=1", "--set", "phrases.batch_size=1", "--set", "detect.batch_size=1",
            "--set", "input.block_rows=1"]
-    first = subprocess.Popen(cmd, env=script_env(tiny_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (records(out) and len(in_flight(out)) >= 2):  # some units committed, several in flight
-        assert first.poll() is None, "the run ended before it could be killed"
-        assert time.time() < deadline, "never saw a committed unit beside two in flight"
-        time.sleep(0.02)
-    first.send_signal(signal.SIGKILL)
+    first = subprocess.Popen(cmd, env=script_env(tiny_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    freeze_when(first, lambda: records(out) and len(in_flight(out)) >= 2)  # some units committed, several in flight
+    frozen = records(out), in_flight(out)
+    signal_session(first.pid, signal.SIGKILL)  # the driver, its Ray and every worker die at once, mid-write
     first.wait()
-    time.sleep(2)  # its workers finish or die: what they staged is there now
+    time.sleep(2)
+    assert (records(out), in_flight(out)) == frozen  # nothing survived the kill to change the output
     assert not (out / "manifest.json").exists()
     done_before, flying = records(out), in_flight(out)
-    assert done_before and len(flying) >= 2 and not flying & set(done_before)
+    assert done_before and len(flying) >= 2
     shards_before = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")
                      if int(p.stem[5:]) in done_before}
 
@@ -120,7 +165,7 @@ def test_kill_the_driver_with_units_in_flight_then_rerun_redoes_only_those(tmp_p
     assert f"resumed: {5 * len(redone)} processed now" in second.stdout
     assert {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")
             if p.name in shards_before} == shards_before  # committed shards untouched
-    assert not in_flight(out)  # staged parts of the killed run were discarded, none left
+    assert not staged(out)  # staged parts of the killed run were discarded, none left
 
 
 def _model_actor_pids(name: str) -> set[int]:
