@@ -5,7 +5,8 @@ per image, so a whole-image embedding cannot tell them apart), trains the tiny p
 `vesl train` (lambda = 1: CLOC; lambda = 0: plain CLIP, the paper's baseline) and once more with the
 paper's grounding (the pooled head and the L2 loss, against our default: the attending head and
 L1 + GIoU), evaluates them with `vesl eval` on the held-out set, and prints a table (also written as
-JSON). "box IoU" is the mean IoU of the grounding head's box for each region's phrase against the
+JSON). `--runs ...,all` adds a run whose region embedding averages every Prompter token, not only the
+two corner tokens (`model.prompter.region_pool: all`). "box IoU" is the mean IoU of the grounding head's box for each region's phrase against the
 true box, "IoU>0.5" the share of regions whose box has IoU above 0.5:
 
     python benchmarks/cloc_synthetic.py [--steps 1200] [--minutes 10] [--runs cloc,paper,clip] [--work DIR]
@@ -42,12 +43,14 @@ RUNS = {  # name: (lambda, extra settings)
     "cloc": (1.0, []),
     "paper": (1.0, ["model.prompter.grounding=pooled", "loss.grounding_loss=l2"]),
     "clip": (0.0, []),
+    "all": (1.0, ["model.prompter.region_pool=all"]),
 }
 
 
 ROWS = [  # (run, table label, RoI-pooling baseline instead of the Prompter), in the table's order
     ("cloc", "CLOC (lambda=1), Prompter", False),
     ("paper", "CLOC, paper's grounding, Prompter", False),
+    ("all", "CLOC, all tokens pooled, Prompter", False),
     ("clip", "CLIP (lambda=0), RoI pooling", True),
     ("cloc", "CLOC (lambda=1), RoI pooling", True),
 ]
@@ -78,7 +81,7 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0, help="training seed (the data seeds are fixed: 0 and 1)")
     p.add_argument("--runs", default="cloc,paper,clip", help="which trainings: cloc (our grounding), paper (the "
-                   "paper's grounding), clip (lambda = 0)")
+                   "paper's grounding), clip (lambda = 0), all (the region embedding averages every Prompter token)")
     p.add_argument("--work", default="/tmp/vesl-bench-cloc")
     p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "cloc_synthetic.json"))
     args = p.parse_args()

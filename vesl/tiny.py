@@ -319,24 +319,38 @@ TINY_MODELS = {"captioner": build_tiny_blip, "detector": build_tiny_owlv2, "clip
 TINY_VERSION = "3"
 
 
+def _is_current(out: Path) -> bool:
+    marker = out / ".vesl-tiny-version"
+    return marker.exists() and marker.read_text() == TINY_VERSION
+
+
 def build_tiny_models(root: str | Path, overwrite: bool = False) -> dict[str, Path]:
-    """Build every tiny model under ROOT/<name>; an existing model of this recipe version is kept."""
+    """Build every tiny model under ROOT/<name>; an existing model of this recipe version is kept.
+    Several processes may build into one ROOT at once: each builds in a folder of its own and moves
+    it into place; a model another process finished meanwhile is kept (the recipes are seeded, so
+    both builds are the same)."""
+    import shutil
+    import uuid
+
     root = Path(root)
     built = {}
     for name, build in TINY_MODELS.items():
         out = root / name
-        marker = out / ".vesl-tiny-version"
-        current = marker.exists() and marker.read_text() == TINY_VERSION
-        if overwrite or not current:
-            tmp = root / f".{name}.partial"
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+        if overwrite or not _is_current(out):
+            tmp = root / f".{name}.{uuid.uuid4().hex[:12]}.partial"
             tmp.mkdir(parents=True)
-            build(tmp)
-            (tmp / ".vesl-tiny-version").write_text(TINY_VERSION)
-            shutil.rmtree(out, ignore_errors=True)
-            tmp.rename(out)
+            try:
+                build(tmp)
+                (tmp / ".vesl-tiny-version").write_text(TINY_VERSION)
+                if overwrite or not _is_current(out):
+                    shutil.rmtree(out, ignore_errors=True)
+                    try:
+                        tmp.rename(out)
+                    except OSError:  # another process moved its build into place first
+                        if not _is_current(out):
+                            raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         built[name] = out
     return built
 

@@ -94,7 +94,8 @@ def load_cloc(directory: str | Path, device: str = "cpu",
     meta = read_meta(directory)
     clip = load_pretrained(CLIPModel, str(directory / CLIP_DIR), revision=None, trust_remote_code=False,
                            device="cpu", dtype=torch.float32, attn_implementation=attn_implementation)
-    prompter = {"grounding": "pooled", **meta["prompter"]}  # a checkpoint from before the choice had the paper's head
+    # a checkpoint from before a choice was made had what there was then: the paper's head, all tokens pooled
+    prompter = {"grounding": "pooled", "region_pool": "all", **meta["prompter"]}
     model = ClocModel(clip, PrompterConfig.model_validate(prompter), tuple(meta["pixel_mean"]),
                       tuple(meta["pixel_std"]))
     missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=False)

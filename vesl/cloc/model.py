@@ -33,6 +33,11 @@ class PrompterConfig(Settings):
         "dot product of the text token's output and the patch's; the box is the score-softmax average of the "
         "proposals (OWL-ViT's per-patch boxes, made differentiable). 'pooled': the paper's head, an MLP on the "
         "average of all tokens (the average washes out where the phrase is).")
+    region_pool: Literal["prompt", "all"] = Field(
+        default="prompt", description="What the region embedding averages of the Prompter's output. 'prompt': the "
+        "two corner tokens only, which attended to the patches for this box; 'all': the corner tokens and every patch "
+        "token (the patches' residual stream is the same for every box of an image, so regions of one image start "
+        "out nearly alike).")
 
 
 def sinusoidal_encoding(points: torch.Tensor, frequencies: int, max_frequency: float) -> torch.Tensor:
@@ -103,8 +108,10 @@ class Prompter(nn.Module):
         return self.norm(self.layer(tokens))
 
     def forward(self, patches: torch.Tensor, image_index: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
-        """(R, width): the layer's output averaged over the prompt and patch tokens."""
-        return self.encode(patches, image_index, prompts).mean(dim=1)
+        """(R, width): the layer's output averaged over the prompt tokens (`region_pool: prompt`) or over the
+        prompt and patch tokens (`all`)."""
+        tokens = self.encode(patches, image_index, prompts)
+        return (tokens[:, :prompts.shape[1]] if self.config.region_pool == "prompt" else tokens).mean(dim=1)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.proj(pooled)

@@ -57,6 +57,18 @@ def test_prompter_shapes_and_box_dependence():
     assert prompter(patches, image_index, text).shape == (3, 32)
 
 
+def test_region_pool_prompt_reads_only_the_corner_tokens_all_reads_every_token():
+    torch.manual_seed(0)
+    patches, image_index = torch.randn(1, 16, 32), torch.tensor([0])
+    boxes = torch.tensor([[0.1, 0.2, 0.6, 0.9]])
+    for pool in ("prompt", "all"):
+        prompter = Prompter(width=32, embed_dim=16, config=PrompterConfig(region_pool=pool)).eval()
+        tokens = prompter.encode(patches, image_index, prompter.box_prompts(boxes))
+        expected = tokens[:, :2].mean(dim=1) if pool == "prompt" else tokens.mean(dim=1)
+        assert torch.allclose(prompter(patches, image_index, prompter.box_prompts(boxes)), expected)
+    assert not torch.allclose(tokens[:, :2].mean(dim=1), tokens.mean(dim=1))
+
+
 def test_grounding_head_predicts_a_box_in_unit_range():
     head = GroundingHead(32)
     layers = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
@@ -174,7 +186,7 @@ def test_an_old_checkpoint_loads_with_the_papers_head(tiny_dir, tmp_path):
     model = ClocModel(CLIPModel.from_pretrained(tiny_dir / "clip"), PrompterConfig(grounding="pooled"))
     save_checkpoint(tmp_path / "ck", model, AutoProcessor.from_pretrained(tiny_dir / "clip"), {"step": 1})
     meta = json.loads((tmp_path / "ck" / META).read_text())
-    del meta["prompter"]["grounding"]  # as written before the choice existed
+    del meta["prompter"]["grounding"], meta["prompter"]["region_pool"]  # as written before the choices existed
     (tmp_path / "ck" / META).write_text(json.dumps(meta))
     loaded, _ = load_cloc(tmp_path / "ck")
-    assert isinstance(loaded.grounding, GroundingHead)
+    assert isinstance(loaded.grounding, GroundingHead) and loaded.prompter.config.region_pool == "all"
