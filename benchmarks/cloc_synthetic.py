@@ -6,8 +6,9 @@ per image, so a whole-image embedding cannot tell them apart), trains the tiny p
 paper's grounding (the pooled head and the L2 loss, against our default: the attending head and
 L1 + GIoU), evaluates them with `vesl eval` on the held-out set, and prints a table (also written as
 JSON). `--runs ...,all` adds a run whose region embedding averages every Prompter token, not only the
-two corner tokens (`model.prompter.region_pool: all`). "box IoU" is the mean IoU of the grounding head's box for each region's phrase against the
-true box, "IoU>0.5" the share of regions whose box has IoU above 0.5:
+two corner tokens (`model.prompter.region_pool: all`). "box IoU" is the mean IoU of the grounding
+head's box for each region's phrase against the true box, "IoU>0.5" the share of regions whose box
+has IoU above 0.5:
 
     python benchmarks/cloc_synthetic.py [--steps 1200] [--minutes 10] [--runs cloc,paper,clip] [--work DIR]
                                         [--json FILE]
