@@ -317,10 +317,11 @@ TINY_MODELS = {"captioner": build_tiny_blip, "detector": build_tiny_owlv2, "clip
 
 # Bump when a tiny model's recipe changes: models built by an older recipe are rebuilt.
 TINY_VERSION = "3"
+VERSION_FILE = ".vesl-tiny-version"  # in each model's folder: the recipe version it was built by
 
 
 def _is_current(out: Path) -> bool:
-    marker = out / ".vesl-tiny-version"
+    marker = out / VERSION_FILE
     return marker.exists() and marker.read_text() == TINY_VERSION
 
 
@@ -341,7 +342,7 @@ def build_tiny_models(root: str | Path, overwrite: bool = False) -> dict[str, Pa
             tmp.mkdir(parents=True)
             try:
                 build(tmp)
-                (tmp / ".vesl-tiny-version").write_text(TINY_VERSION)
+                (tmp / VERSION_FILE).write_text(TINY_VERSION)
                 if overwrite or not _is_current(out):
                     shutil.rmtree(out, ignore_errors=True)
                     try:

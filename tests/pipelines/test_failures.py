@@ -90,17 +90,22 @@ def in_flight(out: Path) -> set[int]:
     return staged(out) - set(records(out))
 
 
-def session_pids(sid: int) -> set[int]:
-    """Processes in session SID: the driver started with start_new_session, its local Ray and every worker
-    (Ray puts each worker in a process group of its own, so a process-group signal would miss them)."""
+def pids_where(test) -> set[int]:
+    """Live processes whose /proc folder passes TEST (one that vanishes or is unreadable meanwhile does not)."""
     pids = set()
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
+            if proc.name.isdigit() and test(proc):
                 pids.add(int(proc.name))
         except (OSError, IndexError, ValueError):
             continue
     return pids
+
+
+def session_pids(sid: int) -> set[int]:
+    """Processes in session SID: the driver started with start_new_session, its local Ray and every worker
+    (Ray puts each worker in a process group of its own, so a process-group signal would miss them)."""
+    return pids_where(lambda proc: int((proc / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid)
 
 
 def signal_session(sid: int, sig: int) -> None:
@@ -147,7 +152,7 @@ def test_kill_the_run_with_units_in_flight_then_rerun_redoes_only_those(tmp_path
     time.sleep(2)
     assert (records(out), in_flight(out)) == frozen  # nothing survived the kill to change the output
     assert not (out / "manifest.json").exists()
-    done_before, flying = records(out), in_flight(out)
+    done_before, flying = frozen
     assert done_before and len(flying) >= 2
     shards_before = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")
                      if int(p.stem[5:]) in done_before}
@@ -169,15 +174,7 @@ def test_kill_the_run_with_units_in_flight_then_rerun_redoes_only_those(tmp_path
 
 
 def _model_actor_pids(name: str) -> set[int]:
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if name.encode() in (proc / "cmdline").read_bytes():
-                    pids.add(int(proc.name))
-            except OSError:
-                continue
-    return pids
+    return pids_where(lambda proc: name.encode() in (proc / "cmdline").read_bytes())
 
 
 def test_a_killed_model_actor_is_restarted_and_the_run_completes(tmp_path, tiny_dir, ray_local):

@@ -22,11 +22,11 @@ def test_two_processes_building_into_one_folder_both_succeed_and_leave_one_copy(
                               text=True) for _ in range(2)]
     errors = [p.communicate(timeout=600)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errors
-    from vesl.tiny import TINY_MODELS, TINY_VERSION
+    from vesl.tiny import TINY_MODELS, TINY_VERSION, VERSION_FILE
 
     assert sorted(p.name for p in root.iterdir()) == sorted(TINY_MODELS)  # no partial build left behind
     for name in TINY_MODELS:
-        assert (root / name / ".vesl-tiny-version").read_text() == TINY_VERSION
+        assert (root / name / VERSION_FILE).read_text() == TINY_VERSION
     from transformers import CLIPModel
 
     CLIPModel.from_pretrained(root / "clip")  # a whole model, loadable
