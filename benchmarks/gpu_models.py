@@ -75,7 +75,7 @@ def build_real_size_models(root: Path) -> dict[str, Path]:
         Owlv2Processor,
     )
 
-    from vesl.tiny import _clip_bpe_tokenizer, _wordpiece_vocab
+    from vesl.fixtures.tiny import _clip_bpe_tokenizer, _wordpiece_vocab
 
     paths = {"detector": root / "owlv2-base-960", "captioner": root / "blip-large-384"}
     if not (paths["detector"] / "config.json").exists():
@@ -173,7 +173,7 @@ def main() -> int:
     dtype = "bfloat16" if device == "cuda" else "float32"
     root = Path(args.models or tempfile.mkdtemp(prefix="vesl-gpu-models-"))
     if args.tiny:
-        from vesl.tiny import build_tiny_models
+        from vesl.fixtures.tiny import build_tiny_models
 
         paths = build_tiny_models(root)
     else:

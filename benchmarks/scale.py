@@ -3,15 +3,16 @@ resume, and every run's start and end, pays).
 
     python benchmarks/scale.py [--inputs 1000000 4000000] [--unit-rows 10000] [--baseline COMMIT|none]
                                [--json FILE]
+    python benchmarks/scale.py --small     # 2,000 and 4,000 inputs, units of 500, no baseline (a test runs it)
 
 For each N it builds, by itself:
 - a Parquet manifest of N inputs (id, image path, alt-text; the images need not exist);
 - an OUTPUT already holding all of them, as a finished run leaves it: the plan made by the real
-  planning pass (`vesl.units.make_plan` on Ray: its time is reported as the first run's planning),
+  planning pass (`vesl.annotate.units.make_plan` on Ray: its time is reported as the first run's planning),
   then per unit one shard and one completion record written by the real `stage_unit_parts` and
   `commit_unit` (rows without regions: no model runs).
 Then the real job re-runs on it, `vesl annotate MANIFEST OUTPUT --preset tiny`, in its own process
-attached to one Ray cluster started for the benchmark (as under `ray job submit`). Reported: its
+attached to one local Ray started for the benchmark, by its address (as under `ray job submit`). Reported: its
 wall time, its setup (all but the pipeline: load the plan, list and read the records, the manifest)
 and the driver's peak RSS (ru_maxrss of that process).
 
@@ -84,24 +85,26 @@ def finished_rows(ids: pa.Array, ordinals: np.ndarray, unit: int) -> pa.Table:
 
 def build_output(manifest: Path, out: Path, unit_rows: int, config) -> dict:
     """OUTPUT of a finished run of MANIFEST (this vesl's layout); returns the planning figures."""
-    from vesl.inputs import plan_input
-    from vesl.jobs.annotate import footer_metadata, model_provenance
-    from vesl.runstate import prepare_output
-    from vesl.units import make_plan, save_plan
-    from vesl.writer import commit_unit, stage_unit_parts
+    from vesl.annotate.job import footer_metadata, model_provenance
+    from vesl.annotate.output.state import prepare_output
+    from vesl.annotate.output.writer import commit_unit, stage_unit_parts
+    from vesl.annotate.sources.plan import plan_input
+    from vesl.annotate.units import make_plan, save_plan
+    from vesl.core.outdir import OutputDir
 
     t = time.perf_counter()
     plan = make_plan(str(manifest), plan_input(str(manifest), config.input, None), config.input, None)
     plan_s = time.perf_counter() - t
-    prepare_output(str(out), str(manifest), config.label_hash(), "resume", None)
-    save_plan(str(out), None, plan)
+    target = OutputDir(str(out))
+    prepare_output(target, str(manifest), config.label_hash(), "resume")
+    save_plan(target, plan)
     footer = footer_metadata(config, model_provenance(config))
     ids = pq.read_table(manifest, columns=["id"]).column("id").combine_chunks()
     for unit in plan.units.to_pylist():
         rows = finished_rows(ids.slice(unit["start"], unit["count"]), np.arange(unit["lo"], unit["hi"] + 1),
                              unit["unit"])
-        staged = stage_unit_parts(rows, str(out), footer, None).to_pylist()[0]
-        commit_unit(str(out), unit["unit"], unit["count"], staged["parts"], footer, None, "zstd", run_id="bench")
+        staged = stage_unit_parts(rows, target, footer).to_pylist()[0]
+        commit_unit(target, unit["unit"], unit["count"], staged["parts"], footer, "zstd", run_id="bench")
     return {"plan_s": round(plan_s, 1), "plan_scan_s": plan.meta["timings_s"]["scan"],
             "plan_duplicates_s": plan.meta["timings_s"]["duplicates"], "units": plan.unit_count}
 
@@ -151,19 +154,23 @@ def main() -> int:
     p.add_argument("--unit-rows", type=int, default=10_000)
     p.add_argument("--baseline", default=BASELINE)
     p.add_argument("--json", help="write the figures here")
+    p.add_argument("--small", action="store_true", help="a quick check: 2,000 and 4,000 inputs, units of 500, "
+                   "no baseline")
     args = p.parse_args()
+    if args.small:
+        args.inputs, args.unit_rows, args.baseline = [2_000, 4_000], 500, "none"
 
     import ray
 
-    from vesl.config import load_config
+    from vesl.annotate.config import load_config
 
     work = Path(tempfile.mkdtemp(prefix="vesl-scale-"))
     env = {**os.environ}
-    ray_cli = str(Path(sys.executable).with_name("ray"))
-    subprocess.run([ray_cli, "start", "--head", "--num-cpus", str(os.cpu_count()), "--include-dashboard=false",
-                    f"--temp-dir={work / 'ray'}", "--disable-usage-stats"], check=True, capture_output=True, env=env)
+    # one local Ray for the benchmark, joined by each job by its own GCS address (as under `ray job submit`);
+    # "auto" could join another Ray running on this machine, and `ray stop` would stop that one too
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(work / "ray"))
     try:
-        ray.init(address="auto", log_to_driver=False)
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         config = load_config(preset_name="tiny", overrides=[f"input.unit_rows={args.unit_rows}"])
         old_code = baseline_worktree(args.baseline, work / "baseline")
@@ -187,7 +194,6 @@ def main() -> int:
         raise
     finally:
         ray.shutdown()
-        subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
         if (work / "baseline").exists():
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "baseline")],
                            capture_output=True)

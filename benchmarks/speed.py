@@ -74,7 +74,7 @@ def bench_preprocess(images_per_size: int, side: int = 960) -> dict:
     from transformers import Owlv2ImageProcessorPil
 
     from operators.owlv2_preprocess import Owlv2Preprocess
-    from vesl.hostile import photo
+    from vesl.fixtures.hostile import photo
 
     torch.set_num_threads(1)  # HF's path is single-threaded NumPy/SciPy: compare one core with one core
     processor = Owlv2ImageProcessorPil(size={"height": side, "width": side})
@@ -125,7 +125,7 @@ def bench_phrases(n: int) -> dict:
 
 def make_manifest(work: Path, n: int, distinct: int = 64) -> Path:
     """N manifest rows over DISTINCT real-looking 640x480 JPEGs (ids differ, so every row is work)."""
-    from vesl.hostile import photo
+    from vesl.fixtures.hostile import photo
 
     images = work / "images"
     if not images.exists():
@@ -205,38 +205,40 @@ def run_job(manifest: Path, out: Path, extra: list[str] | None = None) -> dict:
 
 
 def sequential(manifest: Path, out: Path, block_rows: int) -> dict:
-    """The same operators in a plain loop in this process: no Ray."""
+    """The same stages (the tiny preset's active ones, in registry order) in a plain loop in this
+    process, no Ray: manifest records -> stages -> one shard per block, written as the job's writer
+    splits a finished batch."""
+    import pyarrow.parquet as pq
     import torch
 
-    from operators.caption import CaptionImages
-    from operators.decode import DecodeImages
-    from operators.detect import DetectRegions
-    from operators.phrases import ExtractPhrases
-    from schemas.region_text import META_SCHEMA_VERSION, SCHEMA_VERSION
-    from vesl.config import load_config
-    from vesl.inputs import iter_manifest_rows, normalize_rows
-    from vesl.writer import write_batch
+    from schemas.region_text import META_SCHEMA_VERSION, SCHEMA_VERSION, region_text_schema
+    from vesl.annotate.config import load_config
+    from vesl.annotate.output.writer import split_rows_and_rejects
+    from vesl.annotate.sources.manifest import iter_manifest_records
+    from vesl.annotate.sources.rows import normalize_rows
 
     torch.set_num_threads(os.cpu_count() or 1)
     config = load_config(None, "tiny", [])
     start = time.perf_counter()
-    stages = [DecodeImages(config.decode), CaptionImages(config.caption), ExtractPhrases(config.phrases),
-              DetectRegions(config.detect)]
+    stages = [stage(config.stage_config(stage)) for stage in config.active_stages()]
     load_s = time.perf_counter() - start
+    schema = region_text_schema({META_SCHEMA_VERSION: SCHEMA_VERSION})
+    (out / "data").mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    rows = regions = 0
-    ordinal = 0
-    for chunk in iter_manifest_rows(str(manifest), None):
-        table = normalize_rows(chunk, list(range(ordinal, ordinal + len(chunk))), config.input, str(manifest.parent))
-        ordinal += len(chunk)
+    rows = regions = ordinal = 0
+    for chunk in iter_manifest_records(str(manifest), None):
+        records = [row for _, _, row in chunk]
+        table = normalize_rows(records, list(range(ordinal, ordinal + len(records))), config.input,
+                               str(manifest.parent))
+        ordinal += len(records)
         for offset in range(0, table.num_rows, block_rows):
             batch = table.slice(offset, block_rows)
             for stage in stages:
                 batch = stage(batch)
-            counts = write_batch(batch, str(out), f"part-seq-{offset:07d}", {META_SCHEMA_VERSION: SCHEMA_VERSION},
-                                 None, "zstd")
-            rows += counts["rows"]
-            regions += counts["regions"]
+            done, _ = split_rows_and_rejects(batch, schema)
+            pq.write_table(done, out / "data" / f"part-seq-{ordinal + offset:09d}.parquet", compression="zstd")
+            rows += done.num_rows
+            regions += sum(len(r) for r in done.column("regions").to_pylist())
     loop_s = time.perf_counter() - start
     return {"load_s": load_s, "loop_s": loop_s, "rows": rows, "regions": regions}
 
@@ -245,7 +247,7 @@ def bench_pipeline(work: Path, n: int) -> dict:
     """Ray's fixed cost (Ray and actor start, model loads, planning passes) is taken out by running
     the job at two sizes: the steady rate is the extra images over the extra time. (The output
     files' write times cannot be used: Ray Data runs most write tasks at the end.)"""
-    from vesl.config import load_config
+    from vesl.annotate.config import load_config
 
     block_rows = load_config(None, "tiny", []).input.block_rows
     small = n // 4

@@ -2,12 +2,15 @@
 
 A stage is a subclass of `Stage` in one file of `operators/`, listed once in `operators.registry`. It
 declares its name, its config class, the columns it reads and writes, the reject reasons it may
-record and the resources it runs on, and implements `process`: for the rows of a chunk, each row's
-new column values or a `Reject`. `Stage.__call__` does the rest once for all stages: columnar batch
-in (a `pyarrow.Table`, or a dict of columns), rows an earlier stage rejected skipped, the rows cut
-into chunks of `config.batch_size`, per-row fault isolation (a chunk that raises is retried row by
-row, so one bad row costs one reject), typed columns out, reject marking, dropping the columns no
-later stage reads, and timing (a DEBUG line per batch on the `vesl.stage` logger). A stage never raises on a bad row.
+record and the resources it runs on, and implements `process`: given a chunk of rows holding only the
+columns it `reads` (it cannot see any other), each row's new column values or a `Reject`, in order.
+`Stage.__call__` does the rest once for all stages: columnar batch in (a `pyarrow.Table`, or a dict
+of columns), rows an earlier stage rejected skipped, the rows cut into chunks of `config.batch_size`,
+per-row fault isolation (a chunk that raises is retried row by row, so one bad row costs one reject),
+typed columns out, reject marking, dropping the columns no later stage reads, and timing: each handled
+row carries the stage's seconds per row in a `SECONDS_PREFIX<name>` column, which the writer sums per
+work unit (rows in, seconds) into the completion records and the run manifest. A stage never raises
+on a bad row.
 
 pyarrow is imported where a batch is handled, not at import time, so the model methods of a stage
 (`detect`, `caption_images`) can be driven on a machine with only torch and transformers.
@@ -19,12 +22,14 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
 
 from schemas.columns import COLUMNS, REJECT_COLUMNS, REJECT_MESSAGE, REJECT_REASON, REJECT_STAGE
 from schemas.rejects import RejectReason
+from vesl.core.models import describe_pretrained, load_pretrained, load_processor, resolve_device, resolve_dtype
 from vesl.core.settings import Settings
 from vesl.core.text import MAX_MESSAGE_CHARS, describe_error
 
@@ -32,15 +37,48 @@ if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import
     import pyarrow as pa
 
 log = logging.getLogger("vesl.stage")
+SECONDS_PREFIX = "__vesl_seconds__"  # + stage name: that stage's seconds per row it handled (null: not handled)
 
 class StageConfig(Settings):
     """Base of a stage's config section (`[stage name]` in the annotate config)."""
 
 
+class ModelStageConfig(StageConfig):
+    """The settings of a stage that holds a Hugging Face model, and the one way such a stage loads it:
+    safetensors only, remote code off unless `trust_remote_code`, the same `from_pretrained` for a hub id
+    and a local path. A stage redeclares `model` (its default) and any field whose default differs."""
+
+    model: str = Field(description="Hub id or local path of the model.")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin; the "
+                                 "footer records the resolved commit.")
+    trust_remote_code: bool = Field(default=False, description="Allow the model repo's own Python code.")
+    batch_size: int = Field(default=16, ge=1, description="Rows per model call.")
+    device: str = Field(default="auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="'auto': bfloat16 on CUDA, float32 on the CPU.")
+    attn_implementation: str | None = Field(default="sdpa", description="'sdpa', 'eager', 'flash_attention_2', "
+                                            "or None: transformers' choice.")
+
+    def load_model(self, model_cls: Any) -> tuple[Any, str, Any]:
+        """(MODEL_CLS.from_pretrained(self.model) in eval mode on its device, the device, the dtype)."""
+        device = resolve_device(self.device)
+        dtype = resolve_dtype(self.dtype, device)
+        model = load_pretrained(model_cls, self.model, revision=self.revision, trust_remote_code=self.trust_remote_code,
+                                device=device, dtype=dtype, attn_implementation=self.attn_implementation)
+        return model, device, dtype
+
+    def load_processor(self, **kwargs: Any) -> Any:
+        return load_processor(self.model, revision=self.revision, trust_remote_code=self.trust_remote_code, **kwargs)
+
+    def describe(self) -> dict[str, str]:
+        """What the footer's `vesl.models` records about the model (read from its config, no weights loaded)."""
+        return describe_pretrained(self.model, self.revision, self.trust_remote_code)
+
+
 @dataclass(frozen=True)
 class Resources:
     """What a stage runs on. The pool sizes and per-actor CPUs/GPUs are derived from the cluster
-    (`vesl.resources.plan_pools`) unless `ray.pools.<stage>` sets them."""
+    (`vesl.annotate.pools.plan_pools`) unless `ray.pools.<stage>` sets them."""
 
     actor: bool = True  # an actor pool whose actors hold a model; False: stateless Ray Data tasks
     gpu: bool = False  # takes a share of the cluster's GPUs when it has any (and the config's device allows)
@@ -77,8 +115,9 @@ class Stage:
         self.drop = tuple(drop)  # columns no later stage reads (set by the wiring)
 
     # -- what a stage implements ------------------------------------------------------------------
-    def process(self, table: pa.Table, rows: Sequence[int]) -> Mapping[int, dict[str, Any] | Reject]:
-        """For each row index in ROWS (none rejected yet): its values of `writes`, or a Reject."""
+    def process(self, batch: pa.Table) -> Sequence[dict[str, Any] | Reject]:
+        """For each row of BATCH (rows no stage has rejected, only the columns of `reads`), in order: its
+        values of `writes`, or a Reject."""
         raise NotImplementedError
 
     @classmethod
@@ -109,15 +148,26 @@ class Stage:
     def chunk_rows(self) -> int | None:
         return None if self.resources.whole_blocks else getattr(self.config, "batch_size", None)
 
+    def view(self, table: pa.Table) -> pa.Table:
+        """The columns of `reads`, and only those (a declared column the batch lacks is all nulls)."""
+        import pyarrow as pa
+
+        columns = {c: table.column(c) if c in table.column_names else pa.nulls(table.num_rows, self.type_of(c))
+                   for c in self.reads}
+        return pa.table(columns) if columns else table.select([])
+
     def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table:
+        import pyarrow as pa
+
         started = time.perf_counter()
         table = as_table(batch)
+        view = self.view(table)
         values: dict[str, list[Any]] = {c: [None] * table.num_rows for c in self.writes}
         rejects: dict[int, tuple[str, str]] = {}
         rows = pending_rows(table)
         size = self.chunk_rows() or max(1, len(rows))
         for start in range(0, len(rows), size):
-            done, failed = run_isolating_rows(rows[start:start + size], lambda chunk: self._run(table, chunk),
+            done, failed = run_isolating_rows(rows[start:start + size], lambda chunk: self._run(view, chunk),
                                               self.error_reason)
             rejects.update(failed)
             for r, result in done.items():
@@ -130,22 +180,27 @@ class Stage:
             table = put_column(table, column, values[column], self.type_of(column))
         table = table.drop_columns([c for c in self.drop if c in table.column_names])
         table = mark_rejects(table, self.name, rejects)
+        seconds = time.perf_counter() - started
+        per_row = np.full(table.num_rows, np.nan)
+        per_row[rows] = seconds / max(1, len(rows))
+        table = put_column(table, SECONDS_PREFIX + self.name, per_row, pa.float64(), nan_is_null=True)
         log.debug("stage %s: %d rows (%d pending, %d rejected here) in %.3f s", self.name, table.num_rows,
-                  len(rows), len(rejects), time.perf_counter() - started)
+                  len(rows), len(rejects), seconds)
         return table
 
-    def _run(self, table: pa.Table, chunk: Sequence[int]) -> dict[int, Any]:
-        results = dict(self.process(table, chunk))
-        for r in chunk:
-            result = results.get(r)
-            if result is None:
-                raise RuntimeError(f"stage {self.name} returned no result for row {r}")
+    def _run(self, view: pa.Table, chunk: Sequence[int]) -> dict[int, Any]:
+        import pyarrow as pa
+
+        results = list(self.process(view.take(pa.array(chunk, pa.int64()))))
+        if len(results) != len(chunk):
+            raise RuntimeError(f"stage {self.name} returned {len(results)} results for {len(chunk)} rows")
+        for result in results:
             if isinstance(result, Reject) and result.reason not in self.reasons:
                 raise ValueError(f"stage {self.name} rejected a row as {result.reason!r}, which it does not "
                                  f"declare in `reasons` {[str(x) for x in self.reasons]}")
             if not isinstance(result, Reject) and set(result) != set(self.writes):
                 raise ValueError(f"stage {self.name} wrote {sorted(result)}; it declares {sorted(self.writes)}")
-        return results
+        return dict(zip(chunk, results))
 
 
 def run_stage_task(batch: pa.Table | Mapping[str, Any], stage: type[Stage], config: StageConfig,
@@ -170,11 +225,13 @@ def as_table(batch: pa.Table | Mapping[str, Any]) -> pa.Table:
     return table
 
 
-def put_column(table: pa.Table, name: str, values: Sequence[Any] | pa.Array, type: pa.DataType) -> pa.Table:
+def put_column(table: pa.Table, name: str, values: Sequence[Any] | pa.Array, type: pa.DataType,
+               nan_is_null: bool = False) -> pa.Table:
     """Set column NAME (replacing it if present) with an explicit Arrow type."""
     import pyarrow as pa
 
-    array = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=type)
+    array = (values if isinstance(values, (pa.Array, pa.ChunkedArray))
+             else pa.array(values, type=type, from_pandas=nan_is_null))
     if array.type != type:
         array = array.cast(type)
     index = table.schema.get_field_index(name)

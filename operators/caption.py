@@ -7,23 +7,21 @@ whose processor has a chat template ("Describe this image in detail.", as VeCap 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from PIL import Image
 from pydantic import Field
 
-from operators.base import Reject, Resources, Stage, StageConfig, image_from_row
+from operators.base import ModelStageConfig, Reject, Resources, Stage, image_from_row
 from schemas.region_text import CaptionSource
 from schemas.rejects import RejectReason as R
-from vesl.core.models import describe_pretrained, load_pretrained, load_processor, resolve_device, resolve_dtype
 from vesl.core.text import clean_text, normalize_text
 
 if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import time
     import pyarrow as pa
 
 
-class CaptionConfig(StageConfig):
+class CaptionConfig(ModelStageConfig):
     mode: Literal["model", "alt_text"] = Field(
         default="model", description="'model': the captioner describes the image. 'alt_text': no model, the "
         "row's alt-text stands as its caption (the alt-ngram ablation; a row without alt-text is a reject).")
@@ -32,8 +30,6 @@ class CaptionConfig(StageConfig):
         description="Hub id or local path of an image-to-text model (AutoModelForImageTextToText): an instruction "
         "VLM with prompt_style chat (the default, as VeCap), or a BLIP-style captioner with prompt_style prefix.",
     )
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin.")
-    trust_remote_code: bool = Field(default=False, description="Allow the model repo's own Python code.")
     prompt_style: Literal["prefix", "chat"] = Field(
         default="chat",
         description="'prefix': PROMPT is a caption prefix (BLIP). 'chat': PROMPT is a user turn "
@@ -46,8 +42,6 @@ class CaptionConfig(StageConfig):
     num_beams: int = Field(default=1, ge=1, description="Beam search width (1 = greedy).")
     repetition_penalty: float = Field(default=1.05, gt=0)
     batch_size: int = Field(default=16, ge=1, description="Images per generate() call.")
-    device: str = Field(default="auto", description="'auto' (CUDA if present), 'cpu', 'cuda', 'cuda:1', ...")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = Field(
         default=None, description="None: transformers' choice (SDPA where the model supports it; BLIP has "
         "only its own eager attention); or 'sdpa', 'eager', 'flash_attention_2'.")
@@ -83,17 +77,8 @@ class CaptionImages(Stage):
         super().__init__(config, **kwargs)
         if self.config.mode == "alt_text":
             return  # no model
-        self.device = resolve_device(self.config.device)
-        self.dtype = resolve_dtype(self.config.dtype, self.device)
-        self.processor = load_processor(
-            self.config.model, revision=self.config.revision, trust_remote_code=self.config.trust_remote_code,
-            **self.config.processor_kwargs,
-        )
-        self.model = load_pretrained(
-            AutoModelForImageTextToText, self.config.model, revision=self.config.revision,
-            trust_remote_code=self.config.trust_remote_code, device=self.device, dtype=self.dtype,
-            attn_implementation=self.config.attn_implementation,
-        )
+        self.processor = self.config.load_processor(**self.config.processor_kwargs)
+        self.model, self.device, self.dtype = self.config.load_model(AutoModelForImageTextToText)
         self._torch = torch
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None and self.config.prompt_style == "chat":
@@ -133,20 +118,19 @@ class CaptionImages(Stage):
     def describe_models(cls, config: CaptionConfig) -> dict[str, Any]:
         if config.mode == "alt_text":
             return {"captioner": {"id": None, "mode": "alt_text"}}
-        return {"captioner": describe_pretrained(config.model, config.revision, config.trust_remote_code)}
+        return {"captioner": config.describe()}
 
     @classmethod
     def wants_gpu(cls, config: CaptionConfig) -> bool:
         return config.mode == "model" and super().wants_gpu(config)
 
-    def process(self, table: pa.Table, rows: Sequence[int]) -> dict[int, dict[str, Any] | Reject]:
+    def process(self, batch: pa.Table) -> list[dict[str, Any] | Reject]:
         if self.config.mode == "alt_text":
-            alts = table.column("alt_text").to_pylist()
-            texts = {r: clean_text(alts[r], self.config.max_caption_chars) for r in rows}
-            return {r: {"caption": text, "vlm_caption": None, "caption_source": CaptionSource.ALT_TEXT.value}
+            texts = [clean_text(alt, self.config.max_caption_chars) for alt in batch.column("alt_text").to_pylist()]
+            return [{"caption": text, "vlm_caption": None, "caption_source": CaptionSource.ALT_TEXT.value}
                     if text else Reject(R.EMPTY_CAPTION, "no alt-text to stand as the caption (caption.mode=alt_text)")
-                    for r, text in texts.items()}
-        captions = self.caption_images([Image.fromarray(image_from_row(table, r)) for r in rows])
-        return {r: {"caption": text, "vlm_caption": text, "caption_source": CaptionSource.VLM.value}
+                    for text in texts]
+        captions = self.caption_images([Image.fromarray(image_from_row(batch, r)) for r in range(batch.num_rows)])
+        return [{"caption": text, "vlm_caption": text, "caption_source": CaptionSource.VLM.value}
                 if text and text.strip() else Reject(R.EMPTY_CAPTION, "the captioner produced no text for this image")
-                for r, text in zip(rows, captions)}
+                for text in captions]

@@ -9,7 +9,6 @@ normalised boxes of the original.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -77,14 +76,11 @@ class DecodeImages(Stage):
         return {"width": width, "height": height, "pixels": image.tobytes(), "pixel_width": image.size[0],
                 "pixel_height": image.size[1], "image_bytes": data if config.embed_images else None}
 
-    def process(self, table: pa.Table, rows: Sequence[int]) -> dict[int, dict[str, Any] | Reject]:
-        n = table.num_rows
-        uris = table.column("image_uri").to_pylist() if "image_uri" in table.column_names else [None] * n
-        blobs = table.column("image_bytes").to_pylist() if "image_bytes" in table.column_names else [None] * n
-        out: dict[int, dict[str, Any] | Reject] = {}
-        for i in rows:
+    def process(self, batch: pa.Table) -> list[dict[str, Any] | Reject]:
+        out: list[dict[str, Any] | Reject] = []
+        for uri, data in zip(batch.column("image_uri").to_pylist(), batch.column("image_bytes").to_pylist()):
             try:
-                out[i] = self.decode_row(uris[i], blobs[i])
+                out.append(self.decode_row(uri, data))
             except DecodeError as e:
-                out[i] = Reject(R(e.reason), str(e))
+                out.append(Reject(R(e.reason), str(e)))
         return out

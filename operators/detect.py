@@ -16,18 +16,15 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field
 
-from operators.base import Reject, Resources, Stage, StageConfig, image_from_row
+from operators.base import ModelStageConfig, Reject, Resources, Stage, image_from_row
 from schemas.rejects import RejectReason as R
-from vesl.core.models import describe_pretrained, load_pretrained, load_processor, resolve_device, resolve_dtype
 
 if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import time
     import pyarrow as pa
 
 
-class DetectConfig(StageConfig):
+class DetectConfig(ModelStageConfig):
     model: str = Field(default="google/owlv2-base-patch16-ensemble", description="OWLv2 hub id or local path.")
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin.")
-    trust_remote_code: bool = Field(default=False)
     threshold: float = Field(default=0.1, ge=0.0, le=1.0, description="Keep boxes scoring above this (CLOC: 0.1).")
     nms_iou: float | None = Field(
         default=None, gt=0.0, le=1.0,
@@ -41,9 +38,6 @@ class DetectConfig(StageConfig):
     )
     max_query_tokens: int = Field(default=16, ge=2, description="Tokens per text query (OWLv2 was trained with 16).")
     batch_size: int = Field(default=8, ge=1, description="Images per forward pass.")
-    device: str = Field(default="auto", description="'auto' (CUDA if present), 'cpu', 'cuda', ...")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: str | None = Field(default="sdpa", description="'sdpa', 'eager', 'flash_attention_2', ...")
     preprocess: Literal["torch", "hf"] = Field(
         default="torch", description="'torch': our OWLv2 preprocessing on the detector's device; 'hf': the "
         "processor's own (CPU, NumPy/SciPy).")
@@ -146,16 +140,8 @@ class DetectRegions(Stage):
         from operators.owlv2_preprocess import Owlv2Preprocess
 
         super().__init__(config, **kwargs)
-        self.device = resolve_device(self.config.device)
-        self.dtype = resolve_dtype(self.config.dtype, self.device)
-        self.processor = load_processor(
-            self.config.model, revision=self.config.revision, trust_remote_code=self.config.trust_remote_code
-        )
-        self.model = load_pretrained(
-            Owlv2ForObjectDetection, self.config.model, revision=self.config.revision,
-            trust_remote_code=self.config.trust_remote_code, device=self.device, dtype=self.dtype,
-            attn_implementation=self.config.attn_implementation,
-        )
+        self.processor = self.config.load_processor()
+        self.model, self.device, self.dtype = self.config.load_model(Owlv2ForObjectDetection)
         self.preprocess = None
         if self.config.preprocess == "torch":
             try:
@@ -237,20 +223,20 @@ class DetectRegions(Stage):
 
     @classmethod
     def describe_models(cls, config: DetectConfig) -> dict[str, Any]:
-        return {"detector": describe_pretrained(config.model, config.revision, config.trust_remote_code)}
+        return {"detector": config.describe()}
 
     @classmethod
     def thresholds(cls, config: DetectConfig) -> dict[str, Any]:
         return {"detect_threshold": config.threshold, "nms_iou": config.nms_iou, "top_k": config.top_k,
                 "min_box_pixels": config.min_box_pixels}
 
-    def process(self, table: pa.Table, rows: Sequence[int]) -> dict[int, dict[str, Any] | Reject]:
-        phrases = table.column("phrases").to_pylist()
-        sources = table.column("phrase_sources").to_pylist()
-        out: dict[int, dict[str, Any] | Reject] = {r: {"regions": []} for r in rows if not phrases[r]}
-        work = [r for r in rows if phrases[r]]  # a row with no phrases has no regions: not a reject
+    def process(self, batch: pa.Table) -> list[dict[str, Any] | Reject]:
+        phrases = batch.column("phrases").to_pylist()
+        sources = batch.column("phrase_sources").to_pylist()
+        out: list[dict[str, Any] | Reject] = [{"regions": []} for _ in phrases]  # no phrases: no regions, no reject
+        work = [r for r, p in enumerate(phrases) if p]
         if work:
-            found = self.detect([image_from_row(table, r) for r in work], [phrases[r] for r in work])
+            found = self.detect([image_from_row(batch, r) for r in work], [phrases[r] for r in work])
             for r, dets in zip(work, found):
                 out[r] = {"regions": [{"box": box.tolist(), "phrase": phrases[r][q], "score": score,
                                        "source": sources[r][q]} for box, q, score in dets]}

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from operators.base import Reject, Resources, Stage, StageConfig
+from operators.base import ModelStageConfig, Reject, Resources, Stage
 from schemas.region_text import CaptionSource
 from schemas.rejects import RejectReason as R
-from vesl.core.models import describe_pretrained, load_pretrained, resolve_device, resolve_dtype
 from vesl.core.text import clean_text
 
 if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import time
@@ -52,14 +51,12 @@ _URL = re.compile(r"^(https?://|www\.)\S+$", re.IGNORECASE)
 _WORD = re.compile(r"[^\W\d_]+")
 
 
-class FuseConfig(StageConfig):
+class FuseConfig(ModelStageConfig):
     enabled: bool = Field(default=True, description="Fuse the VLM caption with the alt-text (VeCap). False: the "
                           "VLM caption stands and no LLM is loaded.")
     model: str = Field(default="Qwen/Qwen2.5-1.5B-Instruct",
                        description="Hub id or local path of an instruction-tuned text LLM (AutoModelForCausalLM) "
                        "whose tokenizer has a chat template.")
-    revision: str | None = Field(default=None, description="Hub revision (branch, tag or commit) to pin.")
-    trust_remote_code: bool = Field(default=False)
     max_alt_chars: int = Field(default=400, ge=1, description="The alt-text is cut to this many characters "
                                "(at a word boundary) before it enters the prompt.")
     max_new_tokens: int = Field(default=96, ge=1, description="Longest fused caption, in generated tokens.")
@@ -68,9 +65,6 @@ class FuseConfig(StageConfig):
     repetition_penalty: float = Field(default=1.05, gt=0)
     max_caption_chars: int = Field(default=2000, ge=1, description="Fused captions are cut to this many characters.")
     batch_size: int = Field(default=16, ge=1, description="Prompts per generate() call (left-padded).")
-    device: str = Field(default="auto", description="'auto' (CUDA if present), 'cpu', 'cuda', ...")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: str | None = Field(default="sdpa", description="'sdpa', 'eager', 'flash_attention_2', ...")
 
 
 def cap_words(text: str, limit: int) -> str:
@@ -140,8 +134,6 @@ class FuseCaptions(Stage):
 
         super().__init__(config, **kwargs)
         cfg = self.config
-        self.device = resolve_device(cfg.device)
-        self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision,
                                                        trust_remote_code=cfg.trust_remote_code)
         if self.tokenizer.chat_template is None:
@@ -149,15 +141,12 @@ class FuseCaptions(Stage):
         self.tokenizer.padding_side = "left"  # decoder-only generation continues from the right edge
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = load_pretrained(AutoModelForCausalLM, cfg.model, revision=cfg.revision,
-                                     trust_remote_code=cfg.trust_remote_code, device=self.device, dtype=self.dtype,
-                                     attn_implementation=cfg.attn_implementation)
+        self.model, self.device, self.dtype = cfg.load_model(AutoModelForCausalLM)
         self._torch = torch
-        self.calls = 0  # generate() calls this actor made
 
     @classmethod
     def describe_models(cls, config: FuseConfig) -> dict[str, Any]:
-        return {"fuser": describe_pretrained(config.model, config.revision, config.trust_remote_code)}
+        return {"fuser": config.describe()}
 
     def prompts(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
         return [self.tokenizer.apply_chat_template(fusion_messages(c, a), add_generation_prompt=True, tokenize=False)
@@ -172,17 +161,16 @@ class FuseCaptions(Stage):
             out = self.model.generate(**enc, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
                                       num_beams=cfg.num_beams, repetition_penalty=cfg.repetition_penalty,
                                       do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-        self.calls += 1
         answers = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         return [clean_fused(a, cfg.max_caption_chars) for a in answers]
 
-    def process(self, table: pa.Table, rows: Sequence[int]) -> dict[int, dict[str, Any] | Reject]:
-        captions = table.column("caption").to_pylist()
-        sources = table.column("caption_source").to_pylist()
-        alts = table.column("alt_text").to_pylist()
-        out: dict[int, dict[str, Any] | Reject] = {}
+    def process(self, batch: pa.Table) -> list[dict[str, Any] | Reject]:
+        captions = batch.column("caption").to_pylist()
+        sources = batch.column("caption_source").to_pylist()
+        alts = batch.column("alt_text").to_pylist()
+        out: list[dict[str, Any] | Reject | None] = [None] * batch.num_rows
         work = []
-        for r in rows:
+        for r in range(batch.num_rows):
             alt = cap_words(clean_text(alts[r], self.config.max_alt_chars * 4), self.config.max_alt_chars)
             if sources[r] != CaptionSource.VLM or skip_reason(alt, captions[r]):
                 # nothing to fuse (or no VLM caption to fuse into): the caption stands

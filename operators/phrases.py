@@ -9,7 +9,7 @@ keeps its source ("caption" or "alt_text"); a phrase found in both counts once, 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
@@ -159,8 +159,6 @@ class ExtractPhrases(Stage):
     def thresholds(cls, config: PhraseConfig) -> dict[str, Any]:
         return {"max_phrases": config.max_phrases}
 
-    def process(self, table: pa.Table, rows: Sequence[int]) -> dict[int, dict[str, Any] | Reject]:
-        captions = table.column("caption").to_pylist()
-        alts = table.column("alt_text").to_pylist()
-        found = self.extract([captions[r] for r in rows], [alts[r] for r in rows])
-        return {r: {"phrases": p, "phrase_sources": o} for r, (p, o) in zip(rows, found)}
+    def process(self, batch: pa.Table) -> list[dict[str, Any] | Reject]:
+        found = self.extract(batch.column("caption").to_pylist(), batch.column("alt_text").to_pylist())
+        return [{"phrases": p, "phrase_sources": o} for p, o in found]

@@ -2,11 +2,14 @@
 
 Adding a stage: one file in operators/ and one line here.
 
-Everything else reads this list: the wiring (`vesl.jobs.annotate.build`), the config sections
-(`vesl.config`), the actor pools (`vesl.resources`), the funnel and the label hash.
+Everything else reads this list: the wiring (`vesl.annotate.job.build`), the config sections
+(`vesl.annotate.config`), the actor pools (`vesl.annotate.pools`), the funnel and the label hash.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 from operators.base import Stage
 from operators.caption import CaptionImages
@@ -76,4 +79,26 @@ def drops_after(chain: tuple[type[Stage], ...] | None = None) -> dict[str, tuple
         later = {c for s in chain[i + 1:] for c in s.reads}
         out[stage.name] = tuple(sorted(c for c in written if c not in later and c not in kept
                                        and (c in stage.reads or c in stage.writes)))
+    return out
+
+
+def stage_totals(by_reason: Mapping[str, int]) -> dict[str, int]:
+    """Reject counts by stage from counts by "stage/reason": {'decode/not_found': 2, 'decode/empty_file': 1}
+    -> {'decode': 3}."""
+    by_stage: dict[str, int] = {}
+    for key, n in by_reason.items():
+        stage = key.split("/", 1)[0]
+        by_stage[stage] = by_stage.get(stage, 0) + n
+    return dict(sorted(by_stage.items()))
+
+
+def funnel(inputs: int, by_stage: Mapping[str, int], steps: list[str]) -> list[dict[str, Any]]:
+    """Per step of STEPS (`funnel_steps`: the reader first), in order: how many inputs entered it, how
+    many it rejected, how many went on. The last step's `passed` must equal the number of output rows. A
+    stage that rejected inputs but is not in STEPS (an OUTPUT written with other stages) comes last."""
+    out, entered = [], inputs
+    for stage in list(steps) + sorted(set(by_stage) - set(steps)):
+        rejected = int(by_stage.get(stage, 0))
+        out.append({"stage": stage, "entered": entered, "rejected": rejected, "passed": entered - rejected})
+        entered -= rejected
     return out

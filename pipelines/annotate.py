@@ -1,4 +1,4 @@
-"""Entrypoint of the annotate job (the job itself is `vesl.jobs.annotate`):
+"""Entrypoint of the annotate job (the job itself is `vesl.annotate.job`):
 
     python pipelines/annotate.py INPUT OUTPUT [--config FILE.yaml] [--preset tiny] [--set k=v ...]
 
@@ -16,6 +16,6 @@ from pipelines.preflight import require_dependencies  # noqa: E402  (standard li
 
 if __name__ == "__main__":
     require_dependencies("vesl annotate")
-    from vesl.jobs.annotate import main
+    from vesl.annotate.job import main
 
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Entrypoint of the CLOC training job (the job itself is `vesl.jobs.train`):
+"""Entrypoint of the CLOC training job (the job itself is `vesl.cloc.job`):
 
     python pipelines/train.py SHARDS OUT [--config FILE.yaml] [--preset tiny] [--set k=v ...] [--overwrite]
 
@@ -15,6 +15,6 @@ from pipelines.preflight import require_dependencies  # noqa: E402  (standard li
 
 if __name__ == "__main__":
     require_dependencies("vesl train")
-    from vesl.jobs.train import main
+    from vesl.cloc.job import main
 
     sys.exit(main())

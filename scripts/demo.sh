@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export HF_HUB_OFFLINE=1
-.venv/bin/python pipelines/annotate.py vesl/sample/manifest.jsonl out/demo --preset tiny --overwrite "$@"
+.venv/bin/python pipelines/annotate.py vesl/fixtures/sample/manifest.jsonl out/demo --preset tiny --overwrite "$@"
 .venv/bin/python - <<'PY'
 import pandas as pd
 df = pd.read_parquet("out/demo/data")

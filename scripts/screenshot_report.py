@@ -1,6 +1,6 @@
 """Screenshot of an HTML report in headless Chromium (how docs/report.png is made).
 
-    .venv/bin/vesl annotate vesl/sample/manifest.jsonl out/demo --preset tiny --overwrite
+    .venv/bin/vesl annotate vesl/fixtures/sample/manifest.jsonl out/demo --preset tiny --overwrite
     .venv/bin/vesl inspect out/demo --out out/demo-report.html --sample 6
     .venv/bin/python scripts/screenshot_report.py out/demo-report.html docs/report.png --max-height 2050 --scale 0.7
 """

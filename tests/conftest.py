@@ -14,13 +14,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "vesl" / "sample"
+SAMPLE = REPO / "vesl" / "fixtures" / "sample"
 
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """Tiny random-weight models, built offline into a session folder (and exported for presets)."""
-    from vesl.tiny import build_tiny_models
+    from vesl.fixtures.tiny import build_tiny_models
 
     root = tmp_path_factory.mktemp("tiny-models")
     build_tiny_models(root)
@@ -58,8 +58,8 @@ def ray_local():
 
 
 def photo(width: int, height: int, seed: int = 0, mode: str = "RGB") -> Image.Image:
-    """A real-looking test image (vesl.hostile's generator) in MODE."""
-    from vesl.hostile import photo as rgb_photo
+    """A real-looking test image (vesl.fixtures.hostile's generator) in MODE."""
+    from vesl.fixtures.hostile import photo as rgb_photo
 
     return rgb_photo(width, height, seed).convert(mode)
 

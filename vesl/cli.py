@@ -7,19 +7,19 @@ import sys
 
 
 def annotate(argv: list[str]) -> int:
-    from vesl.jobs.annotate import main as annotate_main
+    from vesl.annotate.job import main as annotate_main
 
     return annotate_main(argv)
 
 
 def train(argv: list[str]) -> int:
-    from vesl.jobs.train import main as train_main
+    from vesl.cloc.job import main as train_main
 
     return train_main(argv)
 
 
 def inspect(argv: list[str]) -> int:
-    from vesl.inspect import main as inspect_main
+    from vesl.shards.inspect import main as inspect_main
 
     return inspect_main(argv)
 
@@ -28,7 +28,7 @@ PASS_THROUGH = {"annotate": annotate, "train": train, "inspect": inspect}  # sub
 
 
 def parser() -> argparse.ArgumentParser:
-    from vesl.config import preset_names
+    from vesl.annotate.config import preset_names
 
     p = argparse.ArgumentParser(prog="vesl", description="region-text training data: annotate, train, inspect, eval, "
                                 "config, sample, models")
@@ -53,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-rows", type=int, default=64)
     show = sub.add_parser("config", help="print the full annotate config (defaults, preset, file, --set) as YAML")
     show.add_argument("--config", help="YAML config file")
-    show.add_argument("--preset", choices=preset_names(), help="a preset of vesl/presets/ (e.g. paper, fast, "
+    show.add_argument("--preset", choices=preset_names(), help="a preset of vesl/annotate/presets/ (e.g. paper, fast, "
                       "alt-ngram, tiny)")
     show.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     sample = sub.add_parser("sample", help="write sample inputs")
@@ -78,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
 def show_config(args) -> int:
     import yaml
 
-    from vesl.config import load_config
+    from vesl.annotate.config import load_config
 
     config = load_config(args.config, args.preset, args.overrides)
     print(yaml.safe_dump(config.public_dict(), sort_keys=False), end="")
@@ -119,7 +119,7 @@ def write_sample(args) -> int:
         print(json.dumps(write_shapes_dataset(args.dir, args.images, seed=args.seed, size=args.size,
                                               embed_images=not args.no_embed)))
         return 0
-    from vesl.hostile import write_hostile_sample
+    from vesl.fixtures.hostile import write_hostile_sample
 
     manifest, expected = write_hostile_sample(args.dir)
     valid = sum(v is None for v in expected.values())
@@ -129,7 +129,7 @@ def write_sample(args) -> int:
 
 
 def build_models(args) -> int:
-    from vesl.tiny import build_tiny_models
+    from vesl.fixtures.tiny import build_tiny_models
 
     for name, path in build_tiny_models(args.dir, overwrite=args.overwrite).items():
         print(f"{name}: {path}")

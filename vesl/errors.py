@@ -25,6 +25,14 @@ EXIT_OK, EXIT_ACCOUNTING, EXIT_USAGE, EXIT_DISK_FULL, EXIT_PERMISSION, EXIT_UNRE
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
+class OutputConflictError(RuntimeError):
+    """OUTPUT holds something a run must not write into or resume (exit 2, before any work)."""
+
+
+class CorruptStateError(OutputConflictError):
+    """A file of OUTPUT's own state (run state, plan, completion record) or a shard cannot be read."""
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
 
@@ -107,6 +115,6 @@ def one_line(error: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-__all__ = ["EXIT_ACCOUNTING", "EXIT_DISK_FULL", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_PERMISSION",
-           "EXIT_TERMINATED", "EXIT_UNREACHABLE", "EXIT_USAGE", "Terminated", "causes", "classify",
-           "install_stop_handlers", "one_line", "storage_problem"]
+__all__ = ["CorruptStateError", "EXIT_ACCOUNTING", "EXIT_DISK_FULL", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK",
+           "EXIT_PERMISSION", "EXIT_TERMINATED", "EXIT_UNREACHABLE", "EXIT_USAGE", "OutputConflictError", "Terminated",
+           "causes", "classify", "install_stop_handlers", "one_line", "storage_problem"]

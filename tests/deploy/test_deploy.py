@@ -86,7 +86,7 @@ def test_cluster_shape_cpu_head_and_autoscaling_gpu_workers():
     assert gpu["minReplicas"] == 0 < gpu["maxReplicas"]
     assert gpu["template"]["spec"]["nodeSelector"]
     # the GPU group can hold every GPU actor deploy/cluster.yaml asks for
-    from vesl.config import load_config
+    from vesl.annotate.config import load_config
 
     config = load_config(str(DEPLOY / "cluster.yaml"))
     gpu_stages = [s.name for s in config.active_stages() if s.resources.gpu]
@@ -117,8 +117,8 @@ def test_credentials_only_from_a_secret():
 
 
 def test_entrypoint_is_one_the_cli_accepts():
-    from vesl.config import load_config
-    from vesl.jobs.annotate import parser
+    from vesl.annotate.config import load_config
+    from vesl.annotate.job import parser
 
     argv = shlex.split(load("RayJob")["spec"]["entrypoint"])
     assert argv[0] == "python" and argv[1] == f"{IMAGE_ROOT}/pipelines/annotate.py"

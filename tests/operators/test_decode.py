@@ -11,7 +11,7 @@ from operators.decode import DecodeConfig, DecodeImages
 from schemas.columns import REJECT_REASON
 from tests.conftest import encode, photo
 from vesl.core.images import decode_image
-from vesl.hostile import bomb_png
+from vesl.fixtures.hostile import bomb_png
 
 
 def exif_rotated_jpeg() -> bytes:

@@ -81,7 +81,7 @@ def test_rows_with_nothing_to_fuse_make_no_llm_call(fuser):
 
 
 def test_a_switched_off_fusion_is_left_out_of_the_job():
-    from vesl.config import load_config
+    from vesl.annotate.config import load_config
 
     assert "fuse" in [s.name for s in load_config().active_stages()]
     assert "fuse" not in [s.name for s in load_config(overrides=["fuse.enabled=false"]).active_stages()]

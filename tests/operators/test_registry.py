@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from operators import registry
-from operators.base import Reject, Stage
+from operators.base import SECONDS_PREFIX, Reject, Stage
 from schemas.columns import READER_COLUMNS
 from schemas.rejects import RejectReason
 from tests.conftest import REPO
@@ -57,8 +57,9 @@ def test_a_stage_rejecting_with_an_undeclared_reason_costs_that_row_not_the_batc
     class Sloppy(UpperCaseCaption):
         name = "sloppy"
 
-        def process(self, table, rows):
-            return {r: Reject(RejectReason.TOO_SMALL, "not mine to say") if r == 1 else {"caption": "x"} for r in rows}
+        def process(self, batch):
+            return [Reject(RejectReason.TOO_SMALL, "not mine to say") if c == "two" else {"caption": "x"}
+                    for c in batch.column("caption").to_pylist()]
 
     out = Sloppy()(pa.table({"image_id": ["a", "b"], "caption": ["one", "two"]}))
     assert out.column("caption").to_pylist() == ["x", None]
@@ -72,22 +73,46 @@ def test_the_base_isolates_rows_skips_rejected_ones_and_times_the_stage(caplog):
     class Fussy(UpperCaseCaption):
         name = "fussy"
 
-        def process(self, table, rows):
-            calls.append(list(rows))
-            if 2 in rows:
-                raise RuntimeError("row 2 breaks the model")
-            return super().process(table, rows)
+        def process(self, batch):
+            captions = batch.column("caption").to_pylist()
+            calls.append(captions)
+            if "boom" in captions:
+                raise RuntimeError("boom breaks the model")
+            return super().process(batch)
 
     stage = Fussy(UpperConfig(batch_size=2))
     caplog.set_level("DEBUG", logger="vesl.stage")
     out = stage(pa.table({"image_id": ["a", "b", "c", "d"], "caption": ["a cat", "a dog", "boom", "an owl"],
                           "reject_stage": ["read", None, None, None], "reject_reason": ["duplicate", None, None, None],
                           "reject_message": ["x", None, None, None]}))
-    assert calls == [[1, 2], [1], [2], [3]]  # row 0 was rejected before; the chunk [1, 2] retried row by row
+    # row 0 was rejected before; the chunk of rows 1 and 2 is retried row by row
+    assert calls == [["a dog", "boom"], ["a dog"], ["boom"], ["an owl"]]
     assert out.column("caption").to_pylist() == [None, "A DOG", None, "AN OWL"]
     assert out.column("reject_reason").to_pylist() == ["duplicate", None, "model_error", None]
     assert out.column("reject_stage").to_pylist() == ["read", None, "fussy", None]
     assert re.match(r"stage fussy: 4 rows \(3 pending, 1 rejected here\) in \d+\.\d{3} s", caplog.messages[-1])
+    seconds = out.column(SECONDS_PREFIX + "fussy").to_pylist()  # the stage's time, per row it handled
+    assert seconds[0] is None and all(s is not None and s > 0 for s in seconds[1:])
+
+
+def test_a_stage_sees_only_the_columns_it_reads():
+    seen = []
+
+    class Nosy(UpperCaseCaption):
+        name = "nosy"
+
+        def process(self, batch):
+            seen.append(batch.column_names)
+            batch.column("alt_text")  # not in `reads`: not there (a KeyError, so the row is rejected)
+            return super().process(batch)
+
+    table = pa.table({"image_id": ["a", "b"], "caption": ["a cat", "a dog"], "alt_text": ["Tom", "Rex"],
+                      "pixels": [b"\x00" * 3, b"\x00" * 3]})
+    out = Nosy()(table)
+    assert seen and all(columns == ["caption"] for columns in seen)  # exactly `reads`, nothing else
+    assert out.column("reject_reason").to_pylist() == ["model_error", "model_error"]
+    assert "alt_text" in out.column("reject_message")[0].as_py()
+    assert out.column("alt_text").to_pylist() == ["Tom", "Rex"]  # the batch itself keeps every column
 
 
 @pytest.fixture
@@ -100,8 +125,8 @@ def with_upper(monkeypatch):
 
 
 def test_a_new_stage_gets_config_pools_funnel_and_label_hash_with_no_other_edit(with_upper):
-    from vesl.config import load_config
-    from vesl.resources import plan_pools
+    from vesl.annotate.config import load_config
+    from vesl.annotate.pools import plan_pools
 
     registry.check_chain()
     config = load_config(overrides=["upper.refuse=sofa", "ray.pools.upper.size=2"])
@@ -122,8 +147,8 @@ def test_a_new_stage_runs_in_the_annotate_job_with_no_other_edit(with_upper, tmp
     own, its rejects are accounted, and the funnel and the manifest's pools list it."""
     from tests.conftest import SAMPLE
     from tests.pipelines.helpers import read_output
-    from vesl.config import load_config
-    from vesl.jobs.annotate import run_annotate
+    from vesl.annotate.config import load_config
+    from vesl.annotate.job import run_annotate
 
     config = load_config(preset_name="tiny", overrides=["upper.refuse=__never__"])
     manifest = run_annotate(str(SAMPLE / "manifest.jsonl"), str(tmp_path / "out"), config)

@@ -25,8 +25,7 @@ class UpperCaseCaption(Stage):
     writes = ("caption",)
     reasons = (R.MODEL_ERROR, R.EMPTY_CAPTION)
 
-    def process(self, table, rows) -> dict[int, dict[str, Any] | Reject]:
-        captions = table.column("caption").to_pylist()
-        return {r: Reject(R.EMPTY_CAPTION, f"refused: {self.config.refuse}")
-                if self.config.refuse and self.config.refuse in captions[r].split()
-                else {"caption": captions[r].upper()} for r in rows}
+    def process(self, batch) -> list[dict[str, Any] | Reject]:
+        return [Reject(R.EMPTY_CAPTION, f"refused: {self.config.refuse}")
+                if self.config.refuse and self.config.refuse in caption.split()
+                else {"caption": caption.upper()} for caption in batch.column("caption").to_pylist()]

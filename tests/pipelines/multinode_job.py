@@ -21,8 +21,8 @@ def main(manifest: str, output: str) -> int:
     from ray._private import state
     from ray.cluster_utils import Cluster
 
-    from vesl.config import load_config
-    from vesl.jobs.annotate import run_annotate
+    from vesl.annotate.config import load_config
+    from vesl.annotate.job import run_annotate
 
     mib = 2**20
     cluster = Cluster(initialize_head=True, head_node_args={

@@ -16,16 +16,16 @@ import pytest
 
 from tests.conftest import REPO, SAMPLE, encode, photo
 from tests.pipelines.helpers import EXPECTED, assert_accounted, make_manifest, read_output
-from vesl.config import load_config
-from vesl.jobs.annotate import run_annotate
-from vesl.runstate import OutputConflictError
+from vesl.annotate.config import load_config
+from vesl.annotate.job import run_annotate
+from vesl.errors import OutputConflictError
 
 pytestmark = pytest.mark.slow
 
 
 def test_manifest_with_broken_inputs_every_input_a_row_or_a_reject(tmp_path, tiny_dir, ray_local):
     manifest = make_manifest(tmp_path / "in")
-    config = load_config(preset_name="tiny", overrides=["output.rows_per_shard=4"])
+    config = load_config(preset_name="tiny", overrides=["output.rows_per_part=4"])
     result = run_annotate(str(manifest), str(tmp_path / "out"), config)
     rows, rejects, written = read_output(tmp_path / "out")
     assert written == json.loads(json.dumps(result, default=str))

@@ -12,8 +12,8 @@ import pytest
 
 from tests.conftest import SAMPLE, encode, photo
 from tests.pipelines.helpers import read_output
-from vesl.config import load_config
-from vesl.jobs.annotate import run_annotate
+from vesl.annotate.config import load_config
+from vesl.annotate.job import run_annotate
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def test_fusion_runs_where_there_is_something_to_fuse(tmp_path, tiny_dir, ray_lo
     assert set(json.loads(shard.schema.metadata[b"vesl.models"])) == {"captioner", "fuser", "detector", "spacy"}
     assert [s["stage"] for s in manifest["counts"]["funnel"]] == ["read", "decode", "caption", "fuse", "phrases",
                                                                   "detect"]
-    from vesl.inspect import collect_stats
+    from vesl.shards.inspect import collect_stats
 
     caps = collect_stats(str(tmp_path / "out"))["captions"]
     assert caps["sources"] == {"alt_skipped": 4, "fused": 2}

@@ -16,9 +16,9 @@ import pytest
 
 from tests.conftest import REPO, encode, photo
 from tests.pipelines.helpers import read_output
-from vesl.config import load_config
-from vesl.hostile import EXTRA_REJECTS, write_hostile_sample
-from vesl.jobs.annotate import run_annotate
+from vesl.annotate.config import load_config
+from vesl.annotate.job import run_annotate
+from vesl.fixtures.hostile import EXTRA_REJECTS, write_hostile_sample
 
 pytestmark = pytest.mark.slow
 SCRIPT = str(REPO / "pipelines" / "annotate.py")
@@ -140,7 +140,7 @@ def test_kill_the_run_with_units_in_flight_then_rerun_redoes_only_those(tmp_path
     manifest = many_images(tmp_path / "in", 40)
     out = tmp_path / "out"
     cmd = [sys.executable, SCRIPT, str(manifest), str(out), "--preset", "tiny", "--set", "input.unit_rows=5",
-           "--set", "output.rows_per_shard=1", "--set", "decode.batch_size=1", "--set", "caption.batch_size=1",
+           "--set", "output.rows_per_part=1", "--set", "decode.batch_size=1", "--set", "caption.batch_size=1",
            "--set", "fuse.batch_size=1", "--set", "phrases.batch_size=1", "--set", "detect.batch_size=1",
            "--set", "input.block_rows=1"]
     first = subprocess.Popen(cmd, env=script_env(tiny_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -181,7 +181,7 @@ def test_a_killed_model_actor_is_restarted_and_the_run_completes(tmp_path, tiny_
     manifest = many_images(tmp_path / "in", 24)
     out = tmp_path / "out"
     config = load_config(preset_name="tiny", overrides=[
-        "output.rows_per_shard=2", "decode.batch_size=2", "caption.batch_size=2", "phrases.batch_size=2",
+        "output.rows_per_part=2", "decode.batch_size=2", "caption.batch_size=2", "phrases.batch_size=2",
         "detect.batch_size=2", "input.block_rows=2"])
     killed: list[int] = []
 

@@ -20,8 +20,8 @@ import pytest
 
 from tests.conftest import REPO, SAMPLE, encode, photo
 from tests.pipelines.helpers import read_output
-from vesl.config import load_config
-from vesl.jobs.annotate import run_annotate
+from vesl.annotate.config import load_config
+from vesl.annotate.job import run_annotate
 
 pytestmark = pytest.mark.slow
 IMG2DATASET = REPO / ".venv-img2dataset" / "bin" / "img2dataset"

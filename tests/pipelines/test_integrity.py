@@ -19,9 +19,9 @@ import pytest
 from tests.conftest import REPO
 from tests.pipelines.helpers import read_output
 from tests.pipelines.test_failures import many_images, script_env
-from vesl.config import load_config
+from vesl.annotate.config import load_config
+from vesl.annotate.job import main, run_annotate
 from vesl.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_UNREACHABLE, EXIT_USAGE
-from vesl.jobs.annotate import main, run_annotate
 
 pytestmark = pytest.mark.slow
 SCRIPT = str(REPO / "pipelines" / "annotate.py")
@@ -99,11 +99,11 @@ def test_two_runs_into_one_output_one_is_refused_nothing_doubled(tmp_path, tiny_
 
 def test_a_doubled_output_is_repaired_and_readers_warn_until_then(tmp_path, tiny_dir, ray_local, capfd):
     import vesl
-    from vesl.inspect import collect_stats, format_summary
-    from vesl.read import DuplicateImageIdWarning
+    from vesl.shards.inspect import collect_stats, format_summary
+    from vesl.shards.read import DuplicateImageIdWarning
 
     manifest = many_images(tmp_path / "in", 30)
-    overrides = ["output.rows_per_shard=10", "input.unit_rows=10"]
+    overrides = ["output.rows_per_part=10", "input.unit_rows=10"]
     run_annotate(str(manifest), str(tmp_path / "out"), load_config(preset_name="tiny", overrides=overrides))
     # a shard copied in by hand (or left by a vesl older than work units): the same rows twice
     data = sorted((tmp_path / "out" / "data").glob("*.parquet"))
@@ -130,7 +130,7 @@ def test_a_doubled_output_is_repaired_and_readers_warn_until_then(tmp_path, tiny
 def test_broken_state_and_damaged_files_are_named_or_redone(tmp_path, tiny_dir, ray_local, capfd):
     manifest = many_images(tmp_path / "in", 12)
     out = tmp_path / "out"
-    overrides = ["output.rows_per_shard=4", "input.unit_rows=4"]
+    overrides = ["output.rows_per_part=4", "input.unit_rows=4"]
     run_annotate(str(manifest), str(out), load_config(preset_name="tiny", overrides=overrides))
     args = [str(manifest), str(out), "--preset", "tiny"] + [a for o in overrides for a in ("--set", o)]
     state = (out / "_vesl_run.json").read_bytes()
@@ -180,7 +180,7 @@ def test_a_full_disk_is_one_line_and_its_own_exit_code(tmp_path, tiny_dir, ray_l
         pytest.skip("cannot mount a tmpfs here")
     try:
         args = [str(manifest), str(disk / "out"), "--preset", "tiny", "--set", "decode.embed_images=true",
-                "--set", "output.rows_per_shard=5", "--set", "output.compression=none"]
+                "--set", "output.rows_per_part=5", "--set", "output.compression=none"]
         assert main(args) == EXIT_DISK_FULL  # fills up while shards are written
         assert error_line(capfd.readouterr().err).startswith("vesl annotate: error: no space left on the device")
         state = disk / "out" / "_vesl_run.json"
@@ -262,7 +262,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly(tmp_path, tiny_dir, sig, code):
     # every process of this run's Ray instance has it on its command line (short: Ray's socket paths live in it)
     ray_tmp = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))
     env = {**script_env(tiny_dir), "RAY_TMPDIR": str(ray_tmp)}
-    proc = start(manifest, out, env, "--set", "output.rows_per_shard=50", "--set", "input.unit_rows=50")
+    proc = start(manifest, out, env, "--set", "output.rows_per_part=50", "--set", "input.unit_rows=50")
     _wait_for_data(out, proc)
     proc.send_signal(sig)
     assert proc.wait(timeout=60) == code
@@ -274,7 +274,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly(tmp_path, tiny_dir, sig, code):
     assert not subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True).stdout, "orphaned Ray processes"
     for f in (out / "data").glob("*.parquet"):
         pq.read_metadata(f)  # nothing half-written where readers look
-    rerun = start(manifest, out, env, "--set", "output.rows_per_shard=50", "--set", "input.unit_rows=50")
+    rerun = start(manifest, out, env, "--set", "output.rows_per_part=50", "--set", "input.unit_rows=50")
     assert rerun.wait(timeout=400) == 0, rerun.communicate()[1][-2000:]
     assert_complete(out, 900)
     import shutil

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from tests.pipelines.helpers import EXPECTED, assert_accounted, make_manifest, read_output
-from vesl.config import load_config
-from vesl.jobs.annotate import run_annotate
+from vesl.annotate.config import load_config
+from vesl.annotate.job import run_annotate
 
 pytestmark = pytest.mark.slow
 KEY, SECRET = "AKIAVESLTEST", "vesl-super-secret-value"
@@ -51,8 +51,8 @@ def test_annotate_reads_and_writes_s3(tmp_path, tiny_dir, ray_local, s3_endpoint
 
     # inspect and read_regions straight from S3 (flat fsspec options, and vesl's by-protocol form)
     import vesl
-    from vesl.inspect import collect_stats
-    from vesl.report import write_report
+    from vesl.shards.inspect import collect_stats
+    from vesl.shards.report import write_report
 
     options = {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": s3_endpoint}}
     regions = vesl.read_regions("s3://vesl-out/labels", storage_options=options)
@@ -165,7 +165,7 @@ def test_an_s3_resume_that_writes_new_shards_counts_them(tmp_path, tiny_dir, ray
     fs.put(str(local.parent) + "/", "vesl-resume/in/", recursive=True)
     config = load_config(preset_name="tiny", overrides=[
         f"storage.endpoint_url={s3_endpoint}", f"storage.key={KEY}", f"storage.secret={SECRET}",
-        "storage.region=us-east-1", "output.rows_per_shard=8", "input.block_rows=8", "input.unit_rows=8"])
+        "storage.region=us-east-1", "output.rows_per_part=8", "input.block_rows=8", "input.unit_rows=8"])
     first = run_annotate("s3://vesl-resume/in/manifest.jsonl", "s3://vesl-resume/out", config)
     assert first["counts"]["rows"] == 40 and first["counts"]["accounted"]
     shards = sorted(fs.ls("vesl-resume/out/data"))
@@ -183,7 +183,7 @@ def test_an_s3_resume_that_writes_new_shards_counts_them(tmp_path, tiny_dir, ray
 def test_a_missing_output_bucket_is_refused_not_created(tmp_path, tiny_dir, s3_endpoint, capfd):
     import s3fs
 
-    from vesl.jobs.annotate import main
+    from vesl.annotate.job import main
 
     manifest = make_manifest(tmp_path / "in")
     code = main([str(manifest), "s3://no-such-bucket-vesl/out", "--preset", "tiny",

@@ -8,8 +8,8 @@ import pytest
 
 from tests.pipelines.helpers import read_output
 from tests.pipelines.test_failures import many_images
-from vesl.config import load_config
-from vesl.jobs.annotate import main, run_annotate
+from vesl.annotate.config import load_config
+from vesl.annotate.job import main, run_annotate
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +23,15 @@ def test_two_slices_into_one_output_give_the_rows_of_one_whole_run(tmp_path, tin
     assert whole["counts"]["units"] == {"total": 5, "done": 5, "unbalanced": []}
 
     args = [str(manifest), str(tmp_path / "sliced"), "--preset", "tiny", "--set", "input.unit_rows=5"]
-    assert main(args + ["--shard", "1/2"]) == 0  # either order: the second half first
+    assert main(args + ["--slice", "1/2"]) == 0  # either order: the second half first
     half = json.loads((tmp_path / "sliced" / "manifest.json").read_text())
     assert half["slice"] == "1/2" and half["this_run"]["units_range"] == [2, 5]
     assert not half["counts"]["complete"] and half["counts"]["units"]["done"] == 3 and half["counts"]["accounted"]
     assert "slice 1/2: 3 unit(s) committed now; dataset: 3/5 units done" in capfd.readouterr().out
-    from vesl.inspect import collect_stats, format_summary
+    from vesl.shards.inspect import collect_stats, format_summary
 
     assert "3 of 5 work units done" in format_summary(collect_stats(str(tmp_path / "sliced")))
-    assert main(args + ["--shard", "0/2"]) == 0
+    assert main(args + ["--slice", "0/2"]) == 0
     sliced = json.loads((tmp_path / "sliced" / "manifest.json").read_text())
     assert sliced["counts"]["complete"] and sliced["this_run"]["units_range"] == [0, 2]
 

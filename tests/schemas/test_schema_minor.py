@@ -35,7 +35,7 @@ def test_the_version_is_a_minor_step_of_major_1():
 
 def test_a_v10_shard_reads_in_inspect_and_read_regions(tmp_path):
     import vesl
-    from vesl.inspect import collect_stats
+    from vesl.shards.inspect import collect_stats
 
     out = write_v10_shard(tmp_path / "out")
     checked = check_shard_schema(pq.read_schema(out / "data" / "part-0.parquet"))
@@ -50,7 +50,7 @@ def test_a_v10_shard_reads_in_inspect_and_read_regions(tmp_path):
 def test_a_v10_shard_feeds_the_trainer(tmp_path, tiny_dir):
     from tests.conftest import encode, photo
     from vesl.cloc.data import DataConfig, iter_prepared
-    from vesl.core.shards import find_shards
+    from vesl.core.outdir import find_shards
 
     out = write_v10_shard(tmp_path / "out", with_images=encode(photo(64, 48)))
     batches = list(iter_prepared(find_shards(str(out)), tokenizer=str(tiny_dir / "clip"), revision=None,

@@ -83,8 +83,7 @@ def train_preset(name: str) -> dict[str, Any]:
     """'tiny': the tiny from-scratch CLIP built offline, sized for a 2-core CPU."""
     if name != "tiny":
         raise ValueError(f"unknown preset {name!r}; known: tiny")
-    from vesl.config import tiny_models_dir
-    from vesl.tiny import build_tiny_models
+    from vesl.fixtures.tiny import build_tiny_models, tiny_models_dir
 
     clip = build_tiny_models(tiny_models_dir())["clip"]
     return {
@@ -99,7 +98,7 @@ def train_preset(name: str) -> dict[str, Any]:
 
 def load_train_config(path: str | None = None, preset_name: str | None = None,
                       overrides: list[str] | None = None) -> TrainConfig:
-    from vesl.config import merge_sources
+    from vesl.core.settings import merge_sources
 
     return TrainConfig.model_validate(
         merge_sources(train_preset(preset_name) if preset_name else None, path, overrides))

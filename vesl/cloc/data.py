@@ -1,6 +1,6 @@
 """From region-text shards to training tensors.
 
-`vesl.core.shards.find_shards` lists and checks the shards (schema v1 footers); `prepare_batch` turns a batch of
+`vesl.core.outdir.find_shards` lists and checks the shards (schema v1 footers); `prepare_batch` turns a batch of
 shard rows into fixed-shape arrays: the image resized to the model's square input (uint8), the
 caption's and every region phrase's token ids, region boxes padded to `max_regions` with a mask.
 It runs in Ray Data tasks for training and in-process for evaluation, and never raises on a bad

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from vesl.cloc.data import DataConfig, iter_prepared, tokenize
-from vesl.core.shards import find_shards
+from vesl.core.outdir import find_shards
 
 
 def normalise_phrase(text: str) -> str:

@@ -478,8 +478,8 @@ def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = F
     """Train on SHARDS, checkpointing under OUT/run; the final checkpoint is copied to OUT/model."""
     import ray
 
+    from vesl.core.outdir import count_rows, find_shards
     from vesl.core.ray import init_ray
-    from vesl.core.shards import count_rows, find_shards
     from vesl.core.storage import filesystem, join_uri, resolve_output
 
     options = config.storage.options()

@@ -11,7 +11,7 @@ import torch
 from schemas.region_text import SchemaVersionError, region_text_schema
 from vesl.cloc.data import DataConfig, iter_prepared, prepare_batch, sample_regions, text_key
 from vesl.cloc.synthetic import CLASSES, write_shapes_dataset
-from vesl.core.shards import find_shards
+from vesl.core.outdir import find_shards
 
 
 @pytest.fixture(scope="module")

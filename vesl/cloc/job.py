@@ -1,0 +1,54 @@
+"""The CLOC training job: region-text shards -> a CLOC checkpoint, on Ray Train.
+
+    python pipelines/train.py SHARDS OUT [--config FILE.yaml] [--preset tiny] [--set k=v ...] [--overwrite]
+
+or `vesl train ...`, or under `ray job submit --working-dir . -- python pipelines/train.py ...`.
+SHARDS is an annotate OUTPUT (its data/ folder is read), a folder of shards or one shard, local
+or s3://. OUT gets run/ (Ray Train's checkpoints), model/ (the final checkpoint), metrics.jsonl
+and train_summary.json. Re-running with the same OUT resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from schemas.region_text import SchemaVersionError
+from vesl.cloc.config import load_train_config
+from vesl.core.settings import add_config_arguments
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vesl train", description=__doc__.split("\n\n")[0])
+    p.add_argument("shards", help="region-text shards: an annotate OUTPUT, a folder of .parquet shards, or one file")
+    p.add_argument("out", help="training output folder (local path or s3://...)")
+    # sections: model, data, loss, optim, run, storage
+    add_config_arguments(p, "loss.region_weight=0", ["tiny"], "tiny: the tiny CLIP built offline")
+    p.add_argument("--overwrite", action="store_true", help="discard a training run already in OUT")
+    p.add_argument("--print-config", action="store_true", help="print the full effective config as YAML and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vesl.cloc.train import TrainConflictError, run_training
+
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config = load_train_config(args.config, args.preset, args.overrides)
+        if args.print_config:
+            import yaml
+
+            print(yaml.safe_dump(config.public_dict(), sort_keys=False), end="")
+            return 0
+        summary = run_training(args.shards, args.out, config, overwrite=args.overwrite)
+    except (TrainConflictError, FileNotFoundError, SchemaVersionError, ValueError) as e:
+        print(f"vesl train: error: {e}", file=sys.stderr)
+        return 2
+    final = summary.get("final") or {}
+    print(f"vesl train: {summary['steps']} steps on {summary['rows']} rows in {summary['wall_s']} s, "
+          f"final loss {final.get('loss', float('nan')):.4f}; checkpoint: {summary['model']}")
+    print(json.dumps(summary, sort_keys=True))
+    return 0
