@@ -50,6 +50,8 @@ def check_chain(chain: tuple[type[Stage], ...] | None = None) -> None:
         if stage.name in names:
             raise ValueError(f"stage name {stage.name!r} is used twice (or is the reader's)")
         names.append(stage.name)
+        if not stage.reads:
+            raise ValueError(f"stage {stage.name!r} reads no column: `process` is given only the columns it reads")
         missing = [c for c in stage.reads if c not in available]
         if missing:
             raise ValueError(f"stage {stage.name!r} reads {missing}, which neither the reader nor an earlier stage "

@@ -45,6 +45,25 @@ def test_manifest_with_broken_inputs_every_input_a_row_or_a_reject(tmp_path, tin
     assert not [p for p in (tmp_path / "out" / "_vesl").rglob("*") if "staging" in p.parts and p.is_file()]
     record = json.loads((tmp_path / "out" / "_vesl" / "units" / "000000000.json").read_text())
     assert (record["inputs"], record["rows"], record["rejects"]) == (9, 5, 4)  # the unit's own check, recorded
+    assert_stage_figures_add_up_to_the_funnel(written, config)
+
+
+def assert_stage_figures_add_up_to_the_funnel(manifest, config):
+    """`stages.<name>` (summed on the workers, per unit, then over the records) has rows, rejects and seconds
+    for every active stage, and they are the funnel's: rows in = entered, rejects = rejected."""
+    from vesl.shards.inspect import collect_stats, format_summary
+
+    stages, steps = manifest["stages"], {s["stage"]: s for s in manifest["counts"]["funnel"]}
+    assert list(stages) == [s.name for s in config.active_stages()] == list(steps)[1:]
+    for name, figures in stages.items():
+        assert figures["rows"] == steps[name]["entered"], name
+        assert sum(figures["rejects"].values()) == steps[name]["rejected"], name
+        assert {f"{name}/{r}": n for r, n in figures["rejects"].items()} == {
+            k: n for k, n in manifest["counts"]["by_reason"].items() if k.startswith(f"{name}/")}
+        assert figures["seconds"] > 0 and figures["rows_per_s"] == round(figures["rows"] / figures["seconds"], 2)
+    stats = collect_stats(manifest["output"])
+    assert stats["stages"] == stages
+    assert "rows/s" in format_summary(stats) and "decode" in format_summary(stats)
 
 
 def test_pandas_reads_the_shards_with_schema_v1_types(tmp_path, tiny_dir, ray_local):

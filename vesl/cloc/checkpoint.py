@@ -94,9 +94,11 @@ def load_cloc(directory: str | Path, device: str = "cpu",
     meta = read_meta(directory)
     clip = load_pretrained(CLIPModel, str(directory / CLIP_DIR), revision=None, trust_remote_code=False,
                            device="cpu", dtype=torch.float32, attn_implementation=attn_implementation)
-    # a checkpoint from before a choice was made had what there was then: the paper's head, all tokens pooled
-    prompter = {"grounding": "pooled", "region_pool": "all", **meta["prompter"]}
-    model = ClocModel(clip, PrompterConfig.model_validate(prompter), tuple(meta["pixel_mean"]),
+    unrecorded = sorted(set(PrompterConfig.model_fields) - set(meta["prompter"]))
+    if unrecorded:  # written before these settings existed: what it was trained with is not known for sure
+        raise ValueError(f"{directory}: a checkpoint of an earlier vesl, whose Prompter settings do not record "
+                         f"{unrecorded}; this vesl does not guess them: train it again")
+    model = ClocModel(clip, PrompterConfig.model_validate(meta["prompter"]), tuple(meta["pixel_mean"]),
                       tuple(meta["pixel_std"]))
     missing, unexpected = model.load_state_dict(load_file(str(directory / WEIGHTS)), strict=False)
     missing = [k for k in missing if not k.startswith("clip.")]

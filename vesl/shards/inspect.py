@@ -30,6 +30,7 @@ from vesl.core.outdir import MANIFEST, REJECTS_DIR, OutputDir
 from vesl.core.storage import filesystem
 from vesl.core.text import fmt
 from vesl.shards.read import by_protocol, iter_tables, shard_uris
+from vesl.shards.report import stage_rows
 
 log = logging.getLogger("vesl.shards.inspect")
 
@@ -246,6 +247,7 @@ def collect_stats(output: str, storage_options: Mapping[str, Any] | None = None,
         "run": {k: manifest.get(k) for k in ("run_id", "input", "started_at", "finished_at", "timings_s")}
         if manifest else None,
         "units": (manifest.get("counts") or {}).get("units") if manifest else None,  # work units done / total
+        "stages": (manifest.get("stages") or {}) if manifest else {},  # per stage: rows, rejects, seconds, rows/s
     }
     if sample > 0:
         stats["sample"] = _sample_rows(sorted((-k, uri, i) for k, uri, i in tally.picked), options)
@@ -296,6 +298,7 @@ def format_summary(stats: Mapping[str, Any]) -> str:
             "in by hand?); re-run `vesl annotate` with the same INPUT and OUTPUT to move it aside")
     if stats["by_reason"]:
         add("  rejects     " + ", ".join(f"{k} {v}" for k, v in stats["by_reason"].items()))
+    lines += stage_lines(stats.get("stages") or {})
     reg, phr, words = stats["regions"], stats["phrases"], stats["words_per_region_phrase"]
     paper = stats["paper"]
     add(f"  regions     {reg['total']} total, {fmt(reg['per_image_mean'])} per image "
@@ -333,6 +336,16 @@ def format_summary(stats: Mapping[str, Any]) -> str:
     if len(models) > 1 or len(stats["footer"].get("thresholds") or []) > 1:
         add("  note        shards disagree on models or thresholds (several runs wrote here)")
     return "\n".join(lines)
+
+
+def stage_lines(stages: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The per-stage table of the summary (seconds are summed over a stage's workers: busy time)."""
+    if not stages:
+        return []
+    out = [f"  {'stage':<10}{'rows in':>9}{'rejected':>10}{'seconds':>10}{'rows/s':>9}  rejects by reason"]
+    for name, rows, rejected, seconds, rate, reasons in stage_rows(stages):
+        out.append(f"  {name:<10}{rows:>9}{rejected:>10}{seconds:>10}{rate:>9}  {reasons}".rstrip())
+    return out
 
 
 def one_line(stats: Mapping[str, Any], report: str | None = None) -> str:

@@ -162,7 +162,7 @@ def warn_duplicates(uri: str, ids: list[pa.ChunkedArray | pa.Array]) -> int:
         counts = pc.value_counts(column)
         repeated = [v["values"] for v in counts.filter(pc.greater(counts.field("counts"), 1)).to_pylist()[:5]]
         message = (f"{uri}: {extra} row(s) repeat an image_id already in another row (e.g. {repeated}): a shard "
-                   "that is no work unit's (copied in by hand, or left by an older vesl). `vesl annotate` with the "
+                   "that is no work unit's (copied in by hand?). `vesl annotate` with the "
                    "same INPUT and OUTPUT moves it aside; until then every such image counts twice")
         log.warning("%s", message)
         warnings.warn(message, DuplicateImageIdWarning, stacklevel=3)

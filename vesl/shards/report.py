@@ -215,12 +215,20 @@ def template():
     return env.get_template("report.html")
 
 
+def stage_rows(stages: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
+    """[stage, rows in, rejected, seconds, rows/s, rejects by reason] per stage of the run manifest's `stages`."""
+    return [[name, s["rows"], sum(s["rejects"].values()), fmt(s["seconds"], 1), fmt(s["rows_per_s"], 1),
+             ", ".join(f"{r} {n}" for r, n in s["rejects"].items())] for name, s in stages.items()]
+
+
+
 def render_report(stats: Mapping[str, Any], storage_options=None, thumb_size: int = 512) -> str:
     footer = stats["footer"]
     return template().render(
         stats=stats, css=Markup(CSS), run=stats.get("run"), summary=summary_rows(stats), plots=plots(stats),
         quantiles={k: f"{v:.3f}" for k, v in stats["scores"]["quantiles"].items()},
         rejects=reject_rows(stats) if stats["by_reason"] else [],
+        stages=stage_rows(stats.get("stages") or {}),
         cards=[card_context(row, thumb_size, storage_options) for row in stats.get("sample") or []],
         models=[[stage, info.get("id"), info.get("class", ""), info.get("revision", "")]
                 for m in footer.get("models") or [] for stage, info in m.items()],

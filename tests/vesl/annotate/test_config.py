@@ -78,3 +78,13 @@ def test_vesl_config_prints_a_preset(capsys):
     assert main(["config", "--preset", "alt-ngram"]) == 0
     shown = yaml.safe_load(capsys.readouterr().out)
     assert shown["caption"]["mode"] == "alt_text" and shown["fuse"]["enabled"] is False
+
+
+def test_renamed_settings_and_flags_answer_with_their_new_name(capsys):
+    from vesl.annotate.job import main
+
+    with pytest.raises(ValueError, match="output.rows_per_shard is now output.rows_per_part"):
+        load_config(overrides=["output.rows_per_shard=500"])
+    assert load_config(overrides=["output.rows_per_part=500"]).output.rows_per_part == 500
+    assert main(["in.jsonl", "out", "--shard", "1/2"]) == 2
+    assert capsys.readouterr().err.strip() == "vesl annotate: error: --shard is now --slice: use --slice 1/2"

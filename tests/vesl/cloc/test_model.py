@@ -175,18 +175,18 @@ def test_the_attending_head_averages_patch_boxes_by_the_text_token_score():
     assert head(keyed)[0].tolist() == pytest.approx([cx - 0.25, cy - 0.25, cx + 0.25, cy + 0.25], abs=1e-3)
 
 
-def test_an_old_checkpoint_loads_with_the_papers_head(tiny_dir, tmp_path):
+def test_a_checkpoint_that_does_not_record_its_prompter_settings_is_refused(tiny_dir, tmp_path):
     import json
 
     from transformers import AutoProcessor, CLIPModel
 
     from vesl.cloc.checkpoint import META, load_cloc, save_checkpoint
-    from vesl.cloc.model import GroundingHead, PrompterConfig
+    from vesl.cloc.model import PrompterConfig
 
     model = ClocModel(CLIPModel.from_pretrained(tiny_dir / "clip"), PrompterConfig(grounding="pooled"))
     save_checkpoint(tmp_path / "ck", model, AutoProcessor.from_pretrained(tiny_dir / "clip"), {"step": 1})
     meta = json.loads((tmp_path / "ck" / META).read_text())
     del meta["prompter"]["grounding"], meta["prompter"]["region_pool"]  # as written before the choices existed
     (tmp_path / "ck" / META).write_text(json.dumps(meta))
-    loaded, _ = load_cloc(tmp_path / "ck")
-    assert isinstance(loaded.grounding, GroundingHead) and loaded.prompter.config.region_pool == "all"
+    with pytest.raises(ValueError, match=r"earlier vesl.*\['grounding', 'region_pool'\].*train it again"):
+        load_cloc(tmp_path / "ck")
