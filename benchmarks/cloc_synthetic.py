@@ -12,6 +12,7 @@ has IoU above 0.5:
 
     python benchmarks/cloc_synthetic.py [--steps 1200] [--minutes 10] [--runs cloc,paper,clip] [--work DIR]
                                         [--json FILE]
+    python benchmarks/cloc_synthetic.py --small   # 200 images, 10 steps of the CLOC run: a check that it runs
 
 Each training run is capped at --minutes of training time (the issue's budget: 10 minutes on this
 machine's CPU); --steps sets the schedule's length.
@@ -84,9 +85,17 @@ def main() -> int:
     p.add_argument("--runs", default="cloc,paper,clip", help="which trainings: cloc (our grounding), paper (the "
                    "paper's grounding), clip (lambda = 0), all (the region embedding averages every Prompter token)")
     p.add_argument("--work", default="/tmp/vesl-bench-cloc")
-    p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "cloc_synthetic.json"))
+    p.add_argument("--json", default=None, help="default: benchmarks/results/cloc_synthetic.json (--small: in --work)")
+    p.add_argument("--small", action="store_true", help="a few images and steps of every run: a quick check that the "
+                   "benchmark runs end to end, not a measurement")
     args = p.parse_args()
+    if args.small:
+        args.train_images, args.test_images, args.steps, args.minutes = 200, 40, 10, 2.0
+        args.runs = "cloc"
     work = Path(args.work)
+    if args.json is None:
+        args.json = str(work / "cloc_synthetic.json" if args.small else
+                        REPO / "benchmarks" / "results" / "cloc_synthetic.json")
     vesl("sample", "shapes", str(work / "train"), "--images", str(args.train_images), "--seed", "0")
     vesl("sample", "shapes", str(work / "heldout"), "--images", str(args.test_images), "--seed", "1")
     classes = work / "heldout" / "classes.json"

@@ -345,10 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vesl annotate: error: {message}", file=sys.stderr)
         stop_ray()
         return code
-    return report(manifest, output)
+    return report(manifest)
 
 
-def report(manifest: dict[str, Any], output: str) -> int:
+def report(manifest: dict[str, Any]) -> int:
     """Print the run's summary (and its repairs and failed units) to the terminal; the exit code."""
     c, run = manifest["counts"], manifest["this_run"]
     resumed = f" (resumed: {run['inputs']} processed now)" if manifest["mode"] == "resume" else ""
@@ -365,7 +365,7 @@ def report(manifest: dict[str, Any], output: str) -> int:
         "units done; ")
     print(f"vesl annotate: {scope}{c['inputs']} inputs -> {c['rows']} rows ({c['regions']} regions), "
           f"{c['rejects']} rejects {c['by_reason'] or ''}{resumed} in {manifest['timings_s']['total']} s; "
-          f"manifest: {output.rstrip('/')}/{MANIFEST}")
+          f"manifest: {manifest['output']}/{MANIFEST}")
     for failed in run["failed_units"]:
         print(f"vesl annotate: error: {failed['error']}", file=sys.stderr)
     if not c["accounted"] or run["failed_units"]:
