@@ -105,7 +105,7 @@ def test_a_doubled_output_is_repaired_and_readers_warn_until_then(tmp_path, tiny
     manifest = many_images(tmp_path / "in", 30)
     overrides = ["output.rows_per_part=10", "input.unit_rows=10"]
     run_annotate(str(manifest), str(tmp_path / "out"), load_config(preset_name="tiny", overrides=overrides))
-    # a shard copied in by hand (or left by a vesl older than work units): the same rows twice
+    # a shard copied in by hand: the same rows twice
     data = sorted((tmp_path / "out" / "data").glob("*.parquet"))
     (tmp_path / "out" / "data" / "part-zzzzzzzz-00000.parquet").write_bytes(data[0].read_bytes())
     doubled = pq.read_table(data[0]).num_rows

@@ -60,7 +60,7 @@ class PlanMismatchError(RuntimeError):
 # ---------------------------------------------------------------------------------------- slices
 @dataclass(frozen=True)
 class Slice:
-    """Slice INDEX of COUNT: a contiguous run of the plan's units (`--shard i/N`)."""
+    """Slice INDEX of COUNT: a contiguous run of the plan's units (`--slice I/N`)."""
 
     index: int = 0
     count: int = 1

@@ -134,11 +134,11 @@ class OutputDir:
         try:
             value = json.loads(data)
         except (ValueError, UnicodeDecodeError) as e:
-            raise CorruptStateError(f"{self.uri_of(*parts)}: a {what} that is {'empty' if not data else 'not JSON'} "
-                                    f"({e})") from None
+            raise CorruptStateError(f"{self.uri_of(*parts)} is {'empty' if not data else 'not JSON'} (the {what}: "
+                                    f"{e})") from None
         if not isinstance(value, dict):
-            raise CorruptStateError(f"{self.uri_of(*parts)}: a {what} that is a JSON {type(value).__name__}, "
-                                    "not an object")
+            raise CorruptStateError(f"{self.uri_of(*parts)} is a JSON {type(value).__name__}, not an object (the "
+                                    f"{what})")
         return value
 
     # ------------------------------------------------------------------ write

@@ -46,7 +46,7 @@ class InputConfig(Settings):
     slice: str | None = Field(
         default=None, pattern=r"^\d+/\d+$",
         description="I/N: process only slice I of N of the plan's units (contiguous), so N jobs (e.g. N RayJobs) "
-        "share one input and one OUTPUT. `--shard I/N` sets it. Slices of one N never overlap; every job reads "
+        "share one input and one OUTPUT. `--slice I/N` sets it. Slices of one N never overlap; every job reads "
         "the same saved plan.",
     )
     block_rows: int = Field(
