@@ -251,7 +251,7 @@ def stage_figures(ledger: Ledger, config: AnnotateConfigBase) -> dict[str, dict[
         figures = ledger.stages.get(stage.name, {"rows": 0, "rejects": {}, "seconds": 0.0})
         seconds = figures["seconds"]
         out[stage.name] = {"rows": figures["rows"], "rejects": dict(sorted(figures["rejects"].items())),
-                           "seconds": round(seconds, 3),
+                           "seconds": round(seconds, 6),
                            "rows_per_s": round(figures["rows"] / seconds, 2) if seconds > 0 else None}
     return out
 
