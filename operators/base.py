@@ -154,7 +154,7 @@ class Stage:
 
         columns = {c: table.column(c) if c in table.column_names else pa.nulls(table.num_rows, self.type_of(c))
                    for c in self.reads}
-        return pa.table(columns) if columns else table.select([])
+        return pa.table(columns)
 
     def __call__(self, batch: pa.Table | Mapping[str, Any]) -> pa.Table:
         import pyarrow as pa
@@ -191,7 +191,9 @@ class Stage:
     def _run(self, view: pa.Table, chunk: Sequence[int]) -> dict[int, Any]:
         import pyarrow as pa
 
-        results = list(self.process(view.take(pa.array(chunk, pa.int64()))))
+        contiguous = chunk[-1] - chunk[0] + 1 == len(chunk)  # the usual case: a zero-copy slice, no take
+        rows = view.slice(chunk[0], len(chunk)) if contiguous else view.take(pa.array(chunk, pa.int64()))
+        results = list(self.process(rows))
         if len(results) != len(chunk):
             raise RuntimeError(f"stage {self.name} returned {len(results)} results for {len(chunk)} rows")
         for result in results:
