@@ -1,7 +1,7 @@
 """Model-stage throughput on a GPU: needs only PyTorch and transformers (no Ray, no spaCy, no hub).
 
     python benchmarks/gpu_models.py [--batch-sizes 1,4,8,16,32] [--images 256] [--json FILE]
-    python benchmarks/gpu_models.py --tiny      # the project's tiny models: a quick check on CPU
+    python benchmarks/gpu_models.py --tiny      # the tiny models, 8 images: a quick check on the CPU (a test runs it)
 
 Builds the real-size architectures with random weights (throughput does not depend on the weight
 values) and saves them with `save_pretrained`, so the operators load them through the same
@@ -164,20 +164,23 @@ def main() -> int:
     p.add_argument("--naive-images", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=30)
     p.add_argument("--skip-captioner", action="store_true")
-    p.add_argument("--tiny", action="store_true", help="the project's tiny models (CPU smoke run)")
-    p.add_argument("--models", default=None, help="folder for the random-weight models (default: a temp dir)")
-    p.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "gpu_models.json"))
+    p.add_argument("--tiny", action="store_true", help="the project's tiny models on a few images and two batch "
+                   "sizes: a quick check that the benchmark runs (CPU), not a measurement")
+    p.add_argument("--models", default=None, help="folder for the random-weight models (default: a temp dir; "
+                   "--tiny: the tiny models' folder)")
+    p.add_argument("--json", default=None, help="default: benchmarks/results/gpu_models.json (--tiny: not written)")
     args = p.parse_args()
+    if args.tiny:
+        args.batch_sizes, args.images, args.naive_images, args.new_tokens = "1,4", 8, 2, 4
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = "bfloat16" if device == "cuda" else "float32"
-    root = Path(args.models or tempfile.mkdtemp(prefix="vesl-gpu-models-"))
     if args.tiny:
-        from vesl.fixtures.tiny import build_tiny_models
+        from vesl.fixtures.tiny import build_tiny_models, tiny_models_dir
 
-        paths = build_tiny_models(root)
+        paths = build_tiny_models(Path(args.models) if args.models else tiny_models_dir())
     else:
-        paths = build_real_size_models(root)
+        paths = build_real_size_models(Path(args.models or tempfile.mkdtemp(prefix="vesl-gpu-models-")))
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     images = synthetic_images(args.images)
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
@@ -188,8 +191,11 @@ def main() -> int:
     if not args.skip_captioner:
         results["captioner"] = bench_captioner(paths["captioner"], images, sizes, device, dtype, args.new_tokens)
     print(format_table(results, args.new_tokens))
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    if args.json is None and not args.tiny:
+        args.json = str(REPO / "benchmarks" / "results" / "gpu_models.json")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0
 
 

@@ -22,4 +22,4 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ "$fast" = 1 ]; then
   VESL_FAST=1 exec .venv/bin/python -m pytest -m "not slow" "$@"
 fi
-exec .venv/bin/python -m pytest "$@"
+exec .venv/bin/python -m pytest --durations=25 "$@"   # the 25 slowest tests, at the end
