@@ -34,7 +34,7 @@ from schemas.region_text import (
 from vesl import __version__
 from vesl.annotate.config import PRESET_HELP, AnnotateConfigBase, load_config, preset_names
 from vesl.annotate.output.lease import Lease, LeaseHeldError, LeaseLostError, take_lease
-from vesl.annotate.output.ledger import Ledger, account, read_ledger
+from vesl.annotate.output.ledger import Ledger, account, empty_stage_figures, read_ledger
 from vesl.annotate.output.state import check_output_target, clean_staging, move_strays, prepare_output
 from vesl.annotate.output.writer import write_manifest
 from vesl.annotate.pipeline import Committed, run_units
@@ -248,7 +248,7 @@ def stage_figures(ledger: Ledger, config: AnnotateConfigBase) -> dict[str, dict[
     over its workers: busy time, not wall time) and rows/s (one worker's rate)."""
     out = {}
     for stage in config.active_stages():
-        figures = ledger.stages.get(stage.name, {"rows": 0, "rejects": {}, "seconds": 0.0})
+        figures = ledger.stages.get(stage.name, empty_stage_figures())
         seconds = figures["seconds"]
         out[stage.name] = {"rows": figures["rows"], "rejects": dict(sorted(figures["rejects"].items())),
                            "seconds": round(seconds, 6),

@@ -41,7 +41,7 @@ from schemas.rejects import READ_STAGE, RejectReason
 from vesl.annotate.sources.config import InputConfig
 from vesl.annotate.sources.manifest import iter_manifest_records
 from vesl.annotate.sources.plan import InputPlan
-from vesl.annotate.sources.read import read_folder_files, read_webdataset_files
+from vesl.annotate.sources.read import source_reader
 from vesl.annotate.sources.rows import ORDINAL_FILE_SHIFT, READ_ERROR, READ_REASON, SOURCE, normalize_rows
 from vesl.core.outdir import PLAN_DIR, OutputDir
 from vesl.core.storage import parent_uri
@@ -153,8 +153,7 @@ def scan_sources(batch: pa.Table, kind: str, config: InputConfig, storage_option
             scanned, tables = scan_manifest(source, config, storage_options, unit_rows)
         else:
             one = pa.Table.from_pylist([source])
-            reader = read_webdataset_files if kind == "webdataset" else read_folder_files
-            tables = list(reader(one, config, storage_options))
+            tables = list(source_reader(kind)(one, config, storage_options))
             scanned = {"count": sum(t.num_rows for t in tables), "marks_line": [], "marks_offset": [], "error": None}
         ids += tables
         meta["source"].append(source["index"])
@@ -414,8 +413,7 @@ def unit_tables(unit: Mapping[str, Any], kind: str, config: InputConfig, storage
             if n >= unit["count"]:
                 return
         return
-    reader = read_webdataset_files if kind == "webdataset" else read_folder_files
-    yield from _limited(reader(pa.Table.from_pylist(sources), config, storage_options), unit["count"])
+    yield from _limited(source_reader(kind)(pa.Table.from_pylist(sources), config, storage_options), unit["count"])
 
 
 def read_units(batch: pa.Table, kind: str, config: InputConfig, storage_options) -> Iterator[pa.Table]:

@@ -170,6 +170,13 @@ class OutputDir:
             fence()
         self.fs.mv(tmp, self.path(*parts))
 
+    def discard_staged(self, tmp: str) -> None:
+        """Remove the staged file TMP (a write that failed, or was not committed), if it is there."""
+        try:
+            self.fs.rm(tmp)
+        except (FileNotFoundError, OSError):
+            pass
+
     @contextmanager
     def staged(self, *parts: str, fence: Fence | None = None, mode: str = "wb") -> Iterator[Any]:
         """Write PARTS whole or not at all: the body writes a file beside it, which then replaces PARTS
@@ -181,10 +188,7 @@ class OutputDir:
                 yield f
             self.commit_staged(tmp, *parts, fence=fence)
         except BaseException:
-            try:
-                self.fs.rm(tmp)
-            except (FileNotFoundError, OSError):
-                pass
+            self.discard_staged(tmp)
             raise
 
     def write_json(self, data: Mapping[str, Any], *parts: str, fence: Fence | None = None) -> None:

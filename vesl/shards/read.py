@@ -314,10 +314,7 @@ def _replace_shards(out, parts: Mapping[str, pa.Table], existing: list[str], *, 
             out.commit_staged(staged.pop(name), name)
     finally:
         for tmp in staged.values():
-            try:
-                out.fs.rm(tmp)
-            except (FileNotFoundError, OSError):
-                pass
+            out.discard_staged(tmp)
 
 
 __all__ = ["DuplicateImageIdWarning", "explode_regions", "iter_tables", "read_regions", "shard_uris", "write_regions"]

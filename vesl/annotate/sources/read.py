@@ -25,6 +25,11 @@ def read_webdataset_files(batch: pa.Table, config: InputConfig, storage_options,
         yield from chunk_tables(rows, chunk_rows)
 
 
+def source_reader(kind: str):
+    """The UDF that reads sources of a webdataset or folder input (KIND)."""
+    return read_webdataset_files if kind == "webdataset" else read_folder_files
+
+
 def read_folder_files(batch: pa.Table, config: InputConfig, storage_options, chunk_rows: int = 256):
     """Ray Data generator UDF for image folders. A row with `status` is one img2dataset shard of the
     files layout (NNNNN.parquet + NNNNN/); any other row is one image with its .txt/.json sidecars."""
