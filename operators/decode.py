@@ -29,8 +29,8 @@ class DecodeConfig(StageConfig):
     max_bytes: int = Field(default=64 * 1024 * 1024, ge=1, description="Refuse encoded files larger than this.")
     fetch_timeout_s: float = Field(
         default=60.0, gt=0,
-        description="Give up on one http(s):// or s3:// fetch after this long (a 'fetch_failed' reject), "
-        "unless the storage options set their own timeouts.",
+        description="Give up on one http(s):// or s3:// fetch after this long, the whole fetch and each request "
+        "(a 'fetch_failed' reject); the storage options' own request timeouts win where they are set.",
     )
     min_side: int = Field(default=1, ge=1, description="Refuse images whose shorter side is below this.")
     working_max_side: int = Field(
@@ -51,8 +51,8 @@ class DecodeImages(Stage):
     config_class = DecodeConfig
     reads = ("image_uri", "image_bytes")
     writes = ("width", "height", "pixels", "pixel_width", "pixel_height", "image_bytes")
-    reasons = (R.MISSING_INPUT, R.NOT_FOUND, R.FETCH_FAILED, R.FILE_TOO_LARGE, R.EMPTY_FILE, R.NOT_AN_IMAGE,
-               R.CORRUPT_IMAGE, R.DECOMPRESSION_BOMB, R.TOO_SMALL, R.DECODE_ERROR)
+    reasons = (R.MISSING_INPUT, R.NOT_FOUND, R.NOT_A_FILE, R.FETCH_FAILED, R.FILE_TOO_LARGE, R.EMPTY_FILE,
+               R.NOT_AN_IMAGE, R.CORRUPT_IMAGE, R.DECOMPRESSION_BOMB, R.TOO_SMALL, R.DECODE_ERROR)
     error_reason = R.DECODE_ERROR
     resources = Resources(actor=False, num_cpus=1.0)
 

@@ -25,6 +25,7 @@ class RejectReason(StrEnum):
     # decode: fetching and decoding the image
     MISSING_INPUT = "missing_input"  # neither image bytes nor an image URI
     NOT_FOUND = "not_found"  # no such file, HTTP 404/410
+    NOT_A_FILE = "not_a_file"  # a local path that is a FIFO, a socket, a device or a folder: never read
     FETCH_FAILED = "fetch_failed"  # any other fetch failure (HTTP status or transport error in the message)
     FILE_TOO_LARGE = "file_too_large"  # more than decode.max_bytes
     EMPTY_FILE = "empty_file"  # zero bytes

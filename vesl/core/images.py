@@ -5,6 +5,7 @@ reader and the report, so they read an image the same way."""
 from __future__ import annotations
 
 import io
+import time
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -13,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.rejects import RejectReason as R
-from vesl.core.storage import filesystem, options_for, protocol_of
+from vesl.core.storage import NotAFileError, filesystem, open_regular, options_for, protocol_of
 from vesl.core.text import describe_error
 
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -59,26 +60,55 @@ def fetch_error(uri: str, error: BaseException) -> DecodeError:
         return DecodeError(R.FETCH_FAILED, f"{uri}: {describe_error(cause)}")
     if isinstance(error, FileNotFoundError):
         return DecodeError(R.NOT_FOUND, f"no such file: {uri}")
-    if isinstance(error, IsADirectoryError):
-        return DecodeError(R.NOT_FOUND, f"is a directory: {uri}")
+    if isinstance(error, (NotAFileError, IsADirectoryError)):
+        return DecodeError(R.NOT_A_FILE, f"{uri}: {error}" if isinstance(error, IsADirectoryError) else str(error))
     return DecodeError(R.FETCH_FAILED, f"{uri}: {describe_error(error)}")
+
+
+READ_CHUNK = 1 << 20  # bytes asked for per read: a body streamed in chunks is read to its end, up to the cap
 
 
 def fetch_bytes(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None, max_bytes: int,
                 timeout_s: float | None = None) -> bytes:
-    """Read a local path or any fsspec URI, refusing files over MAX_BYTES without reading them whole.
+    """The whole body of a local path or any fsspec URI, refusing one over MAX_BYTES without reading more.
 
-    STORAGE_OPTIONS are fsspec options by protocol ({"s3": {...}})."""
+    A local path must be a regular file (a FIFO or a device is `not_a_file`, never a read that blocks). A
+    body is read to its end whether or not its size is announced (an HTTP response in chunks), so only a
+    body that really ends early decodes as truncated. TIMEOUT_S bounds each network request and the whole
+    fetch (a server that trickles forever is `fetch_failed`). STORAGE_OPTIONS are fsspec options by
+    protocol ({"s3": {...}})."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         options = {protocol_of(uri): with_timeout(uri, options_for(uri, storage_options), timeout_s)}
         fs, path = filesystem(uri, options)
-        with fs.open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
+        with open_regular(fs, path) as f:
+            data = read_capped(f, max_bytes, deadline)
+    except (DecodeError, _Timeout) as e:
+        raise (DecodeError(R.FETCH_FAILED, f"{uri}: {e}") if isinstance(e, _Timeout) else e) from None
     except Exception as e:  # noqa: BLE001 - any transport error is a reject, not a crash
         raise fetch_error(uri, e) from e
     if len(data) > max_bytes:
         raise DecodeError(R.FILE_TOO_LARGE, f"{uri}: more than {max_bytes} bytes")
     return data
+
+
+class _Timeout(Exception):
+    """The whole fetch took longer than its deadline."""
+
+
+def read_capped(f, max_bytes: int, deadline: float | None = None) -> bytes:
+    """F read to its end, or to MAX_BYTES + 1 bytes (then it is too large), in chunks: a file object of a
+    streamed body may return fewer bytes than asked before its end. _Timeout past DEADLINE (monotonic)."""
+    chunks, total = [], 0
+    while total <= max_bytes:
+        if deadline is not None and time.monotonic() > deadline:
+            raise _Timeout(f"no whole answer within the fetch deadline ({total} bytes read)")
+        chunk = f.read(min(READ_CHUNK, max_bytes + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
+import stat
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,11 +92,100 @@ def filesystem(uri: str, storage_options: Mapping[str, Mapping[str, Any]] | None
 
 def modified_time(fs, path: str) -> float | None:
     """PATH's last-modified time as a POSIX timestamp (local mtime, S3 LastModified), None if unknown."""
-    info = fs.info(path)
+    return info_mtime(fs.info(path))
+
+
+def info_mtime(info: Mapping[str, Any]) -> float | None:
+    """The last-modified time of an fsspec info or listing entry as a POSIX timestamp, None if unknown."""
     t = info.get("mtime") or info.get("LastModified") or info.get("created")
     if t is None:
         return None
-    return t.timestamp() if hasattr(t, "timestamp") else float(t)
+    try:
+        return t.timestamp() if hasattr(t, "timestamp") else float(t)
+    except (TypeError, ValueError):
+        return None
+
+
+VERSION_KEYS = ("ETag", "etag", "VersionId", "generation", "md5Hash")  # what a store says changes with the content
+
+
+def fingerprint(info: Mapping[str, Any]) -> dict[str, Any]:
+    """What tells one version of a file from another, from an fsspec info or listing entry: its size and,
+    where the store gives one, its ETag (version, generation); else its modification time."""
+    tag = next((str(info[k]).strip('"') for k in VERSION_KEYS if info.get(k)), None)
+    size = info.get("size")
+    return {"size": int(size) if size is not None else None, "mtime": info_mtime(info), "etag": tag}
+
+
+def describe_change(planned: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
+    """How a file changed between two fingerprints (`fingerprint`), None when it did not."""
+    if planned.get("size") != now.get("size"):
+        grew = (now.get("size") or 0) > (planned.get("size") or 0)
+        return f"{'grown' if grew else 'shrunk'}: {planned.get('size')} -> {now.get('size')} bytes"
+    if planned.get("etag") or now.get("etag"):
+        if planned.get("etag") != now.get("etag"):
+            return f"rewritten: ETag {planned.get('etag')} -> {now.get('etag')}"
+        return None
+    if planned.get("mtime") != now.get("mtime"):
+        return f"modified at {_iso(now.get('mtime'))} (planned: {_iso(planned.get('mtime'))}), same size"
+    return None
+
+
+def _iso(t: float | None) -> str:
+    import datetime as dt
+
+    return "?" if t is None else dt.datetime.fromtimestamp(t, dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def canonical_uri(uri: str) -> str:
+    """Where URI really is, so that two spellings of one place compare equal: a local path made absolute
+    with its symlinks resolved (`./in/x.jsonl`, `in//x.jsonl` and a link to it are one file); any other URI
+    as its protocol (fsspec's first name for the store) and path, without repeated or trailing slashes (`s3a://b//k/` is
+    `s3://b/k`). Nothing is read or listed."""
+    if protocol_of(uri) == "file":
+        return os.path.realpath(os.path.expanduser(uri.removeprefix("file://")))
+    protocol, _, rest = uri.partition("://")
+    protocol = SAME_PROTOCOL.get(protocol.lower(), protocol.lower())
+    return f"{protocol}://{re.sub('/{2,}', '/', rest).rstrip('/')}"
+
+
+SAME_PROTOCOL = {"s3a": "s3", "gcs": "gs", "az": "abfs"}  # fsspec's other names for one store
+
+
+def is_within(inner: str, outer: str) -> bool:
+    """Whether the canonical location INNER is OUTER or lies under it (both from `canonical_uri`)."""
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+class NotAFileError(OSError):
+    """A local path that is not a regular file (a FIFO, a socket, a device): reading it could block for
+    ever, or never end."""
+
+
+def is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def open_regular(fs, path: str):
+    """PATH of FS opened for binary reading. A local path must be a regular file (a symlink to one is
+    fine): it is opened without blocking and checked before a byte is read, so a FIFO named `x.jpg`, a
+    socket or `/dev/zero` is a NotAFileError instead of a read that never returns."""
+    if not is_local(fs):
+        return fs.open(path, "rb")
+    fd = os.open(fs._strip_protocol(path), os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once, unread
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "a directory" if stat.S_ISDIR(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                    else "not a regular file")
+            raise NotAFileError(f"{path} is {kind}, not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def join_uri(base: str, *parts: str) -> str:

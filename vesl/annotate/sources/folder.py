@@ -11,7 +11,7 @@ from schemas.rejects import READ_STAGE
 from schemas.rejects import RejectReason as R
 from vesl.annotate.sources.config import InputConfig
 from vesl.annotate.sources.rows import as_text, derive_image_id, first_present
-from vesl.core.storage import filesystem
+from vesl.core.storage import filesystem, open_regular
 from vesl.core.text import describe_error
 
 
@@ -19,7 +19,7 @@ def _read_sidecar(uri: str | None, storage_options) -> bytes | None:
     if not uri:
         return None
     fs, path = filesystem(uri, storage_options)
-    with fs.open(path, "rb") as f:
+    with open_regular(fs, path) as f:
         return f.read(1 << 20)  # a caption, not a payload
 
 

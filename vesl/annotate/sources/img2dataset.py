@@ -14,7 +14,7 @@ from vesl.annotate.sources.config import InputConfig
 from vesl.annotate.sources.folder import folder_row
 from vesl.annotate.sources.rows import ORDINAL_FILE_SHIFT, as_text, derive_image_id, reject_row, upstream_failure
 from vesl.annotate.sources.webdataset import iter_webdataset
-from vesl.core.storage import filesystem, uri_prefix
+from vesl.core.storage import filesystem, open_regular, uri_prefix
 from vesl.core.text import describe_error
 
 STATS_SUFFIX = "_stats.json"  # img2dataset's per-shard summary, beside NNNNN.parquet
@@ -27,7 +27,7 @@ def read_status_table(uri: str, config: InputConfig, storage_options) -> list[di
     import pyarrow.parquet as pq
 
     fs, path = filesystem(uri, storage_options)
-    with fs.open(path, "rb") as f:
+    with open_regular(fs, path) as f:
         pf = pq.ParquetFile(f)
         columns = ("key", "url", "caption", config.status_column, config.error_column)
         return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names]).to_pylist()
@@ -111,7 +111,7 @@ def iter_img2dataset_files(unit: Mapping[str, Any], config: InputConfig, storage
                REJECT_STAGE: None, REJECT_REASON: None, REJECT_MESSAGE: None}
         try:  # read here, like the tar and parquet layouts, so image_uri can keep the source URL
             fs_image, image_path = filesystem(image, storage_options)
-            with fs_image.open(image_path, "rb") as f:
+            with open_regular(fs_image, image_path) as f:
                 out["image_bytes"] = f.read()
         except Exception as e:  # noqa: BLE001 - one unreadable file is that image's reject
             out.update({REJECT_STAGE: READ_STAGE, REJECT_REASON: R.UNREADABLE_FILE.value,

@@ -11,7 +11,7 @@ from typing import Any
 
 from schemas.rejects import RejectReason as R
 from vesl.annotate.sources.rows import READ_ERROR, READ_REASON, SOURCE, bad_row
-from vesl.core.storage import filesystem
+from vesl.core.storage import filesystem, open_regular
 from vesl.core.text import describe_error
 
 MANIFEST_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "json", ".json": "json", ".csv": "csv"}
@@ -190,7 +190,7 @@ def iter_manifest_records(uri: str, storage_options: Mapping[str, Mapping[str, A
     fs, path = filesystem(uri, storage_options)
     line, offset = start or (1 if kind != "parquet" else 0, 0)
     try:
-        with fs.open(path, "rb") as f:
+        with open_regular(fs, path) as f:
             if kind == "parquet":
                 yield from iter_parquet_rows(f, uri, chunk_rows, start=offset)
                 return

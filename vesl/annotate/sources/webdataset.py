@@ -13,7 +13,7 @@ from schemas.rejects import READ_STAGE
 from schemas.rejects import RejectReason as R
 from vesl.annotate.sources.config import IMAGE_SUFFIXES
 from vesl.annotate.sources.rows import as_text, derive_image_id
-from vesl.core.storage import filesystem
+from vesl.core.storage import filesystem, open_regular
 from vesl.core.text import describe_error
 
 
@@ -48,7 +48,7 @@ def iter_webdataset(tar_uri: str, storage_options: Mapping[str, Mapping[str, Any
     key, parts = None, {}
     try:
         fs, path = filesystem(tar_uri, storage_options)
-        with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with open_regular(fs, path) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
             for member in tar:
                 name_key, _, suffix = member.name.rpartition(".")
                 if not member.isfile() or not name_key:
