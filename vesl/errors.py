@@ -11,6 +11,8 @@ Every failure a user can act on ends in one line, `vesl annotate: error: ...`, a
     4    permission denied or credentials refused during the run
     5    the storage endpoint is unreachable or stopped answering (storage.*_timeout_s) during the run
     6    the job itself failed (a stage crashed beyond its retries, no progress for ray.no_progress_timeout_s)
+    7    the run lost OUTPUT's lease to another run (it was stopped or cut off longer than the lease's TTL,
+         and another run took OUTPUT over): it stopped committing; what it committed before stays
     130  interrupted (Ctrl-C); 143: terminated (SIGTERM). Nothing half-written is left in data/ or rejects/.
 """
 
@@ -22,6 +24,7 @@ import threading
 from collections.abc import Iterator
 
 EXIT_OK, EXIT_ACCOUNTING, EXIT_USAGE, EXIT_DISK_FULL, EXIT_PERMISSION, EXIT_UNREACHABLE, EXIT_FAILED = range(7)
+EXIT_LEASE_LOST = 7
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
@@ -31,6 +34,14 @@ class OutputConflictError(RuntimeError):
 
 class CorruptStateError(OutputConflictError):
     """A file of OUTPUT's own state (run state, plan, completion record) or a shard cannot be read."""
+
+
+class LeaseLostError(RuntimeError):
+    """This run's lease on OUTPUT was taken over by another run: it must not commit anything more."""
+
+
+class UnreadableFileError(ValueError):
+    """A file a reader needs (a shard, a rejects file) cannot be read as what it should be; names the file."""
 
 
 class Terminated(BaseException):
@@ -103,6 +114,10 @@ def classify(error: BaseException, usage_errors: tuple[type[BaseException], ...]
         return EXIT_USAGE, f"config is not valid YAML: {' '.join(str(error).split())}"
     if isinstance(error, usage_errors):  # refused before the run (an unwritable OUTPUT included): exit 2
         return EXIT_USAGE, one_line(error)
+    lost = [e for e in causes(error) if isinstance(e, LeaseLostError)]
+    if lost:  # whatever it broke on the way (a staged part the new holder cleared), this is why
+        own = [e for e in lost if type(e) is LeaseLostError]  # not Ray's copy, whose text holds the task's traceback
+        return EXIT_LEASE_LOST, one_line((own or lost)[0])
     problem = storage_problem(error)
     if problem:
         detail = next((e for e in causes(error) if not type(e).__name__.startswith(("Ray", "UserCode"))), error)
@@ -115,6 +130,7 @@ def one_line(error: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-__all__ = ["CorruptStateError", "EXIT_ACCOUNTING", "EXIT_DISK_FULL", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK",
-           "EXIT_PERMISSION", "EXIT_TERMINATED", "EXIT_UNREACHABLE", "EXIT_USAGE", "OutputConflictError", "Terminated",
-           "causes", "classify", "install_stop_handlers", "one_line", "storage_problem"]
+__all__ = ["CorruptStateError", "EXIT_ACCOUNTING", "EXIT_DISK_FULL", "EXIT_FAILED", "EXIT_INTERRUPTED",
+           "EXIT_LEASE_LOST", "EXIT_OK", "EXIT_PERMISSION", "EXIT_TERMINATED", "EXIT_UNREACHABLE", "EXIT_USAGE",
+           "LeaseLostError", "OutputConflictError", "Terminated", "UnreadableFileError", "causes", "classify",
+           "install_stop_handlers", "one_line", "storage_problem"]

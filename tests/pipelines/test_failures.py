@@ -63,7 +63,7 @@ def test_hostile_manifest_every_valid_image_a_row_every_broken_one_a_specific_re
     alts = dict(zip(rows["image_id"], rows["alt_text"]))
     assert len(alts["palette_alpha"]) == 80_000 and "🐈" in alts["grayscale"]
     # ids and URIs never steer where files go: every file is vesl's own, inside OUTPUT
-    own = {"plan": ("plan.json", "units.parquet", "duplicates.parquet")}
+    own = {"plan": ("plan.json", "units.parquet", "duplicates.parquet", "files.parquet")}
     for path in out.rglob("*"):
         assert path.resolve().is_relative_to(out.resolve())
         if path.is_file():

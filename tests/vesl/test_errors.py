@@ -8,10 +8,12 @@ from vesl.errors import (
     EXIT_DISK_FULL,
     EXIT_FAILED,
     EXIT_INTERRUPTED,
+    EXIT_LEASE_LOST,
     EXIT_PERMISSION,
     EXIT_TERMINATED,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
+    LeaseLostError,
     Terminated,
     classify,
 )
@@ -42,6 +44,8 @@ def _client_error(code: str):
     (RuntimeError("an actor died 4 times"), EXIT_FAILED, "the job failed"),
     (KeyboardInterrupt(), EXIT_INTERRUPTED, "interrupted"),
     (Terminated(), EXIT_TERMINATED, "terminated"),
+    (LeaseLostError("lease lost to run abcd1234 at host-7: it took OUTPUT over"), EXIT_LEASE_LOST,
+     "lease lost to run abcd1234 at host-7"),
 ])
 def test_each_failure_has_its_exit_code_even_when_wrapped(error, code, words):
     got, message = classify(error, (ValueError,))
@@ -51,6 +55,19 @@ def test_each_failure_has_its_exit_code_even_when_wrapped(error, code, words):
     if code == EXIT_USAGE:  # a ValueError raised inside a task is a failed job, not a usage mistake
         assert classify(_wrapped(error), (ValueError,))[0] == EXIT_FAILED
     assert 1 not in (EXIT_DISK_FULL, EXIT_PERMISSION, EXIT_UNREACHABLE, EXIT_USAGE, EXIT_FAILED)  # 1: accounting
+
+
+def test_a_lost_lease_is_the_reason_whatever_it_broke_on_the_way():
+    """The run that took OUTPUT over cleared the staging: the commit fails on a missing part, but the line
+    says the lease was lost, not 'no such file'."""
+    try:
+        try:
+            raise FileNotFoundError(2, "No such file or directory: '/out/_vesl/staging/000000003/x-rows.parquet'")
+        except FileNotFoundError:  # commit_unit asks the fence again, which raises
+            raise LeaseLostError("lease lost to run abcd1234 at host-7") from None
+    except LeaseLostError as e:
+        lost = e
+    assert classify(_wrapped(lost), (ValueError,)) == (EXIT_LEASE_LOST, "lease lost to run abcd1234 at host-7")
 
 
 def test_botocore_connection_errors_are_unreachable():

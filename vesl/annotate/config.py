@@ -77,9 +77,14 @@ class OutputConfig(Settings):
                                "to OUTPUT/_vesl/staging/ in batches of at most this many, and a work unit's parts "
                                "become its one shard when the unit is committed (a shard is one unit).")
     lease_wait_s: float = Field(default=0.0, ge=0, description="When another run holds OUTPUT's lease, wait up to "
-                                "this long for it to finish or to go silent (taken over after 120 s without a "
+                                "this long for it to finish or to go silent (taken over after lease_ttl_s without a "
                                 "heartbeat) instead of stopping at once with exit 2. Retried cluster jobs (KubeRay's "
                                 "backoffLimit) want a few minutes: the old driver may still be dying.")
+    lease_ttl_s: float = Field(default=120.0, ge=1, description="A run whose lease shows no heartbeat for this long "
+                               "is taken for dead and its lease taken over by the next run (which then redoes its "
+                               "units in flight; the dead run, should it wake, stops with exit 7). It beats every "
+                               "15 s (or a quarter of this, if less). Generous by default: for clock skew, slow "
+                               "stores and paused processes.")
     compression: str = Field(default="zstd", description="Parquet compression codec: zstd, snappy, gzip, brotli, "
                              "lz4 or none (checked against this pyarrow before the run starts).")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import json
 import logging
 import sys
@@ -35,15 +36,33 @@ from vesl import __version__
 from vesl.annotate.config import PRESET_HELP, AnnotateConfigBase, load_config, preset_names
 from vesl.annotate.output.lease import Lease, LeaseHeldError, LeaseLostError, take_lease
 from vesl.annotate.output.ledger import Ledger, account, empty_stage_figures, read_ledger
-from vesl.annotate.output.state import check_output_target, clean_staging, move_strays, prepare_output
+from vesl.annotate.output.state import (
+    check_apart,
+    check_output_target,
+    clean_staging,
+    drop_empty_staging,
+    move_strays,
+    prepare_output,
+    remove_leftovers,
+)
 from vesl.annotate.output.writer import write_manifest
 from vesl.annotate.pipeline import Committed, run_units
 from vesl.annotate.sources.plan import EmptyInputError, plan_input
-from vesl.annotate.units import Plan, PlanMismatchError, Slice, check_plan, load_plan, make_plan, save_plan, todo_units
+from vesl.annotate.units import (
+    Plan,
+    PlanMismatchError,
+    Slice,
+    check_input_unchanged,
+    check_plan,
+    load_plan,
+    make_plan,
+    save_plan,
+    todo_units,
+)
 from vesl.core.outdir import MANIFEST, OutputDir
 from vesl.core.ray import init_ray, stop_ray
 from vesl.core.settings import add_config_arguments
-from vesl.core.storage import resolve_output
+from vesl.core.storage import canonical_uri, resolve_output
 from vesl.errors import (
     EXIT_ACCOUNTING,
     EXIT_OK,
@@ -71,8 +90,11 @@ class Run:
     part: Slice = Slice()
     started: float = field(default_factory=time.perf_counter)
     started_at: str = field(default_factory=now_iso)
+    location: str = field(init=False)  # where the input really is (`canonical_uri`): its identity in OUTPUT
     plan: Plan | None = None
     planning_s: float = 0.0
+    ledger: Ledger = field(default_factory=Ledger)  # OUTPUT's completion records, checked against the plan
+    damaged: list[dict[str, Any]] = field(default_factory=list)  # units whose files do not match their record
     models: dict[str, Any] = field(default_factory=dict)
     lease: Lease | None = None
     mode: str = ""  # fresh | resume
@@ -81,6 +103,9 @@ class Run:
     committed: Committed = field(default_factory=Committed)
     pools: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.location = canonical_uri(self.input_uri)
 
     @property
     def bounds(self) -> tuple[int, int]:
@@ -145,15 +170,18 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfigBase) ->
     manifest (also OUTPUT/manifest.json)."""
     check_chain(config.active_stages())  # a config that switches a needed stage off is refused here
     run = Run(input_uri, OutputDir(output_uri, config.storage.options()), config, Slice.parse(config.input.slice))
+    check_apart(run.out, input_uri)  # an OUTPUT that is (or holds) the input: refused before anything else
     start_ray(config)
     # Everything that can refuse the job (OUTPUT's bucket, models, input) is checked before OUTPUT is touched.
     check_output_target(run.out)
     run.models = model_provenance_on_ray(config)
     fresh_plan = plan_run(run)
-    run.lease = take_lease(run.out, run.part, wait_s=config.output.lease_wait_s)
+    run.lease = take_lease(run.out, run.part, wait_s=config.output.lease_wait_s, ttl_s=config.output.lease_ttl_s)
     try:
-        run.mode = prepare_output(run.out, input_uri, config.label_hash(), config.output.on_existing, run.part)
-        check_plan(run.plan, input_uri, config.input)
+        run.mode = prepare_output(run.out, run.location, config.label_hash(), config.output.on_existing, run.part)
+        # every completion record is checked against the plan before a new plan is saved behind them
+        replanned = fresh_plan and run.mode == "resume"  # plan.json was missing: the records decide
+        run.ledger, run.damaged = read_ledger(run.out, run.bounds, run.plan, replanned=replanned)
         if fresh_plan or run.mode == "fresh":
             save_plan(run.out, run.plan)
     except BaseException:
@@ -166,18 +194,19 @@ def run_annotate(input_uri: str, output_uri: str, config: AnnotateConfigBase) ->
 
 
 def plan_run(run: Run) -> bool:
-    """Set RUN's plan: OUTPUT's saved one (a resume, another slice), else a new one (--overwrite always plans
-    afresh). Returns whether it is new."""
-    config = run.config
+    """Set RUN's plan: OUTPUT's saved one (a resume, another slice) once the input is found unchanged
+    since it was made, else a new one (--overwrite always plans afresh). Returns whether it is new."""
+    config, options = run.config, run.config.storage.options()
     run.plan = None if config.output.on_existing == "overwrite" else load_plan(run.out)
     if run.plan is not None:
+        check_plan(run.plan, run.location, config.input)
+        check_input_unchanged(run.plan, run.input_uri, config.input, options, exclude=run.out.uri)
         return False
     started = time.perf_counter()
-    sources = plan_input(run.input_uri, config.input, config.storage.options())
+    sources = plan_input(run.input_uri, config.input, options, exclude=run.out.uri)
     log.info("input %s: %s, %d source(s); it holds %s", run.input_uri, sources.label, len(sources.sources),
              sources.holds())
-    run.plan = make_plan(run.input_uri, sources, config.input, config.storage.options(),
-                         num_cpus=config.ray.read_num_cpus)
+    run.plan = make_plan(run.location, sources, config.input, options, num_cpus=config.ray.read_num_cpus)
     run.planning_s = time.perf_counter() - started
     if run.plan.inputs == 0 and not config.input.allow_empty:
         raise EmptyInputError(f"input {run.input_uri} yields no inputs: read as {sources.label}, its "
@@ -197,6 +226,7 @@ def execute(run: Run) -> dict[str, Any]:
         run.pools = run_units(todo, run.plan, run.out, run.config, footer, run.lease, run.committed)
     elif run.plan.inputs == 0:
         log.warning("input %s yields no inputs (input.allow_empty is on): nothing to do", run.input_uri)
+    drop_empty_staging(run.out)
     executed = run.lap("execute", setup_done)
     if run.lease.lost:
         raise LeaseLostError(run.lease.lost)
@@ -213,21 +243,22 @@ def execute(run: Run) -> dict[str, Any]:
 
 def recover_output(run: Run):
     """Put OUTPUT right for RUN's slice and say what is left: strays moved aside, staged parts of units a
-    killed run had in flight dropped, units whose files do not match their records redone. Returns the
-    ledger and the units to do; RUN records the repairs."""
+    killed run had in flight dropped, units whose files did not match their records (found by `read_ledger`)
+    redone. Returns the ledger and the units to do; RUN records the repairs."""
     bounds = run.bounds
     run.repairs = [r for r in [move_strays(run.out, run.plan.unit_count)] if r]
     run.discarded_staged_units = clean_staging(run.out, bounds)  # parts of units a killed run had in flight
-    ledger, damaged = read_ledger(run.out, bounds)
-    for unit in damaged:
+    leftovers = remove_leftovers(run.out, bounds, stale_s=run.config.output.lease_ttl_s)  # of interrupted writes
+    run.repairs += [{"temporary_files_removed": leftovers}] if leftovers else []
+    for unit in run.damaged:
         log.warning("unit %s is redone: its files do not match its completion record: %s", unit["unit"], unit["files"])
-    run.repairs += [{"redone_units": damaged}] if damaged else []
-    todo = todo_units(run.plan, ledger.done, bounds)
+    run.repairs += [{"redone_units": run.damaged}] if run.damaged else []
+    todo = todo_units(run.plan, run.ledger.done, bounds)
     staged = run.discarded_staged_units
     log.info("plan: %d inputs in %d units; this run: units [%d, %d) (slice %s), %d to do%s", run.plan.inputs,
              run.plan.unit_count, *bounds, run.part.label, todo.num_rows,
              f", {staged} half-done unit(s) redone whole" if staged else "")
-    return ledger, todo
+    return run.ledger, todo
 
 
 def counts_of(ledger: Ledger, plan: Plan, config: AnnotateConfigBase) -> dict[str, Any]:
@@ -270,6 +301,7 @@ def build_manifest(run: Run, counts: dict[str, Any], ledger: Ledger, resources: 
         "run_id": run.lease.run_id,
         "mode": run.mode,
         "input": run.input_uri,
+        "input_location": run.location,
         "input_format": plan.meta["label"],
         "output": run.out.uri,
         "slice": run.part.label,
@@ -343,9 +375,14 @@ def main(argv: list[str] | None = None) -> int:
         code, message = classify(e, USAGE_ERRORS)
         log.debug("annotate failed", exc_info=True)
         print(f"vesl annotate: error: {message}", file=sys.stderr)
-        stop_ray()
-        return code
-    return report(manifest)
+    else:
+        return report(manifest)
+    # The failed pipeline's actor handles sit in reference cycles (through the error's frames, gone now): collect
+    # them, so its actors give their CPUs back at once. A later run in this process (a library caller, a test
+    # on one Ray) would otherwise wait for them; a Ray this process started is shut down anyway.
+    gc.collect()
+    stop_ray()
+    return code
 
 
 def report(manifest: dict[str, Any]) -> int:
@@ -356,6 +393,9 @@ def report(manifest: dict[str, Any]) -> int:
         if "stray_files" in repair:
             print(f"vesl annotate: repaired OUTPUT: moved {len(repair['stray_files'])} file(s) that are no unit's "
                   f"(e.g. {repair['stray_files'][:2]}) to {repair['moved_to']}", file=sys.stderr)
+        elif "temporary_files_removed" in repair:
+            print(f"vesl annotate: repaired OUTPUT: removed {len(repair['temporary_files_removed'])} temporary file(s) "
+                  f"that interrupted writes left (e.g. {repair['temporary_files_removed'][:2]})", file=sys.stderr)
         else:
             print(f"vesl annotate: repaired OUTPUT: redid {len(repair['redone_units'])} unit(s) whose files did not "
                   f"match their completion record (e.g. {repair['redone_units'][:1]})", file=sys.stderr)

@@ -24,6 +24,7 @@ position (`ordinal`) is kept, every other one is a `duplicate` reject, the same 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Mapping
@@ -40,16 +41,25 @@ from operators.base import mark_rejects
 from schemas.rejects import READ_STAGE, RejectReason
 from vesl.annotate.sources.config import InputConfig
 from vesl.annotate.sources.manifest import iter_manifest_records
-from vesl.annotate.sources.plan import InputPlan
+from vesl.annotate.sources.plan import (
+    FILES_SCHEMA,
+    InputPlan,
+    changed_files,
+    describe_changes,
+    files_table,
+    plan_input,
+)
 from vesl.annotate.sources.read import source_reader
 from vesl.annotate.sources.rows import ORDINAL_FILE_SHIFT, READ_ERROR, READ_REASON, SOURCE, normalize_rows
 from vesl.core.outdir import PLAN_DIR, OutputDir
-from vesl.core.storage import parent_uri
+from vesl.core.storage import canonical_uri, parent_uri
+from vesl.core.text import describe_error
+from vesl.errors import CorruptStateError
 
 log = logging.getLogger("vesl.annotate.units")
 UNIT = "unit"  # the column that carries a row's unit through the stages
 SOURCE_SPAN = 1 << ORDINAL_FILE_SHIFT
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: files.parquet, the fingerprints of the input's files
 LIMIT_WAVE_SOURCES = 16  # sources scanned at a time when input.limit is set
 
 
@@ -289,11 +299,13 @@ def _occurrences_of(table: pa.Table, wanted: pa.Array) -> pa.Table:
 # ---------------------------------------------------------------------------------------- plan
 @dataclass
 class Plan:
-    """A saved plan: what it was made from, its units and the repeated occurrences."""
+    """A saved plan: what it was made from, its units, the repeated occurrences, and the fingerprints of the
+    input's files (None in a plan made by a vesl that did not record them)."""
 
     meta: dict[str, Any]
     units: pa.Table
     duplicates: pa.Table
+    files: pa.Table | None = None
 
     @property
     def inputs(self) -> int:
@@ -303,23 +315,66 @@ class Plan:
     def unit_count(self) -> int:
         return self.units.num_rows
 
+    def unit_keys(self) -> list[str]:
+        """Per unit, a hash of what it covers (its sources, record range and ordinals). A completion record
+        carries its unit's key, so a record of another plan (other settings, another input) is told apart."""
+        rows = self.units.select(KEY_COLUMNS).to_pylist()
+        return [hashlib.sha256(json.dumps(r, sort_keys=True).encode()).hexdigest()[:16] for r in rows]
+
+
+KEY_COLUMNS = ["sources", "start", "count", "line", "offset", "lo", "hi"]
+PLAN_TABLES = {"units.parquet": "units", "duplicates.parquet": "repeated ids", "files.parquet": "input fingerprints"}
+PLAN_META = {"plan_version": int, "input": str, "kind": str, "inputs": int, "units": int, "unit_rows": int}
+DAMAGED_PLAN = ("the plan is damaged: delete OUTPUT's _vesl/plan/ folder and re-run (the plan is made again from the "
+                "input and checked against the units already done), or use --overwrite")
+
 
 def load_plan(out: OutputDir) -> Plan | None:
-    """OUTPUT's saved plan, or None when no whole plan is there (plan.json is written last)."""
+    """OUTPUT's saved plan, or None when no whole plan is there (plan.json is written last). A plan file
+    that is missing, unreadable or not vesl's is a CorruptStateError naming it."""
     if not out.exists(PLAN_DIR, "plan.json"):
         return None
     meta = out.read_json(PLAN_DIR, "plan.json", what="plan")
-    tables = []
-    for name in ("units.parquet", "duplicates.parquet"):
+    wrong = [k for k, kind in PLAN_META.items() if not isinstance(meta.get(k), kind)]
+    if wrong:
+        raise CorruptStateError(f"{out.uri_of(PLAN_DIR, 'plan.json')} is not a vesl plan (no valid "
+                                f"{', '.join(wrong)}): {DAMAGED_PLAN}")
+    schemas = {"units.parquet": UNITS_SCHEMA, "duplicates.parquet": DUPLICATES_SCHEMA, "files.parquet": FILES_SCHEMA}
+    names = list(schemas) if meta["plan_version"] >= 2 else list(schemas)[:2]
+    tables = [_plan_table(out, name, schemas[name]) for name in names]
+    plan = Plan(meta, *tables)
+    if plan.unit_count != meta["units"] or int(pc.sum(plan.units.column("count")).as_py() or 0) != meta["inputs"]:
+        raise CorruptStateError(f"{out.uri_of(PLAN_DIR, 'units.parquet')} holds {plan.unit_count} units, plan.json "
+                                f"says {meta['units']} units of {meta['inputs']} inputs: {DAMAGED_PLAN}")
+    return plan
+
+
+def _plan_table(out: OutputDir, name: str, schema: pa.Schema) -> pa.Table:
+    """The plan file NAME, checked to hold SCHEMA's columns; CorruptStateError naming it otherwise."""
+    where = f"{out.uri_of(PLAN_DIR, name)} (the plan's {PLAN_TABLES[name]})"
+    try:
         with out.open(PLAN_DIR, name) as f:
-            tables.append(pq.read_table(f))
-    return Plan(meta, *tables)
+            table = pq.read_table(f)
+    except FileNotFoundError:
+        raise CorruptStateError(f"{where} is missing: {DAMAGED_PLAN}") from None
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise CorruptStateError(f"{where} is not a readable Parquet file ({describe_error(e)}): "
+                                f"{DAMAGED_PLAN}") from None
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise CorruptStateError(f"{where} is not a vesl plan file (no column {', '.join(missing)}): {DAMAGED_PLAN}")
+    try:
+        return table.select(schema.names).cast(schema)
+    except (pa.ArrowException, ValueError) as e:
+        raise CorruptStateError(f"{where} has columns of other types ({describe_error(e)}): {DAMAGED_PLAN}") from None
 
 
 def save_plan(out: OutputDir, plan: Plan) -> None:
     """Write the plan's tables, then plan.json (each staged and moved into place)."""
-    for name, table in (("units.parquet", plan.units), ("duplicates.parquet", plan.duplicates)):
-        out.write_parquet(table, PLAN_DIR, name)
+    tables = {"units.parquet": plan.units, "duplicates.parquet": plan.duplicates, "files.parquet": plan.files}
+    for name, table in tables.items():
+        if table is not None:
+            out.write_parquet(table, PLAN_DIR, name)
     out.write_json(plan.meta, PLAN_DIR, "plan.json")
 
 
@@ -366,13 +421,13 @@ def make_plan(input_uri: str, input_plan: InputPlan, config: InputConfig, storag
             "duplicate_ids": len(set(duplicates.column("image_id").to_pylist())),
             "timings_s": {"scan": round(scan_s, 3), "duplicates": round(time.perf_counter() - started - scan_s, 3)},
             "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
-    return Plan(meta, units, duplicates)
+    return Plan(meta, units, duplicates, files_table(input_plan.files))
 
 
 def check_plan(plan: Plan, input_uri: str, config: InputConfig) -> None:
     """Refuse a saved plan made from another input or with another input.limit (which inputs the
     run covers); another unit_rows is only logged (the saved units stay)."""
-    if plan.meta.get("input") != input_uri:
+    if canonical_uri(str(plan.meta.get("input"))) != canonical_uri(input_uri):
         raise PlanMismatchError(f"OUTPUT's plan was made for input {plan.meta.get('input')}, not {input_uri}")
     if plan.meta.get("limit") != config.limit:
         raise PlanMismatchError(f"OUTPUT's plan covers input.limit={plan.meta.get('limit')}; this run asks for "
@@ -380,6 +435,35 @@ def check_plan(plan: Plan, input_uri: str, config: InputConfig) -> None:
     if plan.meta.get("unit_rows") != config.unit_rows:
         log.info("OUTPUT's plan has units of %s inputs (input.unit_rows=%s is used only when planning)",
                  plan.meta.get("unit_rows"), config.unit_rows)
+
+
+class InputChangedError(PlanMismatchError):
+    """The input's files are not those OUTPUT's plan was made from (edited, grown, deleted, added)."""
+
+
+def check_input_unchanged(plan: Plan, input_uri: str, config: InputConfig, storage_options,
+                          exclude: str | None = None) -> None:
+    """Refuse to resume PLAN when the input's files changed since it was made: list the input again (no
+    file is read) and compare each file's fingerprint (size, and ETag or modification time) with the
+    plan's. A unit reads its records where the plan says they are, so an edited manifest would lose rows
+    or read fragments of lines, and a new file would be left out without a word."""
+    if plan.files is None:
+        log.warning("OUTPUT's plan was made by an older vesl that did not record the input's files: a change to "
+                    "the input since then is not detected")
+        return
+    made = plan.meta.get("created_at", "?")
+    fix = ("Resuming would lose or mix inputs. Restore the input as it was, write to a new OUTPUT, or use "
+           "--overwrite to plan and label the input as it is now")
+    try:
+        now = plan_input(input_uri, config, storage_options, exclude=exclude, allow_empty=True)
+    except FileNotFoundError:
+        raise InputChangedError(f"input {input_uri} is gone: OUTPUT's plan was made from it ({made}, "
+                                f"{plan.files.num_rows} file(s)). {fix}") from None
+    changed = changed_files(plan.files, files_table(now.files))
+    if changed.num_rows:
+        kind = "" if now.kind == plan.meta["kind"] else f" (it now reads as {now.kind}, not {plan.meta['kind']})"
+        raise InputChangedError(f"input {input_uri} changed since OUTPUT's plan was made ({made}){kind}: "
+                                f"{changed.num_rows} of its files differ: {describe_changes(changed)}. {fix}")
 
 
 # ---------------------------------------------------------------------------------------- read
@@ -438,12 +522,14 @@ def mark_duplicates(table: pa.Table, kept: Mapping[int, int]) -> pa.Table:
 
 
 def todo_units(plan: Plan, done: set[int], bounds: tuple[int, int]) -> pa.Table:
-    """The units of PLAN in [BOUNDS) not in DONE, each with its repeated occurrences (`dups`, JSON)."""
+    """The units of PLAN in [BOUNDS) not in DONE, each with its key (`Plan.unit_keys`) and its repeated
+    occurrences (`dups`, JSON)."""
     ids = plan.units.column("unit").to_numpy()
     keep = (ids >= bounds[0]) & (ids < bounds[1])
     if done:
         keep &= ~np.isin(ids, np.fromiter(done, np.int64, len(done)))
     table = plan.units.filter(pa.array(keep))
+    table = table.append_column("key", pa.array(plan.unit_keys(), pa.string()).filter(pa.array(keep)))
     dups: dict[int, list] = {}
     if plan.duplicates.num_rows:
         d = plan.duplicates.filter(pc.is_in(plan.duplicates.column("unit"), value_set=table.column("unit")))
@@ -454,6 +540,6 @@ def todo_units(plan: Plan, done: set[int], bounds: tuple[int, int]) -> pa.Table:
                                                  for u in table.column("unit").to_pylist()], pa.string()))
 
 
-__all__ = ["Plan", "PlanMismatchError", "Slice", "UNIT", "build_units",
+__all__ = ["InputChangedError", "Plan", "PlanMismatchError", "check_input_unchanged", "Slice", "UNIT", "build_units",
            "check_plan", "find_duplicates", "load_plan", "make_plan", "read_units", "save_plan", "scan_sources",
            "todo_units", "unit_of", "unit_tables"]

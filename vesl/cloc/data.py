@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from schemas.region_text import conform_table
@@ -153,13 +152,11 @@ def iter_shard_batches(uri: str, storage_options: Mapping[str, Any] | None = Non
                        batch_rows: int = 64) -> Iterator[pa.Table]:
     """The trainer's COLUMNS of one shard file, cast to schema v1, in tables of up to BATCH_ROWS rows
     (a shard that pandas wrote back, without image_bytes or with a double score, reads the same)."""
-    from vesl.core.storage import filesystem
+    from vesl.core.outdir import iter_pages, open_parquet
 
-    fs, path = filesystem(uri, storage_options)
-    with fs.open(path, "rb") as f:
-        pf = pq.ParquetFile(f)
+    with open_parquet(uri, storage_options) as pf:
         present = [c for c in COLUMNS if c in pf.schema_arrow.names]
-        for record_batch in pf.iter_batches(batch_size=batch_rows, columns=present):
+        for record_batch in iter_pages(pf, uri, batch_size=batch_rows, columns=present):
             yield conform_table(pa.Table.from_batches([record_batch]), where=uri, columns=COLUMNS)
 
 

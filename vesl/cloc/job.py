@@ -18,6 +18,7 @@ import sys
 from schemas.region_text import SchemaVersionError
 from vesl.cloc.config import load_train_config
 from vesl.core.settings import add_config_arguments
+from vesl.errors import CorruptStateError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,6 +28,8 @@ def parser() -> argparse.ArgumentParser:
     # sections: model, data, loss, optim, run, storage
     add_config_arguments(p, "loss.region_weight=0", ["tiny"], "tiny: the tiny CLIP built offline")
     p.add_argument("--overwrite", action="store_true", help="discard a training run already in OUT")
+    p.add_argument("--allow-partial", action="store_true", help="train on an annotate OUTPUT whose run has not "
+                   "finished (some work units or slices still missing); refused without it")
     p.add_argument("--print-config", action="store_true", help="print the full effective config as YAML and exit")
     return p
 
@@ -43,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(yaml.safe_dump(config.public_dict(), sort_keys=False), end="")
             return 0
-        summary = run_training(args.shards, args.out, config, overwrite=args.overwrite)
-    except (TrainConflictError, FileNotFoundError, SchemaVersionError, ValueError) as e:
+        summary = run_training(args.shards, args.out, config, overwrite=args.overwrite,
+                               allow_partial=args.allow_partial)
+    except (TrainConflictError, FileNotFoundError, SchemaVersionError, ValueError, CorruptStateError) as e:
         print(f"vesl train: error: {e}", file=sys.stderr)
         return 2
     final = summary.get("final") or {}

@@ -474,8 +474,27 @@ def publish_final(checkpoint, out: str, options) -> tuple[str, list[dict[str, An
     return final, history
 
 
-def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
-    """Train on SHARDS, checkpointing under OUT/run; the final checkpoint is copied to OUT/model."""
+def check_finished(shards: str, options, rows: int, allow_partial: bool) -> None:
+    """Refuse SHARDS when it is an annotate OUTPUT whose run (or one of its slices) has not finished, unless
+    ALLOW_PARTIAL (then say so): training on part of a dataset without a word is a silent loss."""
+    from vesl.core.outdir import completion
+
+    state = completion(shards, options)
+    if state is None or state["units_done"] >= state["units"]:
+        return
+    what = (f"{shards} is an annotate OUTPUT whose run has not finished: {state['units_done']} of {state['units']} "
+            f"work units done ({rows} rows so far; the plan has {state['planned_inputs']} inputs)")
+    if not allow_partial:
+        raise TrainConflictError(f"{what}. Finish it first (re-run its `vesl annotate` command, every slice of it), "
+                                 "or pass --allow-partial to train on the units done")
+    log.warning("%s: training on what is there (--allow-partial)", what)
+    print(f"[vesl train] warning: {what}; training on what is there (--allow-partial)", flush=True)
+
+
+def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = False,
+                 allow_partial: bool = False) -> dict[str, Any]:
+    """Train on SHARDS, checkpointing under OUT/run; the final checkpoint is copied to OUT/model. An
+    unfinished annotate OUTPUT is refused unless ALLOW_PARTIAL."""
     import ray
 
     from vesl.core.outdir import count_rows, find_shards
@@ -485,6 +504,7 @@ def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = F
     options = config.storage.options()
     uris = find_shards(shards, options)
     rows = count_rows(uris, options)
+    check_finished(shards, options, rows, allow_partial)
     image_size, caption_tokens = model_geometry(config)
     per_epoch, total_steps = plan_steps(rows, config)  # checked before OUT is touched: a refusal leaves it as it was
     out = resolve_output(out, "OUT")  # absolute; a relative one inside `ray job submit` is refused

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from schemas.region_text import check_shard_schema, describe_footerless
 from vesl.core.storage import filesystem, join_uri, uri_prefix
-from vesl.errors import CorruptStateError
+from vesl.core.text import describe_error
+from vesl.errors import CorruptStateError, UnreadableFileError
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -205,13 +206,65 @@ class OutputDir:
 
 
 # ---------------------------------------------------------------------------------------- shards
+@contextmanager
+def open_parquet(uri: str, storage_options: Mapping[str, Any] | None = None, what: str = "a shard") -> Iterator[Any]:
+    """The Parquet file URI as a pyarrow ParquetFile. A file that is not there is a FileNotFoundError, one
+    that is not Parquet (garbage, truncated) an UnreadableFileError; both name URI."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(uri, storage_options)
+    try:
+        f = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} ({what}) is not there (deleted while it was read?)") from None
+    with f:
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise UnreadableFileError(f"{uri} ({what}) is not a readable Parquet file: {describe_error(e)}") from None
+        yield pf
+
+
+def read_pages(pf, uri: str, what: str = "a shard", **read) -> pa.Table:
+    """PF's table (an open ParquetFile of URI; READ: ParquetFile.read's arguments, e.g. columns); an
+    UnreadableFileError naming URI when a data page is damaged."""
+    import pyarrow as pa
+
+    try:
+        return pf.read(**read)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise UnreadableFileError(f"{uri} ({what}) cannot be read: {describe_error(e)}") from None
+
+
+def iter_pages(pf, uri: str, what: str = "a shard", **read) -> Iterator[pa.RecordBatch]:
+    """PF's record batches (READ: ParquetFile.iter_batches' arguments); an UnreadableFileError naming URI
+    when a data page is damaged."""
+    import pyarrow as pa
+
+    batches = pf.iter_batches(**read)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise UnreadableFileError(f"{uri} ({what}) cannot be read: {describe_error(e)}") from None
+        yield batch
+
+
+def read_parquet(uri: str, storage_options: Mapping[str, Any] | None = None, what: str = "a shard",
+                 **read) -> pa.Table:
+    """The table of the Parquet file URI (READ: ParquetFile.read's arguments); errors name URI."""
+    with open_parquet(uri, storage_options, what) as pf:
+        return read_pages(pf, uri, what, **read)
+
+
 def find_shards(uri: str, storage_options: Mapping[str, Any] | None = None, check: bool = True) -> list[str]:
     """Parquet files of a region-text dataset: an annotate OUTPUT (its data/ folder), a folder of
     shards, or one file. Returns full URIs, sorted, each checked for a v1 schema footer (CHECK False:
     not opened here, for a caller that reads every footer anyway and checks it then). A file without
     vesl's footer passes when its columns cast to v1 (see `schemas.region_text.check_shard_schema`)."""
-    import pyarrow.parquet as pq
-
     fs, path = filesystem(uri, storage_options)
     if fs.isdir(path) and fs.isdir(path.rstrip("/") + f"/{DATA_DIR}"):
         path = path.rstrip("/") + f"/{DATA_DIR}"
@@ -228,9 +281,9 @@ def find_shards(uri: str, storage_options: Mapping[str, Any] | None = None, chec
     uris = [uri_prefix(uri) + p for p in files]
     if check:
         checked = []
-        for file_uri, path in zip(uris, files):
-            with fs.open(path, "rb") as f:
-                checked.append((file_uri, check_shard_schema(pq.read_schema(f), where=file_uri)))
+        for file_uri in uris:
+            with open_parquet(file_uri, storage_options) as pf:
+                checked.append((file_uri, check_shard_schema(pf.schema_arrow, where=file_uri)))
         note = describe_footerless(checked)
         if note:
             log.warning("%s", note)
@@ -239,11 +292,19 @@ def find_shards(uri: str, storage_options: Mapping[str, Any] | None = None, chec
 
 def count_rows(uris: list[str], storage_options: Mapping[str, Any] | None = None) -> int:
     """Rows of the Parquet files URIS, read from their footers."""
-    import pyarrow.parquet as pq
-
     total = 0
     for uri in uris:
-        fs, path = filesystem(uri, storage_options)
-        with fs.open(path, "rb") as f:
-            total += pq.ParquetFile(f).metadata.num_rows
+        with open_parquet(uri, storage_options) as pf:
+            total += pf.metadata.num_rows
     return total
+
+
+def completion(uri: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, int] | None:
+    """How far the annotate run in OUTPUT URI got: its plan's units and inputs, and the units with a
+    completion record (every slice's); None when URI is no annotate OUTPUT (a folder of shards, a file)."""
+    out = OutputDir(uri, storage_options)
+    if not out.exists(PLAN_DIR, "plan.json"):
+        return None
+    plan = out.read_json(PLAN_DIR, "plan.json", what="plan")
+    done = sum(1 for n in out.names(UNITS_DIR) if n.endswith(".json") and n[:-5].isdigit())
+    return {"units_done": done, "units": int(plan.get("units", 0)), "planned_inputs": int(plan.get("inputs", 0))}

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from operators.registry import funnel, funnel_steps, stage_totals
 from schemas.region_text import META_CONFIG_HASH, META_MODELS, META_SCHEMA_VERSION, META_THRESHOLDS, META_VERSION
-from vesl.core.outdir import MANIFEST, REJECTS_DIR, OutputDir
+from vesl.core.outdir import MANIFEST, REJECTS_DIR, OutputDir, open_parquet, read_pages, read_parquet
 from vesl.core.storage import filesystem
 from vesl.core.text import fmt
+from vesl.errors import CorruptStateError
 from vesl.shards.read import by_protocol, iter_tables, shard_uris
 from vesl.shards.report import stage_rows
 
@@ -68,8 +68,8 @@ def _rejects(out: OutputDir, examples_per_reason: int = 3) -> tuple[Counter, dic
     by_reason: Counter = Counter()
     examples: dict[str, list[dict]] = {}
     for path in out.parquet_files(REJECTS_DIR):
-        with out.fs.open(path, "rb") as f:
-            table = pq.read_table(f, columns=["image_id", "image_uri", "stage", "reason", "message"])
+        table = read_parquet(out.uri_of(out.rel_of(path)), out.options, "a rejects file",
+                             columns=["image_id", "image_uri", "stage", "reason", "message"])
         for row in table.to_pylist():
             key = f"{row['stage']}/{row['reason']}"
             by_reason[key] += 1
@@ -263,11 +263,9 @@ def _sample_rows(picked: list[tuple[int, str, int]], storage_options) -> list[di
         wanted.setdefault(uri, []).append(i)
     found: dict[tuple[str, int], dict] = {}
     for uri, indices in wanted.items():
-        fs, path = filesystem(uri, storage_options)
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+        with open_parquet(uri, storage_options) as pf:
             columns = [c for c in region_text_schema().names if c in pf.schema_arrow.names]
-            table = pf.read(columns=columns)
+            table = read_pages(pf, uri, columns=columns)
         for i, row in zip(indices, table.take(pa.array(indices)).to_pylist()):
             found[(uri, i)] = row
     return [found[(uri, i)] for _, uri, i in picked]
@@ -375,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         stats = collect_stats(args.output, storage, sample=args.sample if args.out else 0, seed=args.seed,
                               top=args.top)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CorruptStateError) as e:  # each names the file it failed on
         print(f"vesl inspect: error: {e}", file=sys.stderr)
         return 2
     print(format_summary(stats))

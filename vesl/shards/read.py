@@ -61,17 +61,15 @@ def iter_tables(uris: list[str], columns: list[str], storage_options: Mapping[st
     Files without vesl's footer (written back by pandas or polars) are read by their columns; the
     first one is logged with the casts it needs."""
     from schemas.region_text import check_shard_schema, conform_table, describe_footerless
-    from vesl.core.storage import filesystem
+    from vesl.core.outdir import open_parquet, read_pages
 
     logged = False
     for uri in uris:
-        fs, path = filesystem(uri, storage_options)
-        with fs.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
+        with open_parquet(uri, storage_options) as pf:
             check = check_shard_schema(pf.schema_arrow, where=uri)
             meta = {k.decode(): v.decode() for k, v in (pf.schema_arrow.metadata or {}).items()}
             present = [c for c in columns if c in pf.schema_arrow.names]
-            table = conform_table(pf.read(columns=present), where=uri, columns=columns)
+            table = conform_table(read_pages(pf, uri, columns=present), where=uri, columns=columns)
         if check.version is None and not logged:
             log.warning("%s (later files are not reported again)", describe_footerless([(uri, check)]))
             logged = True

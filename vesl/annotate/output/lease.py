@@ -31,19 +31,16 @@ from vesl.annotate.units import Slice
 from vesl.core.outdir import LEASE_DIR, OutputDir
 from vesl.core.storage import modified_time
 from vesl.core.text import describe_error
-from vesl.errors import OutputConflictError, storage_problem
+from vesl.errors import LeaseLostError, OutputConflictError, storage_problem
 
 log = logging.getLogger("vesl.annotate.output.lease")
 TTL_S = 120.0  # a holder silent this long is taken for dead: generous for clock skew and slow stores
+CLOCK_SLACK_S = 5.0  # a time this far ahead of this machine's clock is still believed (small skew, rounding)
 HEARTBEAT_S = 15.0
 
 
 class LeaseHeldError(RuntimeError):
     """Another live run holds OUTPUT."""
-
-
-class LeaseLostError(RuntimeError):
-    """This run's lease was taken over: it must not commit anything more."""
 
 
 def _now() -> float:
@@ -114,14 +111,22 @@ class Lease:
             return False
         return False
 
-    def _age(self, record: Mapping[str, Any], mtime: float | None) -> float:
-        """Seconds since the holder last showed life: the newer of its own heartbeat and the file's mtime."""
+    @staticmethod
+    def _age(record: Mapping[str, Any], mtime: float | None) -> float:
+        """Seconds since the holder last showed life, by this machine's clock: the newer of its own heartbeat
+        time and the file's mtime, leaving out a time ahead of this clock (a holder whose clock runs fast
+        would otherwise look alive for as long as its clock is ahead). -inf when every time is ahead."""
         marks = [t for t in (record.get("heartbeat_ts"), mtime) if isinstance(t, (int, float))]
-        return _now() - max(marks) if marks else float("inf")
+        now = _now()
+        sane = [t for t in marks if t <= now + CLOCK_SLACK_S]
+        if marks and not sane:
+            return -float("inf")
+        return now - max(sane) if sane else float("inf")
 
     def _newest(self) -> tuple[int, dict[str, Any], float, bool]:
         """(the newest generation (0: none), its record, its holder's silence in s, whether it is live: not
-        released, heard from within the TTL, not a dead process on this host)."""
+        released, heard from within the TTL, not a dead process on this host). A holder whose every time
+        is ahead of this clock counts as live: how long it has been silent cannot be told."""
         generations = self._generations()
         if not generations:
             return 0, {}, float("inf"), False
@@ -129,6 +134,19 @@ class Lease:
         age = self._age(record, mtime)
         live = not record.get("released") and age < self.ttl_s and not self._holder_dead_here(record)
         return generations[-1], record, age, live
+
+    def _held_error(self, newest: int, record: Mapping[str, Any], age: float) -> LeaseHeldError:
+        holder = (f"{self.out.uri} is being written by run {record.get('run_id', '?')} on host "
+                  f"{record.get('host', '?')} (pid {record.get('pid', '?')})")
+        if age == -float("inf"):
+            return LeaseHeldError(
+                f"{holder}, whose lease file is dated ahead of this machine's clock, so how long it has been silent "
+                f"cannot be told: the clocks of this host, that run's host or the storage disagree. Fix the clocks "
+                f"(NTP); if that run is dead, delete {self.out.uri_of(self._file(newest))} and re-run")
+        return LeaseHeldError(
+            f"{holder}, last heartbeat {age:.0f} s ago. One run writes an OUTPUT at a time: wait for it to finish, or, "
+            f"if it is dead, re-run after {max(0.0, self.ttl_s - age):.0f} s more without a heartbeat, when its lease "
+            "is taken over")
 
     def live_holder(self) -> dict[str, Any] | None:
         """The record of this lease's live holder, else None."""
@@ -142,11 +160,7 @@ class Lease:
             newest, record, age, live = self._newest()
             if live:
                 self.generation = None  # nothing held: release() and discard() then touch nothing
-                raise LeaseHeldError(
-                    f"{self.out.uri} is being written by run {record.get('run_id', '?')} on host "
-                    f"{record.get('host', '?')} (pid {record.get('pid', '?')}), last heartbeat {age:.0f} s ago. "
-                    f"One run writes an OUTPUT at a time: wait for it to finish, or, if it is dead, re-run "
-                    f"after {self.ttl_s:.0f} s without a heartbeat, when its lease is taken over")
+                raise self._held_error(newest, record, age)
             previous = {**record, "silent_s": round(age, 1)} if newest and not record.get("released") else None
             self.generation = newest + 1
             try:
@@ -170,8 +184,7 @@ class Lease:
     def heartbeat(self) -> None:
         newest = self._generations()
         if newest and newest[-1] != self.generation:
-            self.lost = (f"lease of {self.out.uri} taken over (generation {newest[-1]} > ours, {self.generation}): "
-                         "this run looked dead to another one")
+            self.lost = lost_to(self, newest[-1], self.generation)
             return
         self._write()
 
@@ -222,7 +235,7 @@ class Lease:
         self.release()
 
     def fence(self) -> "LeaseFence":
-        return LeaseFence(self.out, int(self.generation or 0), self.name)
+        return LeaseFence(self.out, int(self.generation or 0), self.name, self.ttl_s)
 
 
 @dataclass(frozen=True)
@@ -233,15 +246,26 @@ class LeaseFence:
     out: OutputDir
     generation: int
     name: str | None = None
+    ttl_s: float = TTL_S
 
     def __call__(self) -> None:
-        newest = Lease(self.out, name=self.name)._generations()
+        lease = Lease(self.out, name=self.name, ttl_s=self.ttl_s)
+        newest = lease._generations()
         if newest and newest[-1] != self.generation:
-            raise LeaseLostError(f"{self.out.uri}: the lease passed to generation {newest[-1]} (ours: "
-                                 f"{self.generation}); this run stops committing")
+            raise LeaseLostError(lost_to(lease, newest[-1], self.generation))
 
 
-def take_lease(out: OutputDir, part: Slice = Slice(), wait_s: float = 0.0, poll_s: float = 5.0) -> Lease:
+def lost_to(lease: Lease, newest: int, ours: int | None) -> str:
+    """The one line a run that lost LEASE (NEWEST generation > OURS) stops with: who holds OUTPUT now."""
+    record, _ = lease._read(newest)
+    return (f"lease lost to run {record.get('run_id', '?')} at {record.get('host', '?')}: it took {lease.out.uri} "
+            f"over (generation {newest}, ours {ours}) while this run looked dead (stopped or cut off for longer than "
+            f"the lease's {lease.ttl_s:.0f} s). This run stopped committing; what it committed stays, and that run "
+            "finishes the rest")
+
+
+def take_lease(out: OutputDir, part: Slice = Slice(), wait_s: float = 0.0, poll_s: float = 5.0,
+               ttl_s: float = TTL_S) -> Lease:
     """This run's lease on OUTPUT (on its slice PART of it), heartbeating. A live holder of an
     overlapping slice (a whole run overlaps every slice) is a LeaseHeldError, after waiting up to WAIT_S
     for it to finish or go stale; an OUTPUT this run cannot write to is an OutputConflictError; both
@@ -249,7 +273,7 @@ def take_lease(out: OutputDir, part: Slice = Slice(), wait_s: float = 0.0, poll_
     deadline = time.monotonic() + wait_s
     try:
         while True:
-            lease = Lease(out, name=part.lease_name)
+            lease = Lease(out, name=part.lease_name, ttl_s=ttl_s, heartbeat_s=min(HEARTBEAT_S, ttl_s / 4))
             try:
                 lease.acquire()  # raises before it holds anything
                 try:
@@ -282,7 +306,7 @@ def check_overlapping_leases(out: OutputDir, part: Slice, mine: Lease) -> None:
     for other in others:
         if other.lease_name == mine.name or not other.overlaps(part):
             continue
-        holder = Lease(out, name=other.lease_name).live_holder()
+        holder = Lease(out, name=other.lease_name, ttl_s=mine.ttl_s).live_holder()
         if holder:
             raise LeaseHeldError(
                 f"{out.uri} is being written by run {holder.get('run_id', '?')} on host {holder.get('host', '?')} "

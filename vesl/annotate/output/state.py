@@ -10,12 +10,27 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
+import time
 import uuid
 from typing import Any
 
 from vesl.annotate.units import Slice
-from vesl.core.outdir import DATA_DIR, LEASE_DIR, REJECTS_DIR, RUN_STATE, STAGING_DIR, STRAY_DIR, OutputDir, unit_file
-from vesl.core.storage import protocol_of
+from vesl.core.outdir import (
+    DATA_DIR,
+    LEASE_DIR,
+    MANIFEST,
+    PLAN_DIR,
+    REJECTS_DIR,
+    RUN_STATE,
+    STAGING_DIR,
+    STATE_DIR,
+    STRAY_DIR,
+    UNITS_DIR,
+    OutputDir,
+    unit_file,
+)
+from vesl.core.storage import canonical_uri, info_mtime, is_within, protocol_of
 from vesl.core.text import describe_error
 from vesl.errors import CorruptStateError, OutputConflictError
 
@@ -40,6 +55,33 @@ def check_output_target(out: OutputDir) -> None:
                                   "vesl does not create buckets: create it, or fix the name")
 
 
+def check_apart(out: OutputDir, input_uri: str) -> None:
+    """Refuse an OUTPUT that is INPUT or holds it: a run writes into OUTPUT and `--overwrite` deletes what
+    a run wrote there, so the input would be read from a folder the run changes. Real locations are
+    compared (`canonical_uri`: absolute, symlinks resolved), not the strings given. An OUTPUT inside a
+    folder input is fine: the input's listing leaves it out."""
+    where, inside = canonical_uri(input_uri), canonical_uri(out.uri)
+    if is_within(where, inside):
+        relation = "is" if where == inside else "contains"
+        raise OutputConflictError(
+            f"OUTPUT {out.uri} {relation} the input {input_uri} ({where}): a run writes into OUTPUT (and "
+            "--overwrite deletes what a run wrote there). Choose an OUTPUT outside the input")
+
+
+OURS = (DATA_DIR, REJECTS_DIR, MANIFEST, RUN_STATE, STATE_DIR)  # what a run writes at OUTPUT's top (and _lease/)
+STAGED_NAME = re.compile(r"^\.(.+)\.[0-9a-f]{8}$")  # `OutputDir.staged_path`: a write that never landed
+
+
+def run_entries(names: list[str]) -> list[str]:
+    """Which of NAMES (OUTPUT's top level, _lease/ excepted) a vesl run wrote: its folders and files, and
+    staged copies of its files that an interrupted write left."""
+    def ours(name: str) -> bool:
+        staged = STAGED_NAME.match(name)
+        return name in OURS or (staged is not None and staged.group(1) in OURS)
+
+    return [n for n in names if ours(n)]
+
+
 def read_run_state(out: OutputDir) -> dict[str, Any]:
     """OUTPUT's `_vesl_run.json`; an error naming it, with what to do, when it cannot be read."""
     try:
@@ -55,11 +97,7 @@ def prepare_output(out: OutputDir, input_uri: str, label_hash: str, on_existing:
     for PART, whose folder is never counted or deleted here."""
     entries = [name for name in out.names() if name != LEASE_DIR]
     if entries and on_existing == "overwrite":
-        if not part.whole:
-            raise OutputConflictError(f"--overwrite deletes all of OUTPUT {out.uri}, every slice's work: it is "
-                                      "refused with a slice. Clear OUTPUT once before starting the slices")
-        for name in entries:
-            out.remove(name, recursive=True)
+        overwrite(out, entries, part)
     elif entries:
         check_resumable(out, input_uri, label_hash, on_existing)
         return "resume"
@@ -67,6 +105,25 @@ def prepare_output(out: OutputDir, input_uri: str, label_hash: str, on_existing:
     out.write_json({"input": input_uri, "config_hash": label_hash, "layout": LAYOUT, "run_id": uuid.uuid4().hex[:8],
                     "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}, RUN_STATE)
     return "fresh"
+
+
+def overwrite(out: OutputDir, entries: list[str], part: Slice) -> None:
+    """`--overwrite`: delete what a vesl run wrote in OUTPUT (ENTRIES: its top level), and nothing else. An
+    OUTPUT that holds no vesl run is refused: what it holds is somebody else's."""
+    if not part.whole:
+        raise OutputConflictError(f"--overwrite deletes all of OUTPUT {out.uri}, every slice's work: it is "
+                                  "refused with a slice. Clear OUTPUT once before starting the slices")
+    if RUN_STATE not in entries and STATE_DIR not in entries:
+        raise OutputConflictError(
+            f"output {out.uri} is not empty and holds no vesl run ({RUN_STATE} missing): it holds "
+            f"{', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}. --overwrite deletes only what a vesl run "
+            "wrote: choose a new or empty OUTPUT")
+    ours = run_entries(entries)
+    for name in ours:
+        out.remove(name, recursive=True)
+    kept = sorted(set(entries) - set(ours))
+    if kept:
+        log.warning("--overwrite kept what no vesl run wrote in OUTPUT %s: %s", out.uri, kept[:10])
 
 
 def check_resumable(out: OutputDir, input_uri: str, label_hash: str, on_existing: str) -> None:
@@ -77,7 +134,7 @@ def check_resumable(out: OutputDir, input_uri: str, label_hash: str, on_existing
         raise OutputConflictError(f"output {out.uri} is not empty and holds no vesl run ({RUN_STATE} missing); "
                                   "choose another OUTPUT or pass --overwrite to delete what is there")
     state = read_run_state(out)
-    if state.get("input") != input_uri or state.get("config_hash") != label_hash:
+    if canonical_uri(str(state.get("input"))) != canonical_uri(input_uri) or state.get("config_hash") != label_hash:
         raise OutputConflictError(
             f"output {out.uri} holds a run of {state.get('input')} with config hash {state.get('config_hash')}; "
             f"this run is {input_uri} with config hash {label_hash}. Resuming would mix labels: "
@@ -97,6 +154,29 @@ def clean_staging(out: OutputDir, bounds: tuple[int, int]) -> int:
             out.remove(STAGING_DIR, name, recursive=True)
             cleaned += 1
     return cleaned
+
+
+UNIT_TEMP = re.compile(r"^\.(?:part-)?(\d{9})\.(?:parquet|json)\.[0-9a-f]{8}$")  # a unit's shard / record, staged
+TEMP_FOLDERS = ("", DATA_DIR, REJECTS_DIR, UNITS_DIR, PLAN_DIR)
+
+
+def remove_leftovers(out: OutputDir, bounds: tuple[int, int], stale_s: float) -> list[str]:
+    """Remove the temporary files that interrupted writes left (`.NAME.<hex>`, `OutputDir.staged_path`): a
+    unit's in [BOUNDS) (this run holds their lease: nobody else writes them), any other once older than
+    STALE_S (a write in flight, e.g. another slice's manifest, is never that old). Returns their URIs."""
+    now, removed = time.time(), []
+    for folder in TEMP_FOLDERS:
+        for entry in out.entries(folder):
+            name = entry["name"]
+            if entry.get("type") == "directory" or not STAGED_NAME.match(name):
+                continue
+            unit = UNIT_TEMP.match(name)
+            mtime = info_mtime(entry)
+            ours = unit is not None and bounds[0] <= int(unit.group(1)) < bounds[1]
+            if ours or (unit is None and mtime is not None and now - mtime > stale_s):
+                out.remove(folder, name)
+                removed.append(out.uri_of(folder, name))
+    return removed
 
 
 def drop_empty_staging(out: OutputDir) -> None:
@@ -131,5 +211,5 @@ def _is_unit_file(name: str, units: int) -> bool:
     return stem.isdigit() and int(stem) < units and name == unit_file(int(stem))
 
 
-__all__ = ["LAYOUT", "check_output_target", "clean_staging", "drop_empty_staging", "move_strays", "prepare_output",
-           "read_run_state"]
+__all__ = ["LAYOUT", "check_apart", "check_output_target", "clean_staging", "drop_empty_staging", "move_strays",
+           "prepare_output", "read_run_state", "remove_leftovers"]

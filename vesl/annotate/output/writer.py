@@ -131,14 +131,20 @@ def stage_report(stages: Mapping[str, Mapping[str, Any]], by_reason: Mapping[str
 
 def commit_unit(out: OutputDir, unit: int, inputs: int, parts: list[str], footer: Mapping[str, str],
                 compression: str, fence: Fence | None = None, run_id: str = "",
-                stages: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, Any]:
+                stages: Mapping[str, Mapping[str, Any]] | None = None, key: str | None = None) -> dict[str, Any]:
     """Commit one unit whose INPUTS are all staged in PARTS: check rows + rejects == INPUTS and one row
     per image_id, write its shard and rejects file, then its completion record (with STAGES, each
-    stage's rows and seconds on the unit); remove its staging. Returns the record. Raises
-    UnitAccountingError (nothing committed) when the counts disagree."""
+    stage's rows and seconds on the unit, and KEY, the plan's key of the unit); remove its staging.
+    Returns the record. Raises UnitAccountingError (nothing committed) when the counts disagree, and
+    LeaseLostError when FENCE says another run holds OUTPUT now (its staged parts may be gone)."""
     schema = region_text_schema(dict(footer))
-    rows = _read_parts(out, [p for p in parts if p.endswith("-rows.parquet")], schema)
-    rejects = _read_parts(out, [p for p in parts if p.endswith("-rejects.parquet")], REJECT_SCHEMA)
+    try:
+        rows = _read_parts(out, [p for p in parts if p.endswith("-rows.parquet")], schema)
+        rejects = _read_parts(out, [p for p in parts if p.endswith("-rejects.parquet")], REJECT_SCHEMA)
+    except FileNotFoundError:
+        if fence is not None:
+            fence()  # the run that took OUTPUT over cleared the staging: that is the error to report
+        raise
     if rows.num_rows + rejects.num_rows != inputs:
         raise UnitAccountingError(f"unit {unit}: {rows.num_rows} rows + {rejects.num_rows} rejects != {inputs} "
                                   "planned inputs; not committed")
@@ -154,7 +160,7 @@ def commit_unit(out: OutputDir, unit: int, inputs: int, parts: list[str], footer
               "regions": int(pc.sum(pc.list_value_length(rows.column("regions"))).as_py() or 0),
               "phrases": int(pc.sum(pc.list_value_length(rows.column("phrases"))).as_py() or 0),
               "by_reason": dict(sorted(by_reason.items())), "stages": stage_report(stages or {}, by_reason),
-              "files": [out.uri_of(key) for key in sizes], "sizes": sizes, "run_id": run_id,
+              "files": [out.uri_of(name) for name in sizes], "sizes": sizes, "run_id": run_id, "unit_key": key,
               "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     out.write_json(record, record_file(unit), fence=fence)
     out.remove(STAGING_DIR, f"{unit:09d}", recursive=True)

@@ -56,10 +56,10 @@ def test_a_dead_holder_is_taken_over_and_fenced_off(tmp_path):
     successor = Lease(out, run_id="next0000", ttl_s=0.5).acquire()
     assert successor.generation == 2 and successor.took_over["run_id"] == "dead0000"
     successor.fence()()  # the holder may commit
-    with pytest.raises(LeaseLostError, match="generation 2"):
+    with pytest.raises(LeaseLostError, match="lease lost to run next0000 at .*generation 2, ours 1"):
         dead.fence()()  # the old one may not
     dead.heartbeat()
-    assert dead.lost and "taken over" in dead.lost
+    assert dead.lost and dead.lost.startswith("lease lost to run next0000 at ")
     assert json.loads((tmp_path / "out" / LEASE_DIR / "00000002.json").read_text())["run_id"] == "next0000"
 
 
@@ -140,3 +140,33 @@ def test_slices_hold_leases_side_by_side_and_overlapping_runs_are_refused(tmp_pa
             take_lease(out, Slice(1, 2))
     finally:
         whole.release()
+
+
+def test_a_heartbeat_from_the_future_does_not_hold_the_lease_for_the_whole_skew(tmp_path):
+    """A holder whose clock runs an hour fast: its heartbeat time is ignored, the file's time (this clock)
+    counts, and the advice says how long is really left."""
+    import os
+
+    out = OutputDir(str(tmp_path / "out"))
+    skewed = Lease(out, run_id="skewed00", ttl_s=1.0).acquire()
+    path = tmp_path / "out" / LEASE_DIR / "00000001.json"
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "heartbeat_ts": record["heartbeat_ts"] + 3600, "host": "elsewhere"}))
+    with pytest.raises(LeaseHeldError) as e:
+        Lease(out, ttl_s=1.0).acquire()
+    assert "last heartbeat 0 s ago" in str(e.value) and "-3" not in str(e.value)
+    assert "re-run after 1 s more" in str(e.value)
+    time.sleep(1.2)  # the TTL by this machine's clock, not 3600 s
+    successor = Lease(out, run_id="next0000", ttl_s=1.0).acquire()
+    assert successor.generation == 2 and successor.took_over["run_id"] == "skewed00"
+    with pytest.raises(LeaseLostError, match="lease lost to run next0000"):
+        skewed.fence()()
+    # every time ahead of this clock (the storage's clock too): nothing tells its age, and the advice says so
+    ahead = time.time() + 3600
+    path2 = tmp_path / "out" / LEASE_DIR / "00000002.json"
+    path2.write_text(json.dumps({**json.loads(path2.read_text()), "heartbeat_ts": ahead, "host": "elsewhere"}))
+    os.utime(path2, (ahead, ahead))
+    with pytest.raises(LeaseHeldError) as e:
+        Lease(out, ttl_s=1.0).acquire()
+    assert "dated ahead of this machine's clock" in str(e.value) and str(path2) in str(e.value)
+    assert "Fix the clocks" in str(e.value)

@@ -64,3 +64,83 @@ def test_duplicates_are_found_by_a_distributed_group_by(ray_local):
                      {"image_id": "a", "ordinal": 5, "kept": 2, "unit": 1},
                      {"image_id": "a", "ordinal": 9, "kept": 2, "unit": 1}]
     assert find_duplicates(ray.data.from_items(rows[3:4] + rows[6:]), units).num_rows == 0
+
+
+def test_an_output_that_is_or_holds_the_input_is_refused_however_spelled(tmp_path, monkeypatch):
+    from vesl.annotate.output.state import check_apart
+
+    (tmp_path / "in" / "images").mkdir(parents=True)
+    (tmp_path / "in" / "m.jsonl").write_text("{}\n")
+    (tmp_path / "alias").symlink_to(tmp_path / "in")
+    monkeypatch.chdir(tmp_path)
+    refused = {("in", "in"): "is the input", ("in/", "./in"): "is the input", ("in", "alias"): "is the input",
+               ("in/m.jsonl", "."): "contains the input", ("alias/images", str(tmp_path / "in")): "contains the input",
+               (str(tmp_path / "in" / "m.jsonl"), "in"): "contains the input"}
+    for (input_uri, output), says in refused.items():
+        with pytest.raises(OutputConflictError, match=f"OUTPUT .* {says} {input_uri}"):
+            check_apart(OutputDir(output), input_uri)
+    for input_uri, output in (("in", "in/out"), ("in", "input-out"), ("in/m.jsonl", "in/out"), ("in", "in2")):
+        check_apart(OutputDir(output), input_uri)  # beside, or inside a folder input: fine
+
+
+def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
+    out = OutputDir(str(tmp_path / "out"))
+    assert prepare_output(out, "in.jsonl", "h1", "resume") == "fresh"
+    for folder in ("data", "rejects", "_vesl/units", "_vesl/plan"):
+        (tmp_path / "out" / folder).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / folder / "x.parquet").write_bytes(b"x")
+    (tmp_path / "out" / "manifest.json").write_text("{}")
+    (tmp_path / "out" / ".manifest.json.0123abcd").write_text("{")  # an interrupted write of the manifest
+    (tmp_path / "out" / "notes.txt").write_text("the user's own")
+    (tmp_path / "out" / "images").mkdir()
+    (tmp_path / "out" / "images" / "a.jpg").write_bytes(b"jpg")
+    assert prepare_output(out, "in.jsonl", "h1", "overwrite") == "fresh"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_vesl_run.json", "images", "notes.txt"]
+    assert (tmp_path / "out" / "images" / "a.jpg").read_bytes() == b"jpg"
+    (tmp_path / "folder").mkdir()  # no vesl run in it: --overwrite deletes nothing at all
+    (tmp_path / "folder" / "data").mkdir()
+    (tmp_path / "folder" / "data" / "mine.csv").write_text("1,2")
+    with pytest.raises(OutputConflictError, match="holds no vesl run .* --overwrite deletes only what a vesl run"):
+        prepare_output(OutputDir(str(tmp_path / "folder")), "in.jsonl", "h1", "overwrite")
+    assert (tmp_path / "folder" / "data" / "mine.csv").read_text() == "1,2"
+
+
+def test_an_input_is_one_input_however_it_is_spelled(tmp_path, monkeypatch):
+    from vesl.core.storage import canonical_uri
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "m.jsonl").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    out = OutputDir(str(tmp_path / "out"))
+    prepare_output(out, canonical_uri("./in/m.jsonl"), "h1", "resume")
+    assert prepare_output(out, canonical_uri(str(tmp_path / "in" / "m.jsonl")), "h1", "resume") == "resume"
+    assert prepare_output(out, "in//m.jsonl", "h1", "resume") == "resume"
+    (tmp_path / "other" / "in").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "other")  # the same string, another file
+    with pytest.raises(OutputConflictError, match="Resuming would mix labels"):
+        prepare_output(out, "./in/m.jsonl", "h1", "resume")
+
+
+def test_leftover_temporary_files_are_removed_and_live_ones_kept(tmp_path):
+    import os
+    import time
+
+    from vesl.annotate.output.state import remove_leftovers
+
+    out = OutputDir(str(tmp_path / "out"))
+    leftovers = {"data/.part-000000001.parquet.0a1b2c3d": True,  # a unit of this run: whatever its age
+                 "rejects/.part-000000002.parquet.deadbeef": True,
+                 "_vesl/units/.000000001.json.12345678": True,
+                 "data/.part-000000007.parquet.0a1b2c3d": False,  # another slice's unit, maybe in flight now
+                 ".manifest.json.aaaaaaaa": False,  # fresh: maybe a write in flight (another slice's manifest)
+                 "_vesl/plan/.units.parquet.bbbbbbbb": True,  # old: a dead write
+                 "data/part-000000001.parquet": False}  # not a temporary file
+    for rel in leftovers:
+        (tmp_path / "out" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "out" / rel).write_bytes(b"x")
+    old = time.time() - 600
+    os.utime(tmp_path / "out" / "_vesl/plan/.units.parquet.bbbbbbbb", (old, old))
+    removed = remove_leftovers(out, (0, 5), stale_s=120)
+    assert sorted(removed) == sorted(str(tmp_path / "out" / r) for r, gone in leftovers.items() if gone)
+    for rel, gone in leftovers.items():
+        assert (tmp_path / "out" / rel).exists() != gone, rel
