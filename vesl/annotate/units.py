@@ -334,7 +334,10 @@ def load_plan(out: OutputDir) -> Plan | None:
     that is missing, unreadable or not vesl's is a CorruptStateError naming it."""
     if not out.exists(PLAN_DIR, "plan.json"):
         return None
-    meta = out.read_json(PLAN_DIR, "plan.json", what="plan")
+    try:
+        meta = out.read_json(PLAN_DIR, "plan.json", what="plan")
+    except CorruptStateError as e:
+        raise CorruptStateError(f"{e}: {DAMAGED_PLAN}") from None
     wrong = [k for k, kind in PLAN_META.items() if not isinstance(meta.get(k), kind)]
     if wrong:
         raise CorruptStateError(f"{out.uri_of(PLAN_DIR, 'plan.json')} is not a vesl plan (no valid "

@@ -67,8 +67,7 @@ def test_a_damaged_plan_is_named_with_what_to_do(tmp_path, damage, says):
     with pytest.raises(CorruptStateError) as e:
         load_plan(out)
     assert says in str(e.value) and str(tmp_path / PLAN_DIR) in str(e.value)
-    if "plan.json is" not in says or "vesl plan" in says:
-        assert "delete OUTPUT's _vesl/plan/ folder and re-run" in str(e.value)
+    assert "delete OUTPUT's _vesl/plan/ folder and re-run" in str(e.value)
 
 
 def test_records_are_checked_against_the_plan_and_named(tmp_path):
