@@ -377,9 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vesl annotate: error: {message}", file=sys.stderr)
     else:
         return report(manifest)
-    # The failed pipeline's actor handles sit in reference cycles (through the error's frames, gone now): collect
-    # them, so its actors give their CPUs back at once. A later run in this process (a library caller, a test
-    # on one Ray) would otherwise wait for them; a Ray this process started is shut down anyway.
+    # The failed pipeline's actor handles can sit in reference cycles (through the error's frames, gone now):
+    # collect them now, so its actors can give their CPUs back before some later collection. It matters to a
+    # later run in this process on a Ray it joined; a Ray this process started is shut down here anyway.
     gc.collect()
     stop_ray()
     return code

@@ -154,7 +154,7 @@ def test_a_heartbeat_from_the_future_does_not_hold_the_lease_for_the_whole_skew(
     path.write_text(json.dumps({**record, "heartbeat_ts": record["heartbeat_ts"] + 3600, "host": "elsewhere"}))
     with pytest.raises(LeaseHeldError) as e:
         Lease(out, ttl_s=1.0).acquire()
-    assert "last heartbeat 0 s ago" in str(e.value) and "-3" not in str(e.value)
+    assert "last heartbeat 0 s ago" in str(e.value) and "heartbeat -" not in str(e.value)
     assert "re-run after 1 s more" in str(e.value)
     time.sleep(1.2)  # the TTL by this machine's clock, not 3600 s
     successor = Lease(out, run_id="next0000", ttl_s=1.0).acquire()
