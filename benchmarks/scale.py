@@ -74,7 +74,10 @@ def finished_rows(ids: pa.Array, ordinals: np.ndarray, unit: int) -> pa.Table:
     n = len(ids)
     return as_table(pa.table({
         "image_id": ids, "image_uri": pa.compute.binary_join_element_wise("/data/", ids, ".jpg", ""),
-        "image_bytes": pa.nulls(n, pa.large_binary()), "width": pa.array(np.full(n, 640, np.int32)),
+        "image_bytes": pa.nulls(n, pa.large_binary()),
+        "image_location": pa.compute.binary_join_element_wise("/data/", ids, ".jpg", ""),
+        "image_offset": pa.nulls(n, pa.int64()), "image_length": pa.nulls(n, pa.int64()),
+        "width": pa.array(np.full(n, 640, np.int32)),
         "height": pa.array(np.full(n, 480, np.int32)), "alt_text": pa.array(["a red car and a dog"] * n),
         "caption": pa.array(["a red car next to a dog on a street"] * n), "vlm_caption": pa.nulls(n, pa.string()),
         "caption_source": pa.array(["alt_text"] * n), "phrases": pa.array([["a red car", "a dog"]] * n),

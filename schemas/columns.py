@@ -18,7 +18,11 @@ COLUMNS: dict[str, pa.DataType] = {
     # written by the reader
     "image_id": pa.string(),
     "image_uri": pa.string(),
-    "image_bytes": pa.large_binary(),  # the encoded image (kept only when decode.embed_images)
+    "image_bytes": pa.large_binary(),  # the encoded image (kept in the shard per decode.embed_images)
+    # where the image can be read again: a file or a tar (+ the member's byte offset and length)
+    "image_location": pa.string(),
+    "image_offset": pa.int64(),
+    "image_length": pa.int64(),
     "alt_text": pa.string(),
     # position of the input: (file index << 32) + row in file. Decides which of several rows sharing an
     # image_id is kept (the first), the same way on every run.
@@ -43,5 +47,6 @@ COLUMNS: dict[str, pa.DataType] = {
     "regions": pa.list_(REGION_TYPE),
 }
 
-READER_COLUMNS = ("image_id", "image_uri", "image_bytes", "alt_text", "ordinal", *REJECT_COLUMNS)
+LOCATION_COLUMNS = ("image_location", "image_offset", "image_length")
+READER_COLUMNS = ("image_id", "image_uri", "image_bytes", *LOCATION_COLUMNS, "alt_text", "ordinal", *REJECT_COLUMNS)
 INPUT_SCHEMA = pa.schema([pa.field(name, COLUMNS[name]) for name in READER_COLUMNS])

@@ -1,4 +1,4 @@
-"""Region-text shard schema v1 (1.1): one row per image, its caption, phrases and detected regions.
+"""Region-text shard schema v1 (1.2): one row per image, its caption, phrases and detected regions.
 
 This module is the only place the shard's columns, types and footer keys are written down (the
 columns stages pass between them are in `schemas.columns`, reject reasons in `schemas.rejects`).
@@ -15,7 +15,9 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SCHEMA_VERSION = "1.1"  # 1.1 adds vlm_caption and caption_source (nullable: 1.0 files read as 1.1)
+# 1.1 adds vlm_caption and caption_source; 1.2 adds image_location, image_offset and image_length. Every
+# addition is nullable: 1.0 and 1.1 files read as 1.2, with nulls there.
+SCHEMA_VERSION = "1.2"
 MAJOR_VERSION = 1
 # Footer metadata keys (bytes in Parquet); every value is a UTF-8 string, JSON where structured.
 META_PREFIX = "vesl."
@@ -45,6 +47,14 @@ def region_text_schema(metadata: dict[str, str] | None = None) -> pa.Schema:
             pa.field("image_id", pa.string(), nullable=False),
             pa.field("image_uri", pa.string()),
             pa.field("image_bytes", pa.large_binary()),
+            # 1.2: where the image can be read now (`image_uri` stays where it came from): a file, or the tar
+            # that holds it, local or any fsspec URI; null when the input had no such place (bytes given
+            # inline, a fetch over http(s), a compressed tar): then `image_bytes` holds it unless turned off.
+            pa.field("image_location", pa.string()),
+            # 1.2: for a tar member, its data's byte offset in image_location and its length (a ranged read);
+            # null for a whole file
+            pa.field("image_offset", pa.int64()),
+            pa.field("image_length", pa.int64()),
             pa.field("width", pa.int32(), nullable=False),
             pa.field("height", pa.int32(), nullable=False),
             pa.field("alt_text", pa.string()),
@@ -139,7 +149,8 @@ def _short(t: pa.DataType) -> str:
 def _type_changes(src: pa.DataType, dst: pa.DataType, path: str) -> list[str]:
     """The casts that take SRC to DST, as "path: src -> dst" lines; raises SchemaMismatchError when no
     safe cast exists. Safe means: the same kind of value in another width or container (large_string ->
-    string, double -> float, int64 -> int32 with an overflow check, a list -> a fixed-size list of 4).
+    string, double -> float, int64 -> int32 with an overflow check, a list -> a fixed-size list of 4), or a
+    double holding whole numbers where v1 has an integer (pandas' nullable int64).
     Value-level failures (a null, an overflow, a box of 3 numbers) surface when the data is cast."""
     if src == dst:
         return []
@@ -164,6 +175,8 @@ def _type_changes(src: pa.DataType, dst: pa.DataType, path: str) -> list[str]:
     for family in (_STRINGS, _BINARIES, (pa.types.is_integer,), (pa.types.is_floating,)):
         if _is(family, dst) and _is(family, src):
             return change
+    if pa.types.is_integer(dst) and pa.types.is_floating(src):
+        return change  # pandas keeps a nullable integer as a double: whole values cast, any fraction is refused
     raise SchemaMismatchError(f"column {path} is {src}, which does not cast safely to schema v1's {dst}")
 
 
@@ -264,6 +277,9 @@ class RegionRow(BaseModel):
     image_id: str = Field(min_length=1)
     image_uri: str | None = None
     image_bytes: bytes | None = None
+    image_location: str | None = None
+    image_offset: int | None = Field(default=None, ge=0)
+    image_length: int | None = Field(default=None, ge=0)
     width: int = Field(gt=0)
     height: int = Field(gt=0)
     alt_text: str | None = None
@@ -272,3 +288,10 @@ class RegionRow(BaseModel):
     caption_source: CaptionSource | None = None
     phrases: list[str]
     regions: list[Region]
+
+    @model_validator(mode="after")
+    def _byte_range_has_a_place(self) -> RegionRow:
+        if (self.image_offset is None) != (self.image_length is None) or (
+                self.image_offset is not None and not self.image_location):
+            raise ValueError("image_offset and image_length come together, and only with an image_location")
+        return self

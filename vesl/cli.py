@@ -29,6 +29,7 @@ PASS_THROUGH = {"annotate": annotate, "train": train, "inspect": inspect}  # sub
 
 def parser() -> argparse.ArgumentParser:
     from vesl.annotate.config import preset_names
+    from vesl.core.images import RELOCATE_HELP
 
     p = argparse.ArgumentParser(prog="vesl", description="region-text training data: annotate, train, inspect, eval, "
                                 "config, sample, models")
@@ -49,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
     ev.add_argument("--baseline", action="store_true",
                     help="RoI-average the patch tokens inside each box instead of using the Prompter")
     ev.add_argument("--template", default="{}", help="class-name prompt, e.g. 'a photo of a {}.' (default: the name)")
+    ev.add_argument("--relocate", action="append", default=[], metavar="OLD=NEW", help=RELOCATE_HELP)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--batch-rows", type=int, default=64)
     show = sub.add_parser("config", help="print the full annotate config (defaults, preset, file, --set) as YAML")
@@ -90,6 +92,7 @@ def run_eval(args) -> int:
 
     from vesl.cloc.coco import evaluate_coco
     from vesl.cloc.evaluate import evaluate
+    from vesl.core.images import parse_relocations
 
     if bool(args.coco) == bool(args.shards) or (args.coco and not args.images) or (args.shards and not args.classes):
         print("vesl eval: error: give SHARDS with --classes, or --coco INSTANCES.json with --images DIR",
@@ -102,7 +105,8 @@ def run_eval(args) -> int:
                                    batch_rows=args.batch_rows)
         else:
             result = evaluate(args.shards, args.checkpoint, args.classes, baseline=args.baseline,
-                              template=args.template, device=args.device, batch_rows=args.batch_rows)
+                              template=args.template, device=args.device, batch_rows=args.batch_rows,
+                              relocate=parse_relocations(args.relocate))
     except (FileNotFoundError, ValueError) as e:
         print(f"vesl eval: error: {e}", file=sys.stderr)
         return 2

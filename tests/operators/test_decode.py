@@ -100,12 +100,35 @@ def test_broken_inputs_become_specific_rejects(tmp_path):
     assert out.column("width")[row].as_py() == 64
 
 
-def test_embed_images_keeps_the_original_bytes():
+def test_embed_images_auto_keeps_the_bytes_only_of_images_without_a_location(tmp_path):
+    """'auto' (the default): inline bytes have no place to be read again, so they stay; a file's do not
+    (its location does). true keeps every image, false none."""
     data = encode(photo(32, 16))
-    out = DecodeImages(DecodeConfig(embed_images=True))(pa.table({"image_id": ["a"], "image_bytes": [data]}))
-    assert out.column("image_bytes")[0].as_py() == data
-    out = DecodeImages()(pa.table({"image_id": ["a"], "image_bytes": [data]}))
-    assert out.column("image_bytes")[0].as_py() is None
+    path = tmp_path / "a.jpg"
+    path.write_bytes(data)
+    batch = pa.table({"image_id": ["inline", "file", "tar"], "image_bytes": [data, None, data],
+                      "image_location": [None, str(path), str(path)], "image_offset": [None, None, 0],
+                      "image_length": [None, None, len(data)]})
+    kept = {mode: DecodeImages(DecodeConfig(embed_images=mode))(batch).column("image_bytes").to_pylist()
+            for mode in ("auto", True, False)}
+    assert kept["auto"] == [data, None, None]
+    assert kept[True] == [data, data, data]
+    assert kept[False] == [None, None, None]
+    assert DecodeConfig().embed_images == "auto"
+
+
+def test_decode_reads_a_tar_member_by_its_byte_range(tmp_path):
+    """A row with only a location reads exactly the member's bytes (no scan of the tar); a range past the
+    file's end is a fetch_failed reject naming the location."""
+    data = encode(photo(40, 24))
+    blob = b"x" * 1000 + data + b"y" * 50
+    (tmp_path / "shard.tar").write_bytes(blob)
+    batch = pa.table({"image_id": ["ok", "cut"], "image_location": [str(tmp_path / "shard.tar")] * 2,
+                      "image_offset": [1000, len(blob) - 10], "image_length": [len(data), len(data)]})
+    out = DecodeImages()(batch)
+    assert out.column("width").to_pylist()[0] == 40 and out.column("reject_reason").to_pylist()[0] is None
+    assert out.column("reject_reason").to_pylist()[1] == "fetch_failed"
+    assert "shard.tar" in out.column("reject_message").to_pylist()[1]
 
 
 def test_network_fetches_get_a_timeout_unless_one_is_set():

@@ -71,8 +71,10 @@ def test_pandas_reads_the_shards_with_schema_v1_types(tmp_path, tiny_dir, ray_lo
     config = load_config(preset_name="tiny", overrides=["decode.embed_images=true"])
     run_annotate(str(SAMPLE / "manifest.jsonl"), str(tmp_path / "out"), config)
     df = pd.read_parquet(tmp_path / "out" / "data")
-    assert list(df.columns) == ["image_id", "image_uri", "image_bytes", "width", "height", "alt_text", "caption",
-                                "vlm_caption", "caption_source", "phrases", "regions"]
+    assert list(df.columns) == ["image_id", "image_uri", "image_bytes", "image_location", "image_offset",
+                                "image_length", "width", "height", "alt_text", "caption", "vlm_caption",
+                                "caption_source", "phrases", "regions"]
+    assert (df["image_location"] == df["image_uri"]).all() and df["image_offset"].isna().all()  # local files
     assert str(df["width"].dtype) == "int32" and len(df) == 6
     assert df["image_bytes"].map(lambda b: b[:2] == b"\xff\xd8").all()  # JPEG bytes, trainer-ready
     box = df["regions"].map(list).explode().dropna().iloc[0]["box"]

@@ -27,6 +27,9 @@ pytestmark = pytest.mark.slow
 IMG2DATASET = REPO / ".venv-img2dataset" / "bin" / "img2dataset"
 
 
+SERVER = {"requests": 0, "stopped": False}  # the image server's request count; stopped: it answers nothing
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """An HTTP server on 127.0.0.1 over a folder of images (and one file that is not an image)."""
@@ -38,6 +41,13 @@ def served(tmp_path_factory):
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, *args):  # no access log in the test output
             pass
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            SERVER["requests"] += 1
+            if SERVER["stopped"]:  # "stopped": every request is counted and refused
+                self.send_error(503, "stopped")
+                return
+            super().do_GET()
 
     handler = functools.partial(Quiet, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -104,6 +114,11 @@ def test_annotate_reads_img2dataset_output_as_written(layout, img2dataset_output
     for row in rows.itertuples():
         assert (row.alt_text, row.image_uri) == (ok[row.image_id]["caption"], ok[row.image_id]["url"])
         assert max(row.width, row.height) == 128  # img2dataset's resized image, not a re-download
+    where = {"webdataset": ".tar", "parquet": None, "files": ".jpg"}[layout]  # where each image can be read again
+    shard = pq.read_table(next((tmp_path / "out" / "data").glob("*.parquet")))
+    locations = shard.column("image_location").to_pylist()
+    assert all(loc is None for loc in locations) if where is None else all(loc.endswith(where) for loc in locations)
+    assert (shard.column("image_offset").null_count == 0) == (layout == "webdataset")
     # one reject per row it failed, with img2dataset's status and error, not a second download
     assert sorted(rejects.image_id) == sorted(failed)
     for reject in rejects.itertuples():
@@ -133,3 +148,40 @@ def test_an_input_that_yields_nothing_is_an_error_before_output_is_touched(tmp_p
     assert main(["annotate", str(empty), str(tmp_path / "out"), "--preset", "tiny",
                  "--set", "input.allow_empty=true"]) == 0
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["counts"]["inputs"] == 0
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "parquet"])
+def test_annotate_filter_write_train_without_the_image_server(layout, img2dataset_outputs, served, tiny_dir,
+                                                              ray_local, tmp_path):
+    """img2dataset output -> `vesl annotate` -> a pandas filter -> `write_regions` -> `vesl train`, with the
+    image server stopped: every image is read where img2dataset stored it (a tar member by its byte range, an
+    image file, or the bytes the shard carries for the parquet layout), and no request reaches the server.
+    (The files layout's image files are its rows' locations: the test above checks them.)"""
+    import vesl
+    from vesl.cloc.config import load_train_config
+    from vesl.cloc.train import run_training
+
+    SERVER["stopped"] = True
+    before = SERVER["requests"]
+    folder = img2dataset_outputs[layout]
+    run_annotate(str(folder), str(tmp_path / "out"), load_config(preset_name="tiny"))
+    df = vesl.read_regions(str(tmp_path / "out"), explode=False)
+    assert len(df) == 7 and df["image_uri"].str.startswith("http://127.0.0.1").all()  # provenance kept
+    shard = pq.read_table(next((tmp_path / "out" / "data").glob("*.parquet")))
+    if layout == "webdataset":  # a ranged read of the member; the shard carries no copy
+        assert df["image_location"].str.endswith(".tar").all() and df["image_offset"].notna().all()
+        assert shard.column("image_bytes").null_count == shard.num_rows
+        first = df.iloc[0]
+        with open(first["image_location"], "rb") as f:
+            f.seek(int(first["image_offset"]))
+            assert f.read(int(first["image_length"]))[:2] == b"\xff\xd8"  # the member's JPEG bytes
+    else:  # bytes inline in img2dataset's parquet: no place to read them again, so the shard keeps them
+        assert df["image_location"].isna().all() and shard.column("image_bytes").null_count == 0
+    kept = df[df["image_id"] != df["image_id"].iloc[0]]  # a pandas filter
+    vesl.write_regions(kept, str(tmp_path / "filtered"))
+    with_images = vesl.read_regions(str(tmp_path / "filtered"), explode=False, with_images=True)
+    assert with_images["image_error"].isna().all() and with_images["image_bytes"].map(len).min() > 100
+    config = load_train_config(None, "tiny", ["optim.batch_size=4", "optim.max_steps=2", "run.log_every_steps=1"])
+    summary = run_training(str(tmp_path / "filtered"), str(tmp_path / "train"), config)
+    assert summary["rows"] == 6 and summary["steps"] == 2 and summary["final"]["rows_skipped"] == 0
+    assert SERVER["requests"] == before  # not one request reached the image server

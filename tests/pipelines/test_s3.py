@@ -45,6 +45,7 @@ def test_annotate_reads_and_writes_s3(tmp_path, tiny_dir, ray_local, s3_endpoint
     assert_accounted(rows, rejects, manifest, EXPECTED)
     assert all(f.startswith("s3://vesl-out/labels/") for f in manifest["files"])
     assert rows["image_uri"].str.startswith("s3://vesl-in/run1/images/").all()
+    assert (rows["image_location"] == rows["image_uri"]).all()  # an S3 object is where the image is read again
     text = json.dumps(result, default=str) + fs.cat("vesl-out/labels/manifest.json").decode() + caplog.text
     assert SECRET not in text and KEY not in text
     assert manifest["config"]["storage"]["secret"] == "**********"
@@ -119,6 +120,7 @@ def test_train_reads_shards_and_writes_checkpoints_on_s3(tmp_path, tiny_dir, ray
     first = pq.read_table(local / "data" / "shard-00000.parquet")  # these rows fetch their image from S3
     uris = [f"s3://vesl-train/shapes/images/{u.rsplit('/', 1)[1]}" for u in first.column("image_uri").to_pylist()]
     first = first.set_column(first.schema.get_field_index("image_uri"), "image_uri", [uris])
+    first = first.set_column(first.schema.get_field_index("image_location"), "image_location", [uris])
     pq.write_table(first, local / "data" / "shard-00000.parquet")
     write_shapes_dataset(tmp_path / "embedded", 40, seed=2, shard_rows=20)  # the second shard: bytes inside
     (tmp_path / "embedded" / "data" / "shard-00001.parquet").replace(local / "data" / "shard-00001.parquet")
@@ -194,3 +196,100 @@ def test_a_missing_output_bucket_is_refused_not_created(tmp_path, tiny_dir, s3_e
     fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": s3_endpoint},
                            skip_instance_cache=True)
     assert not fs.exists("no-such-bucket-vesl")
+
+
+@pytest.fixture()
+def logging_proxy(s3_endpoint):
+    """An HTTP proxy in front of the moto server that logs (method, path, Range header) of every request."""
+    import http.client
+    import http.server
+    import threading
+    from urllib.parse import urlsplit
+
+    target = urlsplit(s3_endpoint)
+    log: list[tuple[str, str, str | None]] = []
+
+    class Forward(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def forward(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else None
+            log.append((self.command, self.path.split("?")[0], self.headers.get("Range")))
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+            conn.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+            answer = conn.getresponse()
+            data = answer.read()
+            self.send_response(answer.status)
+            for name, value in answer.getheaders():
+                if name.lower() not in ("transfer-encoding", "content-length", "connection"):
+                    self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+            conn.close()
+
+        do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Forward)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", log
+    server.shutdown()
+
+
+def _write_webdataset(folder, images: list[bytes], per_tar: int) -> None:
+    """WebDataset tars as img2dataset writes them: KEY.jpg, KEY.txt, KEY.json, uncompressed."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True)
+    for start in range(0, len(images), per_tar):
+        with tarfile.open(folder / f"{start // per_tar:05d}.tar", "w") as tar:
+            for i, data in enumerate(images[start:start + per_tar], start):
+                key = f"{i:09d}"
+                meta = json.dumps({"key": key, "url": f"http://gone.invalid/{key}.jpg"}).encode()
+                for suffix, payload in (("jpg", data), ("txt", f"picture number {i}".encode()), ("json", meta)):
+                    info = tarfile.TarInfo(f"{key}.{suffix}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+
+
+def test_a_webdataset_on_s3_trains_by_ranged_reads_of_its_members(tmp_path, tiny_dir, ray_local, s3_endpoint,
+                                                                  logging_proxy):
+    """A WebDataset folder on S3 -> `vesl annotate` -> a pandas filter -> `write_regions` -> `vesl train`:
+    every image the trainer reads is one ranged GET of its tar member (the byte range the shard recorded),
+    never a download of a whole tar, never a request to the source URL."""
+    import s3fs
+
+    import vesl
+    from tests.conftest import encode, photo
+    from vesl.cloc.config import load_train_config
+    from vesl.cloc.train import run_training
+
+    fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("vesl-wds")
+    _write_webdataset(tmp_path / "wds", [encode(photo(96, 64 + 8 * i, seed=i)) for i in range(10)], per_tar=5)
+    fs.put(str(tmp_path / "wds") + "/", "vesl-wds/shards/", recursive=True)
+    creds = [f"storage.key={KEY}", f"storage.secret={SECRET}", "storage.region=us-east-1"]
+    run_annotate("s3://vesl-wds/shards", str(tmp_path / "out"),
+                 load_config(preset_name="tiny", overrides=[f"storage.endpoint_url={s3_endpoint}", *creds]))
+    df = vesl.read_regions(str(tmp_path / "out"), explode=False)
+    assert len(df) == 10 and df["image_location"].str.match(r"s3://vesl-wds/shards/0000[01]\.tar$").all()
+    assert df["image_bytes"].isna().all()  # the tars are the images' place: the shards carry no copy
+    kept = df[df["image_id"] != "000000003"]
+    vesl.write_regions(kept, str(tmp_path / "filtered"))
+
+    proxy, log = logging_proxy
+    config = load_train_config(None, "tiny", ["optim.batch_size=3", "optim.max_steps=2", "run.log_every_steps=1",
+                                              f"storage.endpoint_url={proxy}", *creds])
+    summary = run_training(str(tmp_path / "filtered"), str(tmp_path / "train"), config)
+    assert summary["rows"] == 9 and summary["steps"] == 2 and summary["final"]["rows_skipped"] == 0
+    members = {f"bytes={o}-{o + n - 1}" for o, n in zip(kept["image_offset"], kept["image_length"])}
+    tar_gets = [(path, ranged) for method, path, ranged in log if method == "GET" and path.endswith(".tar")]
+    assert len(tar_gets) >= 9  # the probe and the training pass read every image they take
+    assert all(ranged in members for _, ranged in tar_gets)  # each one exactly a member's bytes
+    assert {ranged for _, ranged in tar_gets} == members  # every kept image was read, the dropped one never

@@ -14,9 +14,12 @@ from schemas.region_text import (
 
 def test_schema_v1_columns_and_types():
     schema = region_text_schema()
-    assert schema.names == ["image_id", "image_uri", "image_bytes", "width", "height", "alt_text", "caption",
-                            "vlm_caption", "caption_source", "phrases", "regions"]
+    assert schema.names == ["image_id", "image_uri", "image_bytes", "image_location", "image_offset", "image_length",
+                            "width", "height", "alt_text", "caption", "vlm_caption", "caption_source", "phrases",
+                            "regions"]
     assert schema.field("vlm_caption").nullable and schema.field("caption_source").nullable  # 1.0 files read
+    assert all(schema.field(c).nullable for c in ("image_location", "image_offset", "image_length"))  # 1.1 files read
+    assert schema.field("image_offset").type == pa.int64() == schema.field("image_length").type
     assert schema.field("width").type == pa.int32()
     region = schema.field("regions").type.value_type
     assert region.field("box").type == pa.list_(pa.float32(), 4)
@@ -57,6 +60,16 @@ def test_row_model_refuses_unknown_fields():
     RegionRow(**row)
     with pytest.raises(ValidationError):
         RegionRow(**row, extra_column=1)
+
+
+def test_a_byte_range_needs_its_location_and_both_ends():
+    row = dict(image_id="a", width=2, height=3, caption="c", phrases=[], regions=[])
+    RegionRow(**row, image_location="s3://b/0.tar", image_offset=512, image_length=9)
+    RegionRow(**row, image_location="/data/a.jpg")
+    for bad in ({"image_offset": 512, "image_length": 9}, {"image_location": "x.tar", "image_offset": 512},
+                {"image_location": "x.tar", "image_offset": -1, "image_length": 9}):
+        with pytest.raises(ValidationError):
+            RegionRow(**row, **bad)
 
 
 # Shards rewritten by pandas or polars lose vesl's footer and change types; they are read by their columns.

@@ -1,5 +1,6 @@
-"""Schema 1.1 is additive: a 1.0 shard (no vlm_caption, no caption_source, footer 1.0) still reads in
-inspect, read_regions and the trainer's data path; 1.1 readers see the new columns as nulls."""
+"""Schema 1.1 and 1.2 are additive: a 1.0 shard (no vlm_caption, no caption_source, no image location, footer
+1.0) and a 1.1 shard (no image location) still read in inspect, read_regions and the trainer's data path;
+1.2 readers see the new columns as nulls, and the trainer reads a 1.1 row's image from its image_uri."""
 
 from __future__ import annotations
 
@@ -17,20 +18,23 @@ ROWS = [
 ]
 
 
-def write_v10_shard(folder, with_images: bytes | None = None):
-    """A shard exactly as vesl 1.0 wrote it: its columns and its footer."""
-    v11 = region_text_schema()
-    fields = [f for f in v11 if f.name not in ("vlm_caption", "caption_source")]
-    schema = pa.schema(fields, metadata={META_SCHEMA_VERSION: "1.0", "vesl.version": "0.1.0"})
-    rows = [dict(r, image_bytes=with_images) for r in ROWS]
+LOCATION = ("image_location", "image_offset", "image_length")
+
+
+def write_v10_shard(folder, with_images: bytes | None = None, version: str = "1.0", uri: str | None = None):
+    """A shard exactly as vesl 1.0 (or 1.1) wrote it: its columns and its footer."""
+    dropped = LOCATION + (("vlm_caption", "caption_source") if version == "1.0" else ())
+    fields = [f for f in region_text_schema() if f.name not in dropped]
+    schema = pa.schema(fields, metadata={META_SCHEMA_VERSION: version, "vesl.version": "0.1.0"})
+    rows = [dict(r, image_bytes=with_images, image_uri=uri) for r in ROWS]
     (folder / "data").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), folder / "data" / "part-0.parquet")
     return folder
 
 
 def test_the_version_is_a_minor_step_of_major_1():
-    assert SCHEMA_VERSION == "1.1"
-    assert {"vlm_caption", "caption_source"} <= set(region_text_schema().names)
+    assert SCHEMA_VERSION == "1.2"
+    assert {"vlm_caption", "caption_source", *LOCATION} <= set(region_text_schema().names)
 
 
 def test_a_v10_shard_reads_in_inspect_and_read_regions(tmp_path):
@@ -39,10 +43,11 @@ def test_a_v10_shard_reads_in_inspect_and_read_regions(tmp_path):
 
     out = write_v10_shard(tmp_path / "out")
     checked = check_shard_schema(pq.read_schema(out / "data" / "part-0.parquet"))
-    assert checked.version == "1.0" and set(checked.filled) == {"vlm_caption", "caption_source"}
+    assert checked.version == "1.0" and set(checked.filled) == {"vlm_caption", "caption_source", *LOCATION}
     assert list(vesl.read_regions(str(out))["phrase"]) == ["red circle"]
     df = vesl.read_regions(str(out), explode=False)
     assert list(df["image_id"]) == ["a", "b"] and df["vlm_caption"].isna().all() and df["caption_source"].isna().all()
+    assert df["image_location"].isna().all() and df["image_offset"].isna().all()
     stats = collect_stats(str(out))
     assert stats["rows"] == 2 and stats["regions"]["total"] == 1 and stats["footer"]["schema_version"] == ["1.0"]
 
@@ -61,3 +66,21 @@ def test_a_v10_shard_feeds_the_trainer(tmp_path, tiny_dir):
 
     tables = list(read_shard_files(pa.table({"uri": find_shards(str(out))}), None, batch_rows=8))
     assert sum(t.num_rows for t in tables) == 2 and tables[0].column("caption").to_pylist()[0].startswith("a red")
+
+
+def test_a_v11_shard_without_locations_reads_its_images_from_image_uri(tmp_path, tiny_dir):
+    """1.1 rows have no image_location: the trainer and read_regions(with_images=True) fall back to image_uri."""
+    import vesl
+    from tests.conftest import encode, photo
+    from vesl.cloc.data import DataConfig, iter_prepared
+    from vesl.core.outdir import find_shards
+
+    data = encode(photo(64, 48))
+    (tmp_path / "a.jpg").write_bytes(data)
+    out = write_v10_shard(tmp_path / "out", version="1.1", uri=str(tmp_path / "a.jpg"))
+    assert set(check_shard_schema(pq.read_schema(out / "data" / "part-0.parquet")).filled) == set(LOCATION)
+    batches = list(iter_prepared(find_shards(str(out)), tokenizer=str(tiny_dir / "clip"), revision=None,
+                                 image_size=32, caption_max_tokens=16, config=DataConfig(), batch_rows=8))
+    assert sum(int(b["ok"].sum()) for b in batches) == 2
+    df = vesl.read_regions(str(out), explode=False, with_images=True)
+    assert list(df["image_bytes"]) == [data, data] and df["image_error"].isna().all()

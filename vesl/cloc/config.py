@@ -67,12 +67,13 @@ class TrainConfig(Settings):
 
     def training_hash(self) -> str:
         """What must match for a run to resume: the model, data, loss and optimiser settings (not the
-        run section's resources or intervals, not epochs/max_steps/max_minutes, which a resumed run may extend)."""
+        run section's resources or intervals, not epochs/max_steps/max_minutes, which a resumed run may extend,
+        not where the images are read from or how many may fail)."""
         data = self.model_dump(mode="json", include={"model", "data", "loss", "optim"})
         for key in ("epochs", "max_steps", "max_minutes"):
             data["optim"].pop(key, None)
-        data["data"].pop("materialize", None)
-        data["data"].pop("prep_batch_rows", None)
+        for key in ("materialize", "prep_batch_rows", "relocate", "max_unreadable_share", "probe_images"):
+            data["data"].pop(key, None)  # how and where the same data is read, not what it is
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def public_dict(self) -> dict[str, Any]:

@@ -25,8 +25,9 @@ from vesl.core.settings import Settings
 from vesl.core.text import describe_error
 
 log = logging.getLogger("vesl.cloc.data")
-# Columns the trainer reads; image_bytes may be null (then the image is fetched from image_uri).
-COLUMNS = ["image_id", "image_uri", "image_bytes", "caption", "regions"]
+# Columns the trainer reads: the image is its bytes, else its location, else its original URI (read_image).
+COLUMNS = ["image_id", "image_uri", "image_bytes", "image_location", "image_offset", "image_length", "caption",
+           "regions"]
 
 
 class DataConfig(Settings):
@@ -42,6 +43,57 @@ class DataConfig(Settings):
     shuffle_buffer_rows: int = Field(default=1024, ge=0, description="Local shuffle buffer of each worker (rows).")
     fetch_timeout_s: float = Field(default=60.0, gt=0, description="Timeout of one image fetch by URI.")
     max_image_bytes: int = Field(default=50_000_000, ge=1, description="Refuse larger encoded images.")
+    relocate: dict[str, str] = Field(default_factory=dict, description="Old prefix -> new prefix of image_location: "
+                                     "the input was moved or copied after it was annotated (e.g. "
+                                     "{'s3://old-bucket/tars/': '/mnt/tars/'}); the longest matching prefix wins.")
+    max_unreadable_share: float = Field(default=0.2, ge=0, le=1, description="Stop (with the first failures and the "
+                                        "fix) when more than this share of the rows read so far have no readable "
+                                        "image; a batch with none at all is skipped and counted either way.")
+    probe_images: int = Field(default=32, ge=0, description="Before training, read this many images spread over "
+                              "the shards and refuse to start when more than max_unreadable_share fail (0: off).")
+
+
+class UnreadableImagesError(RuntimeError):
+    """More than data.max_unreadable_share of the rows have no readable image: training stops (or does not
+    start) rather than learn from what is left without a word."""
+
+
+def unreadable_line(failed: int, rows: int, share: float, examples: list[str], what: str) -> str:
+    """The one line that stops training: the count, the first failures, the fix."""
+    return (f"{failed} of {rows} {what} have no readable image (more than data.max_unreadable_share={share}); "
+            f"first failures: {'; '.join(examples[:3]) or 'none recorded'}. Fix: make the images readable where the "
+            "shards say they are (image_location; if the input moved, map its old prefix to the new one with "
+            "--relocate OLD=NEW or data.relocate), or annotate again with decode.embed_images: true so the shards "
+            "carry the images")
+
+
+def probe_images(uris: list[str], config: DataConfig, storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Read up to config.probe_images images spread over the shards URIS (the first rows of evenly spaced
+    files) before training starts; raises UnreadableImagesError when more than max_unreadable_share fail.
+    Returns {"probed": n, "failed": k}."""
+    from vesl.core.images import ImageRef, read_image
+
+    want = config.probe_images
+    if not want or not uris:
+        return {"probed": 0, "failed": 0}
+    picked = [uris[round(i * (len(uris) - 1) / max(1, min(want, len(uris)) - 1))] for i in range(min(want, len(uris)))]
+    per_file = -(-want // len(picked))
+    probed, failures = 0, []
+    for uri in dict.fromkeys(picked):
+        for table in iter_shard_batches(uri, storage_options, per_file):
+            for row in table.to_pylist():
+                probed += 1
+                try:
+                    read_image(ImageRef.of(row), storage_options, config.max_image_bytes, config.fetch_timeout_s,
+                               config.relocate)
+                except Exception as e:  # noqa: BLE001 - counted; the line names the first ones
+                    failures.append(f"{row.get('image_id')}: {getattr(e, 'reason', type(e).__name__)}: "
+                                    f"{describe_error(e)}"[:300])
+            break  # the first PER_FILE rows of each file
+    if probed and len(failures) > config.max_unreadable_share * probed:
+        raise UnreadableImagesError(unreadable_line(len(failures), probed, config.max_unreadable_share, failures,
+                                                    "images probed before training"))
+    return {"probed": probed, "failed": len(failures)}
 
 
 def text_key(text: str) -> int:
@@ -65,15 +117,13 @@ def tokenize(tokenizer: Any, texts: list[str], max_tokens: int) -> tuple[np.ndar
 def load_image(row: Mapping[str, Any], size: int, storage_options: Mapping[str, Any] | None,
                config: DataConfig) -> np.ndarray:
     """A row's image as (SIZE, SIZE, 3) uint8, stretched to the square: normalised boxes keep their
-    meaning (a crop would cut them, padding would move them)."""
+    meaning (a crop would cut them, padding would move them). Read by `read_image`: the row's bytes,
+    else its location (through `config.relocate`), else its original URI."""
 
-    from vesl.core.images import decode_image, fetch_bytes
+    from vesl.core.images import ImageRef, decode_image, read_image
 
-    data = row.get("image_bytes")
-    if data is None:
-        if not row.get("image_uri"):
-            raise ValueError("no image_bytes and no image_uri")
-        data = fetch_bytes(row["image_uri"], storage_options, config.max_image_bytes, config.fetch_timeout_s)
+    data = read_image(ImageRef.of(row), storage_options, config.max_image_bytes, config.fetch_timeout_s,
+                      config.relocate)
     image, _, _ = decode_image(data, max_side=WORKING_MAX_SIDE)
     return square_pixels(image, size)
 

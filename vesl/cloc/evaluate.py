@@ -139,7 +139,7 @@ def retrieval(regions: torch.Tensor, phrases: list[str], text_embeds: torch.Tens
 @torch.no_grad()
 def evaluate(shards: str, checkpoint: str, classes_path: str, *, baseline: bool = False, template: str = "{}",
              batch_rows: int = 64, device: str = "auto", storage_options: Mapping[str, Any] | None = None,
-             limit: int | None = None) -> dict[str, Any]:
+             limit: int | None = None, relocate: Mapping[str, str] | None = None) -> dict[str, Any]:
     from vesl.cloc.checkpoint import CLIP_DIR, fetch_checkpoint, load_cloc
     from vesl.cloc.data import load_tokenizer
     from vesl.core.models import resolve_device
@@ -151,6 +151,8 @@ def evaluate(shards: str, checkpoint: str, classes_path: str, *, baseline: bool 
     clip_config = model.clip.config
     max_tokens = clip_config.text_config.max_position_embeddings
     data_config = DataConfig.model_validate(meta.get("training", {}).get("data", {}))
+    if relocate:  # where the images are now (the training run's own map is the default)
+        data_config = data_config.model_copy(update={"relocate": dict(relocate)})
     lookup = load_classes(classes_path)
     class_names = list(dict.fromkeys(lookup.values()))
     class_embeds = encode_texts(model, tokenizer, [template.format(c) for c in class_names], max_tokens, device)

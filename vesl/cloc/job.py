@@ -17,8 +17,9 @@ import sys
 
 from schemas.region_text import SchemaVersionError
 from vesl.cloc.config import load_train_config
+from vesl.core.images import RELOCATE_HELP, parse_relocations
 from vesl.core.settings import add_config_arguments
-from vesl.errors import CorruptStateError
+from vesl.errors import EXIT_UNREACHABLE, CorruptStateError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,17 +31,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="discard a training run already in OUT")
     p.add_argument("--allow-partial", action="store_true", help="train on an annotate OUTPUT whose run has not "
                    "finished (some work units or slices still missing); refused without it")
+    p.add_argument("--relocate", action="append", default=[], metavar="OLD=NEW",
+                   help=RELOCATE_HELP + " (data.relocate)")
     p.add_argument("--print-config", action="store_true", help="print the full effective config as YAML and exit")
     return p
 
 
+
 def main(argv: list[str] | None = None) -> int:
+    from vesl.cloc.data import UnreadableImagesError
     from vesl.cloc.train import TrainConflictError, run_training
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        config = load_train_config(args.config, args.preset, args.overrides)
+        moved = parse_relocations(args.relocate)
+        config = load_train_config(args.config, args.preset,
+                                   args.overrides + ([f"data.relocate={json.dumps(moved)}"] if moved else []))
         if args.print_config:
             import yaml
 
@@ -51,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainConflictError, FileNotFoundError, SchemaVersionError, ValueError, CorruptStateError) as e:
         print(f"vesl train: error: {e}", file=sys.stderr)
         return 2
+    except UnreadableImagesError as e:
+        print(f"vesl train: error: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     final = summary.get("final") or {}
     print(f"vesl train: {summary['steps']} steps on {summary['rows']} rows in {summary['wall_s']} s, "
           f"final loss {final.get('loss', float('nan')):.4f}; checkpoint: {summary['model']}")

@@ -75,7 +75,8 @@ def shapes_row(rng: np.random.Generator, index: int, size: int = 64, min_shapes:
 def write_shapes_dataset(out: str | Path, images: int, seed: int = 0, size: int = 64, shard_rows: int = 1000,
                          embed_images: bool = True) -> dict[str, object]:
     """Write IMAGES synthetic rows as shards under OUT/data and the class list as OUT/classes.json.
-    With embed_images off, images are PNG files under OUT/images and rows carry only image_uri."""
+    With embed_images off, images are PNG files under OUT/images and rows carry their path (image_location,
+    and image_uri)."""
     out = Path(out)
     (out / "data").mkdir(parents=True, exist_ok=True)
     if not embed_images:
@@ -93,7 +94,7 @@ def write_shapes_dataset(out: str | Path, images: int, seed: int = 0, size: int 
         else:
             path = out / "images" / f"{row['image_id']}.png"
             path.write_bytes(buf.getvalue())
-            row["image_uri"] = str(path.resolve())
+            row["image_uri"] = row["image_location"] = str(path.resolve())
         regions += len(row["regions"])
         rows.append(row)
         if len(rows) == shard_rows or i == images - 1:

@@ -113,6 +113,7 @@ class TrainWorker:
 
         self.config = config = TrainConfig.model_validate(loop_config["config"])
         self.total_steps, self.out_local = loop_config["total_steps"], loop_config.get("metrics_path")
+        self.rows = loop_config.get("rows") or 0  # in the shards: the unreadable share is judged after min(100, rows)
         self.quiet = bool(loop_config.get("driver_bar"))  # the driver draws a bar from metrics.jsonl instead
         self.rank = ray.train.get_context().get_world_rank()
         torch.set_num_threads(config.run.torch_threads or max(1, math.ceil(config.run.cpus_per_worker)))
@@ -120,7 +121,9 @@ class TrainWorker:
         self.use_bf16 = config.run.precision == "bf16" or (config.run.precision == "auto"
                                                            and self.device.type == "cuda")
         self.with_regions = config.loss.region_weight > 0
-        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rows_skipped": 0, "train_s": 0.0}
+        self.state: dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "rows_skipped": 0, "rows_seen": 0,
+                                      "batches_skipped": 0, "train_s": 0.0}
+        self.failures: list[str] = []  # the first images that could not be read, for the stop line
         self.metrics: list[dict[str, Any]] = []
         restored = ray.train.get_checkpoint()
         restored_dir = restored.to_directory() if restored else None  # a local copy (storage may be remote)
@@ -194,6 +197,32 @@ class TrainWorker:
                              {"step": self.state["step"], "epoch": self.state["epoch"],
                               "training": self.config.public_dict()}, trainer_state, self.metrics)
 
+    def count_unreadable(self, batch: dict[str, Any]) -> bool:
+        """Count BATCH's rows without a readable image (every worker sums every worker's); returns whether the
+        step is skipped: some worker's batch has no image at all (the workers must agree, or DDP would
+        wait forever). Raises UnreadableImagesError past data.max_unreadable_share."""
+        from vesl.cloc.data import UnreadableImagesError, unreadable_line
+
+        ok = batch["ok"]
+        bad = [f"{i}: {r}" for i, r in zip(batch["image_id"][~ok], batch["skip_reason"][~ok])]
+        self.failures = (self.failures + bad)[:3]
+        seen, skipped, empty = _all_reduce([float(len(ok)), float(len(bad)), float(not ok.any())])
+        state, data = self.state, self.config.data
+        state["rows_seen"] += int(seen)
+        state["rows_skipped"] += int(skipped)
+        global_batch = self.config.optim.batch_size * self.config.run.num_workers
+        judged_after = min(max(global_batch, 100), self.rows or global_batch)
+        if (state["rows_seen"] >= judged_after
+                and state["rows_skipped"] > data.max_unreadable_share * state["rows_seen"]):
+            raise UnreadableImagesError(unreadable_line(state["rows_skipped"], state["rows_seen"],
+                                                        data.max_unreadable_share, self.failures, "rows read so far"))
+        if empty:
+            state["batches_skipped"] += 1
+            if self.rank == 0:
+                _say(f"batch {state['batch_in_epoch']} of epoch {state['epoch']} skipped: no image of it could be "
+                     f"read (e.g. {(bad or ['another worker'])[0]})")
+        return bool(empty)
+
     def step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """One optimiser step on BATCH; returns the loss parts."""
         import torch
@@ -201,7 +230,6 @@ class TrainWorker:
         config = self.config
         t0 = time.perf_counter()
         batch = to_tensors(batch, self.device)
-        self.state["rows_skipped"] += int((~batch["ok"]).sum())
         inputs = step_inputs(batch, config.loss.regions_per_image, self.sampler, self.with_regions)
         keys = inputs.pop("keys", None)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
@@ -224,12 +252,13 @@ class TrainWorker:
         """Record the metrics of the steps since the last record (all workers agree on the figures);
         returns whether the time budget is spent."""
         state = self.state
-        images, skipped, over = _all_reduce(
-            [window["images"], state["rows_skipped"], float(bool(budget_s and state["train_s"] > budget_s))])
+        images, over = _all_reduce([window["images"], float(bool(budget_s and state["train_s"] > budget_s))])
+        skipped = state["rows_skipped"]
         record = {"step": state["step"], "epoch": state["epoch"], "lr": self.scheduler.get_last_lr()[0],
                   "temperature": 1.0 / float(self.model.clip.logit_scale.detach().exp()),
                   "images_per_s": images / elapsed if elapsed > 0 else None,
-                  "rows_skipped": int(skipped), "train_s": round(state["train_s"], 2)}
+                  "rows_skipped": int(skipped), "batches_skipped": state["batches_skipped"],
+                  "train_s": round(state["train_s"], 2)}
         record.update({k: window[k] / window["steps"] for k in REPORTED if k in ("loss", "clip") or self.with_regions})
         self.metrics.append(record)
         if self.rank == 0:
@@ -259,6 +288,9 @@ class TrainWorker:
             for index, batch in enumerate(batches):
                 if index < state["batch_in_epoch"]:
                     continue  # resuming mid-epoch: these batches were trained on before the checkpoint
+                if self.count_unreadable(batch):
+                    state["batch_in_epoch"] = index + 1
+                    continue
                 parts = self.step(batch)
                 state["batch_in_epoch"] = index + 1
                 for k in REPORTED:
@@ -432,7 +464,7 @@ def plan_steps(rows: int, config: TrainConfig) -> tuple[int, int]:
     return per_epoch, min(total_steps, config.optim.max_steps) if config.optim.max_steps else total_steps
 
 
-def make_trainer(ds, out: str, config: TrainConfig, total_steps: int, use_gpu: bool, bar_on: bool):
+def make_trainer(ds, out: str, config: TrainConfig, total_steps: int, use_gpu: bool, bar_on: bool, rows: int = 0):
     """The TorchTrainer: workers run `train_loop`; checkpoints go to OUT/run (local, or S3 through fsspec)."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -443,7 +475,7 @@ def make_trainer(ds, out: str, config: TrainConfig, total_steps: int, use_gpu: b
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": config.public_dict() | {"storage": config.storage.model_dump(mode="python")},
-                           "total_steps": total_steps, "driver_bar": bar_on,
+                           "total_steps": total_steps, "driver_bar": bar_on, "rows": rows,
                            "metrics_path": str(Path(out) / "metrics.jsonl") if _local(out) else None},
         scaling_config=ray.train.ScalingConfig(num_workers=config.run.num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": config.run.cpus_per_worker}),
@@ -491,12 +523,32 @@ def check_finished(shards: str, options, rows: int, allow_partial: bool) -> None
     print(f"[vesl train] warning: {what}; training on what is there (--allow-partial)", flush=True)
 
 
+def worker_stop(error: BaseException):
+    """The UnreadableImagesError a training worker stopped with, found in Ray Train's error ERROR (its
+    worker_failures, their causes), as a plain exception with the worker's one line; else None."""
+    from vesl.cloc.data import UnreadableImagesError
+    from vesl.errors import causes
+
+    found = list(causes(error))
+    for failure in (getattr(error, "worker_failures", None) or {}).values():
+        found += list(causes(failure))
+    lines = []
+    for e in found:
+        if isinstance(e, UnreadableImagesError):
+            line = next((a for a in getattr(e, "args", ()) if isinstance(a, str) and "Traceback" not in a), None)
+            lines.append(line or str(e).strip().splitlines()[-1])
+    # every worker stops with the same counts; the first failures are those of the workers that met them
+    lines.sort(key=lambda text: "none recorded" in text)
+    return UnreadableImagesError(lines[0]) if lines else None
+
+
 def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = False,
                  allow_partial: bool = False) -> dict[str, Any]:
     """Train on SHARDS, checkpointing under OUT/run; the final checkpoint is copied to OUT/model. An
     unfinished annotate OUTPUT is refused unless ALLOW_PARTIAL."""
     import ray
 
+    from vesl.cloc.data import probe_images
     from vesl.core.outdir import count_rows, find_shards
     from vesl.core.ray import init_ray
     from vesl.core.storage import filesystem, join_uri, resolve_output
@@ -505,6 +557,7 @@ def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = F
     uris = find_shards(shards, options)
     rows = count_rows(uris, options)
     check_finished(shards, options, rows, allow_partial)
+    probe_images(uris, config.data, options)  # before OUT is touched: unreadable images refuse here
     image_size, caption_tokens = model_geometry(config)
     per_epoch, total_steps = plan_steps(rows, config)  # checked before OUT is touched: a refusal leaves it as it was
     out = resolve_output(out, "OUT")  # absolute; a relative one inside `ray job submit` is refused
@@ -521,12 +574,19 @@ def run_training(shards: str, out: str, config: TrainConfig, overwrite: bool = F
     ray.data.DataContext.get_current().enable_progress_bars = False
     # a terminal and a local OUT: a step bar drawn here from the live metrics file; else progress lines
     bar_on = sys.stdout.isatty() and _local(out)
-    trainer = make_trainer(ds, out, config, total_steps, use_gpu, bar_on)
+    trainer = make_trainer(ds, out, config, total_steps, use_gpu, bar_on, rows)
     started = time.perf_counter()
     with MetricsBar(Path(out) / "metrics.jsonl" if bar_on else None, total_steps):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as e:
+            stop = worker_stop(e)
+            if stop is None:
+                raise
+            raise stop from None  # a worker's own stop, as its one line
     if result.error:
-        raise result.error
+        stop = worker_stop(result.error)
+        raise stop or result.error
     if result.checkpoint is None:
         raise RuntimeError("training ended without a checkpoint")
     final, history = publish_final(result.checkpoint, out, options)

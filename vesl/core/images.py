@@ -1,6 +1,10 @@
-"""Image fetch and decode: bytes from any fsspec URI (size-capped, timed out), bombs refused from the
-header before decoding, RGB with EXIF orientation applied. Used by the decode stage, the trainer's
-reader and the report, so they read an image the same way."""
+"""Image fetch and decode: bytes from any fsspec URI (size-capped, timed out), a tar member by a ranged
+read, bombs refused from the header before decoding, RGB with EXIF orientation applied.
+
+`read_image` is the one way a row's image is read, by the decode stage, the trainer, `vesl eval`,
+`read_regions(with_images=True)` and the report: its bytes when it carries them, else its
+`image_location` (a ranged read of a tar member, or the whole file; through `relocate`'s prefix map
+when the input moved), else its `image_uri`."""
 
 from __future__ import annotations
 
@@ -8,16 +12,18 @@ import io
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from schemas.rejects import RejectReason as R
-from vesl.core.storage import NotAFileError, filesystem, open_regular, options_for, protocol_of
+from vesl.core.storage import NotAFileError, filesystem, is_local, open_regular, options_for, protocol_of
 from vesl.core.text import describe_error
 
 DEFAULT_MAX_PIXELS = 100_000_000
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 
 class DecodeError(Exception):
@@ -109,6 +115,96 @@ def read_capped(f, max_bytes: int, deadline: float | None = None) -> bytes:
         chunks.append(chunk)
         total += len(chunk)
     return b"".join(chunks)
+
+
+def fetch_range(uri: str, offset: int, length: int, storage_options: Mapping[str, Mapping[str, Any]] | None,
+                max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """LENGTH bytes of URI from byte OFFSET (a tar member): one ranged read (fsspec `cat_file(path, start,
+    end)`: a ranged GET on S3 or HTTP), never a scan. Fewer bytes than LENGTH (the file is shorter than
+    when it was annotated) is `fetch_failed`."""
+    if length > max_bytes:
+        raise DecodeError(R.FILE_TOO_LARGE, f"{uri}: a member of {length} bytes, more than {max_bytes}")
+    try:
+        options = {protocol_of(uri): with_timeout(uri, options_for(uri, storage_options), timeout_s)}
+        fs, path = filesystem(uri, options)
+        if is_local(fs):
+            with open_regular(fs, path) as f:
+                f.seek(offset)
+                data = read_capped(f, length - 1) if length else b""
+        else:
+            data = fs.cat_file(path, start=offset, end=offset + length)
+    except (DecodeError, _Timeout) as e:
+        raise (DecodeError(R.FETCH_FAILED, f"{uri}: {e}") if isinstance(e, _Timeout) else e) from None
+    except Exception as e:  # noqa: BLE001 - any transport error is a reject, not a crash
+        raise fetch_error(uri, e) from e
+    if len(data) != length:
+        raise DecodeError(R.FETCH_FAILED, f"{uri}: {len(data)} of {length} bytes at offset {offset} (the file is "
+                          "shorter than when it was annotated: replaced or cut?)")
+    return data
+
+
+def relocate(location: str, relocations: Mapping[str, str] | None) -> str:
+    """LOCATION with its longest prefix among RELOCATIONS (old prefix -> new prefix) replaced: the input was
+    copied or moved after it was annotated."""
+    if not relocations:
+        return location
+    old = max((p for p in relocations if p and location.startswith(p)), key=len, default=None)
+    return location if old is None else relocations[old] + location[len(old):]
+
+
+def parse_relocations(pairs: list[str]) -> dict[str, str]:
+    """`--relocate OLD=NEW` arguments as a prefix map for `relocate` (ValueError for one without '=')."""
+    out = {}
+    for pair in pairs:
+        old, sep, new = pair.partition("=")
+        if not sep or not old:
+            raise ValueError(f"--relocate expects OLD=NEW (two prefixes), got {pair!r}")
+        out[old] = new
+    return out
+
+
+RELOCATE_HELP = ("read images whose image_location starts with OLD from NEW instead (the input was moved or copied "
+                 "after it was annotated); repeatable")
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where one shard row's image is: its bytes, its location (a file, or a tar and the member's byte
+    range), its original URI (provenance; read only when there is no location)."""
+
+    data: bytes | None = None
+    location: str | None = None
+    offset: int | None = None
+    length: int | None = None
+    uri: str | None = None
+
+    @classmethod
+    def of(cls, row: Mapping[str, Any]) -> ImageRef:
+        """The image of a shard (or reader) row; missing columns (1.0 and 1.1 shards) count as nulls."""
+        return cls(row.get("image_bytes"), row.get("image_location"), row.get("image_offset"),
+                   row.get("image_length"), row.get("image_uri"))
+
+
+def read_image(ref: ImageRef, storage_options: Mapping[str, Mapping[str, Any]] | None, max_bytes: int,
+               timeout_s: float | None = None, relocations: Mapping[str, str] | None = None) -> bytes:
+    """The encoded image REF points at: its bytes, else its location (RELOCATIONS applied; a ranged read
+    for a tar member), else its original URI. A failing location is not retried from the URI (that would
+    be a second crawl): the DecodeError says which place failed and why."""
+    if ref.data is not None:
+        if len(ref.data) > max_bytes:
+            raise DecodeError(R.FILE_TOO_LARGE, f"image_bytes: more than {max_bytes} bytes")
+        return ref.data
+    if ref.location:
+        where = relocate(ref.location, relocations)
+        try:
+            if ref.offset is not None:
+                return fetch_range(where, ref.offset, ref.length or 0, storage_options, max_bytes, timeout_s)
+            return fetch_bytes(where, storage_options, max_bytes, timeout_s)
+        except DecodeError as e:
+            raise DecodeError(e.reason, f"image_location: {e}") from e.__cause__
+    if ref.uri:
+        return fetch_bytes(ref.uri, storage_options, max_bytes, timeout_s)
+    raise DecodeError(R.MISSING_INPUT, "no image_bytes, image_location or image_uri")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 
 from operators.registry import funnel, funnel_steps, stage_totals
 from schemas.region_text import META_CONFIG_HASH, META_MODELS, META_SCHEMA_VERSION, META_THRESHOLDS, META_VERSION
+from vesl.core.images import RELOCATE_HELP, parse_relocations
 from vesl.core.outdir import MANIFEST, REJECTS_DIR, OutputDir, open_parquet, read_pages, read_parquet
 from vesl.core.storage import filesystem
 from vesl.core.text import fmt
@@ -365,12 +366,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, default=25, help="most frequent phrases to list")
     p.add_argument("--json", dest="json_out", help="also write the statistics as JSON here ('-': stdout)")
     p.add_argument("--thumb-size", type=int, default=512, help="longer side of the gallery images, pixels")
+    p.add_argument("--relocate", action="append", default=[], metavar="OLD=NEW", help=RELOCATE_HELP)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from vesl.core.storage import StorageConfig
 
     storage = StorageConfig().options()  # S3 credentials from the AWS environment
     try:
+        moved = parse_relocations(args.relocate)
         stats = collect_stats(args.output, storage, sample=args.sample if args.out else 0, seed=args.seed,
                               top=args.top)
     except (FileNotFoundError, ValueError, CorruptStateError) as e:  # each names the file it failed on
@@ -380,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         from vesl.shards.report import write_report
 
-        write_report(stats, args.out, storage, thumb_size=args.thumb_size)
+        write_report(stats, args.out, storage, thumb_size=args.thumb_size, relocations=moved)
     if args.json_out:
         text = json.dumps({k: v for k, v in stats.items() if k != "sample"}, indent=1, default=str)
         if args.json_out == "-":

@@ -8,8 +8,9 @@
 URI is an annotate OUTPUT (its `data/` folder is read), a folder of shards or one shard, local or
 any fsspec URI (`s3://...`). Every file is checked against schema v1 first: by its footer, or, for
 a file pandas or polars wrote back without vesl's footer, by its columns (cast to v1's types on
-read). Image bytes are left out unless asked for: they are most of a shard's size when
-`embed_images` was on.
+read). `read_regions(..., explode=False)` carries the image bytes the shards hold (only the images with
+no other place to be read from, unless `decode.embed_images: true`); `with_images=False` leaves them out,
+`with_images=True` reads every image.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger("vesl.shards.read")
 FOOTER_ATTR = "vesl_footer"  # pandas df.attrs key: the footer entries read_regions found, for write_regions
-IMAGE_COLUMNS = ["image_id", "image_uri", "width", "height", "alt_text", "caption", "vlm_caption", "caption_source",
-                 "phrases", "regions"]
+IMAGE_COLUMNS = ["image_id", "image_uri", "image_location", "image_offset", "image_length", "width", "height",
+                 "alt_text", "caption", "vlm_caption", "caption_source", "phrases", "regions"]
+IMAGE_ERROR = "image_error"  # read_regions(with_images=True): why a row's image could not be read (else null)
 REGION_COLUMNS = ["image_id", "image_uri", "width", "height", "region", "phrase", "score", "source",
                   "x0", "y0", "x1", "y1", "x0_px", "y0_px", "x1_px", "y1_px"]
 
@@ -109,15 +111,21 @@ def explode_regions(table: pa.Table) -> pa.Table:
 
 
 def read_regions(uri: str, explode: bool = True, *, storage_options: Mapping[str, Any] | None = None,
-                 with_images: bool = False):
+                 with_images: bool | None = None, relocate: Mapping[str, str] | None = None):
     """Read region-text shards into a pandas DataFrame.
 
     explode=True: one row per region, columns image_id, image_uri, width, height, region (its index
     in the image's list), phrase, score, source ("caption"/"alt_text"), x0, y0, x1, y1 (normalised
     to [0, 1] of the original image) and x0_px, y0_px, x1_px, y1_px (pixels of the original image).
     Images with no region have no row; use explode=False to see them.
-    explode=False: one row per image, the shard's columns (`regions` a list of dicts) plus
-    num_regions; `image_bytes` only with WITH_IMAGES.
+    explode=False: one row per image, the shard's columns (`regions` a list of dicts, the image's
+    location: `image_location`, `image_offset`, `image_length`) plus num_regions. `image_bytes`: by
+    default (WITH_IMAGES None) the bytes the shards carry, so that a filtered frame written back keeps
+    the images that have no other place (null for the rest: they are read from their location);
+    WITH_IMAGES False leaves the column out (a lean frame: written back, embedded images are lost);
+    WITH_IMAGES True reads every image as the trainer reads it (the shard's bytes, else its location, a
+    ranged read for a tar member, through RELOCATE's prefix map, else its original URI) and adds
+    `image_error`: why a row's image could not be read (null when it was; a warning counts them).
     STORAGE_OPTIONS: fsspec options, flat ({"anon": True}) or by protocol ({"s3": {...}}).
     """
     options = by_protocol(uri, storage_options)
@@ -130,17 +138,51 @@ def read_regions(uri: str, explode: bool = True, *, storage_options: Mapping[str
         warn_duplicates(uri, ids)
         table = pa.concat_tables(parts) if parts else pa.table({c: [] for c in REGION_COLUMNS})
         return table.to_pandas()
-    columns = IMAGE_COLUMNS + (["image_bytes"] if with_images else [])
+    columns = IMAGE_COLUMNS + ([] if with_images is False else ["image_bytes"])
     parts, footers = [], []
     for _, t, meta in iter_tables(uris, columns, options):
         parts.append(t)
         footers.append(meta)
     warn_duplicates(uri, [t.column("image_id") for t in parts])
     table = pa.concat_tables(parts)
+    if with_images:
+        table = load_images(table, options, relocate, uri)
     table = table.append_column("num_regions", pc.list_value_length(table.column("regions")).cast(pa.int32()))
-    df = table.to_pandas()
+    import pandas as pd
+
+    df = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)  # image_offset/length: integers with nulls
     df.attrs[FOOTER_ATTR] = common_footer(footers)  # write_regions carries it over (models, thresholds)
     return df
+
+
+class UnreadableImageWarning(UserWarning):
+    """read_regions(with_images=True) could not read some rows' images (their `image_error` says why)."""
+
+
+def load_images(table: pa.Table, options, relocate: Mapping[str, str] | None, where: str) -> pa.Table:
+    """TABLE with `image_bytes` filled by `read_image` for every row and an `image_error` column."""
+    import warnings
+
+    from vesl.core.images import DEFAULT_MAX_BYTES, ImageRef, read_image
+    from vesl.core.text import describe_error
+
+    data, errors = [], []
+    columns = ["image_bytes", "image_location", "image_offset", "image_length", "image_uri"]
+    for row in table.select(columns).to_pylist():
+        try:
+            data.append(read_image(ImageRef.of(row), options, DEFAULT_MAX_BYTES, 60.0, relocate))
+            errors.append(None)
+        except Exception as e:  # noqa: BLE001 - one unreadable image is that row's image_error
+            data.append(None)
+            errors.append(f"{getattr(e, 'reason', type(e).__name__)}: {describe_error(e)}"[:500])
+    table = table.set_column(table.schema.get_field_index("image_bytes"), "image_bytes",
+                             pa.array(data, pa.large_binary()))
+    failed = [e for e in errors if e]
+    if failed:
+        message = f"{where}: {len(failed)} of {len(errors)} image(s) could not be read (image_error), e.g. {failed[0]}"
+        log.warning("%s", message)
+        warnings.warn(message, UnreadableImageWarning, stacklevel=3)
+    return table.append_column(IMAGE_ERROR, pa.array(errors, pa.string()))
 
 
 class DuplicateImageIdWarning(UserWarning):
@@ -193,8 +235,9 @@ def _to_arrow(data) -> tuple[pa.Table, dict[str, str]]:
 
 
 def check_rows(table: pa.Table, where: str) -> None:
-    """The invariants schema v1 states beyond types: one row per image_id, and every region's box
-    normalised and proper (0 <= x0 < x1 <= 1, the same for y), its score in [0, 1], its source known."""
+    """The invariants schema v1 states beyond types: one row per image_id, a tar member's byte range only
+    whole and with its image_location, and every region's box normalised and proper (0 <= x0 < x1 <= 1,
+    the same for y), its score in [0, 1], its source known."""
     from schemas.region_text import SchemaMismatchError
 
     ids = table.column("image_id")
@@ -202,6 +245,13 @@ def check_rows(table: pa.Table, where: str) -> None:
         counts = pc.value_counts(ids)
         repeated = [v["values"] for v in counts.to_pylist() if v["counts"] > 1]
         raise SchemaMismatchError(f"{where}: image_id must be unique; repeated: {repeated[:5]}")
+    offset, length, location = (table.column(c) for c in ("image_offset", "image_length", "image_location"))
+    ranged = pc.is_valid(offset)
+    bad_range = pc.or_(pc.xor(ranged, pc.is_valid(length)), pc.and_(ranged, pc.is_null(location)))
+    if pc.any(bad_range).as_py():
+        first = ids.filter(bad_range)[0].as_py()
+        raise SchemaMismatchError(f"{where}: {pc.sum(bad_range).as_py()} row(s) have an image_offset without an "
+                                  f"image_length or an image_location (or the reverse); the first is {first!r}")
     regions = table.column("regions").combine_chunks()
     flat = pc.list_flatten(regions)
     if not len(flat):
@@ -229,7 +279,8 @@ def write_regions(data, path: str, *, storage_options: Mapping[str, Any] | None 
 
     DATA is a pandas or polars DataFrame or a pyarrow Table with schema v1's columns (pandas' and
     polars' types are cast: double scores, variable-length boxes, large strings; absent nullable
-    columns become nulls). `num_regions` is dropped; other extra columns are refused unless DROP_EXTRA.
+    columns become nulls). `num_regions` and `image_error` are dropped; other extra columns are refused unless
+    DROP_EXTRA.
     Rows are checked (unique image_id, proper boxes and scores) before anything is written. The footer
     carries schema 1.x, this vesl's version and the models/thresholds/config hash the data came with
     (pandas' `df.attrs`, kept by read_regions) plus METADATA. PATH ending in `.parquet` is one file;
@@ -268,7 +319,7 @@ def _shard_table(data, drop_extra: bool, metadata: Mapping[str, str] | None) -> 
     if "regions" not in names and {"phrase", "x0", "region"} <= set(names):
         raise ValueError("this is read_regions' exploded frame (one row per region); write_regions takes one row per "
                          "image: read with explode=False and filter each image's `regions` list")
-    extra = [c for c in names if c not in region_text_schema().names and c != "num_regions"]
+    extra = [c for c in names if c not in region_text_schema().names and c not in ("num_regions", IMAGE_ERROR)]
     if extra and not drop_extra:
         raise ValueError(f"columns {extra} are not in region-text schema v1; drop them or pass drop_extra=True")
     table = conform_table(table, where="write_regions")
@@ -315,4 +366,5 @@ def _replace_shards(out, parts: Mapping[str, pa.Table], existing: list[str], *, 
             out.discard_staged(tmp)
 
 
-__all__ = ["DuplicateImageIdWarning", "explode_regions", "iter_tables", "read_regions", "shard_uris", "write_regions"]
+__all__ = ["DuplicateImageIdWarning", "UnreadableImageWarning", "explode_regions", "iter_tables", "read_regions",
+           "shard_uris", "write_regions"]

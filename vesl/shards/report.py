@@ -93,19 +93,17 @@ def svg_histogram(counts: Sequence[int], labels: Sequence[str], title: str, xlab
     return "".join(parts)
 
 
-def thumbnail(row: Mapping[str, Any], thumb_size: int, storage_options) -> tuple[str | None, str | None]:
-    """(data: URI of a JPEG thumbnail, None) or (None, why the image could not be shown)."""
+def thumbnail(row: Mapping[str, Any], thumb_size: int, storage_options,
+              relocations: Mapping[str, str] | None = None) -> tuple[str | None, str | None]:
+    """(data: URI of a JPEG thumbnail, None) or (None, why the image could not be shown). The image is read
+    as the trainer reads it: its bytes, else its location, else its original URI."""
     from operators.decode import DecodeConfig
-    from vesl.core.images import decode_image, fetch_bytes
+    from vesl.core.images import ImageRef, decode_image, read_image
     from vesl.core.text import describe_error
 
     config = DecodeConfig()  # the limits the job read the image with
     try:
-        data = row.get("image_bytes")
-        if data is None:
-            if not row.get("image_uri"):
-                return None, "no image_bytes and no image_uri in the shard"
-            data = fetch_bytes(row["image_uri"], storage_options, config.max_bytes, config.fetch_timeout_s)
+        data = read_image(ImageRef.of(row), storage_options, config.max_bytes, config.fetch_timeout_s, relocations)
         image, _, _ = decode_image(data, max_pixels=config.max_pixels, max_side=thumb_size)
         buf = io.BytesIO()
         image.save(buf, format="JPEG", quality=85)
@@ -139,8 +137,9 @@ def box_geometry(region: Mapping[str, Any]) -> dict[str, Any]:
             "height": f"{100 * (y1 - y0):.3f}", "near_top": y0 < 0.06, "score": f"{float(region['score']):.2f}"}
 
 
-def card_context(row: Mapping[str, Any], thumb_size: int, storage_options) -> dict[str, Any]:
-    src, problem = thumbnail(row, thumb_size, storage_options)
+def card_context(row: Mapping[str, Any], thumb_size: int, storage_options,
+                 relocations: Mapping[str, str] | None = None) -> dict[str, Any]:
+    src, problem = thumbnail(row, thumb_size, storage_options, relocations)
     width, height = int(row.get("width") or 1), int(row.get("height") or 1)
     frame_w, frame_h = frame_size(width, height)
     regions = [{**region, **box_geometry(region), "colour": PALETTE[i % len(PALETTE)],
@@ -222,14 +221,15 @@ def stage_rows(stages: Mapping[str, Mapping[str, Any]]) -> list[list[Any]]:
 
 
 
-def render_report(stats: Mapping[str, Any], storage_options=None, thumb_size: int = 512) -> str:
+def render_report(stats: Mapping[str, Any], storage_options=None, thumb_size: int = 512,
+                  relocations: Mapping[str, str] | None = None) -> str:
     footer = stats["footer"]
     return template().render(
         stats=stats, css=Markup(CSS), run=stats.get("run"), summary=summary_rows(stats), plots=plots(stats),
         quantiles={k: f"{v:.3f}" for k, v in stats["scores"]["quantiles"].items()},
         rejects=reject_rows(stats) if stats["by_reason"] else [],
         stages=stage_rows(stats.get("stages") or {}),
-        cards=[card_context(row, thumb_size, storage_options) for row in stats.get("sample") or []],
+        cards=[card_context(row, thumb_size, storage_options, relocations) for row in stats.get("sample") or []],
         models=[[stage, info.get("id"), info.get("class", ""), info.get("revision", "")]
                 for m in footer.get("models") or [] for stage, info in m.items()],
         thresholds=[[k, "off" if v is None else v] for t in footer.get("thresholds") or [] for k, v in t.items()],
@@ -237,11 +237,13 @@ def render_report(stats: Mapping[str, Any], storage_options=None, thumb_size: in
         machine={k: v for k, v in stats.items() if k != "sample"})
 
 
-def write_report(stats: Mapping[str, Any], out: str, storage_options=None, thumb_size: int = 512) -> str:
-    """Render STATS (from `collect_stats(..., sample=N)`) and write the HTML to OUT (local or fsspec URI)."""
+def write_report(stats: Mapping[str, Any], out: str, storage_options=None, thumb_size: int = 512,
+                 relocations: Mapping[str, str] | None = None) -> str:
+    """Render STATS (from `collect_stats(..., sample=N)`) and write the HTML to OUT (local or fsspec URI);
+    RELOCATIONS: image_location prefixes mapped to where the images are now."""
     from vesl.core.storage import filesystem
 
-    page = render_report(stats, storage_options, thumb_size)
+    page = render_report(stats, storage_options, thumb_size, relocations)
     fs, path = filesystem(out, storage_options)
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     if parent and "://" not in out:

@@ -132,7 +132,8 @@ def finished(ids: list[str], unit: int, rejected: set[str] = frozenset()) -> pa.
         "image_id": ids, "image_uri": [f"{i}.jpg" for i in ids], "width": pa.array([8] * n, pa.int32()),
         "height": pa.array([8] * n, pa.int32()), "alt_text": ["a dog"] * n, "caption": ["a dog"] * n,
         "image_bytes": pa.nulls(n, pa.large_binary()), "vlm_caption": ["a dog"] * n, "caption_source": ["vlm"] * n,
-        "phrases": [["a dog"]] * n,
+        "image_location": [f"{i}.jpg" for i in ids], "image_offset": pa.nulls(n, pa.int64()),
+        "image_length": pa.nulls(n, pa.int64()), "phrases": [["a dog"]] * n,
         "regions": [[{"phrase": "a dog", "box": [0.1, 0.1, 0.5, 0.5], "score": 0.5, "source": "caption"}]] * n,
         "ordinal": pa.array(range(n), pa.int64()), "unit": pa.array([unit] * n, pa.int64())}))
     from operators.base import mark_rejects

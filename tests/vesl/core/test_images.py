@@ -16,6 +16,9 @@ from vesl.core.images import DecodeError, decode_image, fetch_bytes
 JPEG = encode(photo(160, 100, seed=3), quality=95)
 
 
+RANGES: list[str | None] = []  # the Range headers /whole.jpg was asked with
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # chunked transfer encoding needs 1.1
 
@@ -40,6 +43,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_chunked(iter(lambda: b"\xff" * 4096, None))
         elif self.path == "/trickle.jpg":  # a byte a tenth of a second, for ever
             self.send_chunked(iter(lambda: b"\xff", None), pause_s=0.1)
+        elif self.path == "/whole.jpg":  # honours a Range header, as S3 and most servers do
+            RANGES.append(self.headers.get("Range"))
+            start, _, end = (self.headers.get("Range") or "bytes=0-").removeprefix("bytes=").partition("-")
+            body = JPEG[int(start):int(end) + 1 if end else None]
+            self.send_response(206 if self.headers.get("Range") else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
         elif self.path == "/short.jpg":  # announces the whole image, sends a fifth of it, hangs up
             self.send_response(200)
             self.send_header("Content-Length", str(len(JPEG)))
@@ -114,3 +125,43 @@ def test_a_fifo_a_device_and_a_folder_are_not_files_and_nothing_blocks(tmp_path)
     (tmp_path / "ok.jpg").write_bytes(JPEG)
     (tmp_path / "link.jpg").symlink_to(tmp_path / "ok.jpg")  # a link to a regular file is a file
     assert fetch_bytes(str(tmp_path / "link.jpg"), None, max_bytes=1 << 20) == JPEG
+
+
+def test_read_image_takes_bytes_then_location_then_uri_and_never_falls_back_from_a_location(tmp_path):
+    from vesl.core.images import ImageRef, read_image
+
+    (tmp_path / "a.jpg").write_bytes(JPEG)
+    (tmp_path / "pack.bin").write_bytes(b"head" + JPEG + b"tail")
+    uri = str(tmp_path / "a.jpg")
+    assert read_image(ImageRef(data=b"given", location=uri, uri=uri), None, 1 << 20) == b"given"
+    assert read_image(ImageRef(location=str(tmp_path / "pack.bin"), offset=4, length=len(JPEG)), None, 1 << 20) == JPEG
+    assert read_image(ImageRef(location=uri), None, 1 << 20) == JPEG
+    assert read_image(ImageRef(uri=uri), None, 1 << 20) == JPEG
+    with pytest.raises(DecodeError) as caught:  # a working image_uri is not a fallback: no second crawl
+        read_image(ImageRef(location=str(tmp_path / "moved.jpg"), uri=uri), None, 1 << 20)
+    assert caught.value.reason == "not_found" and str(caught.value).startswith("image_location: ")
+    with pytest.raises(DecodeError) as caught:
+        read_image(ImageRef(location=str(tmp_path / "pack.bin"), offset=4, length=len(JPEG)), None, 100)
+    assert caught.value.reason == "file_too_large"
+    with pytest.raises(DecodeError) as caught:
+        read_image(ImageRef(), None, 100)
+    assert caught.value.reason == "missing_input"
+
+
+def test_relocate_maps_the_longest_matching_prefix():
+    from vesl.core.images import parse_relocations, relocate
+
+    moved = parse_relocations(["s3://old/=s3://new/", "s3://old/tars/=/mnt/tars/"])
+    assert relocate("s3://old/tars/0001.tar", moved) == "/mnt/tars/0001.tar"
+    assert relocate("s3://old/img/a.jpg", moved) == "s3://new/img/a.jpg"
+    assert relocate("s3://other/a.jpg", moved) == "s3://other/a.jpg"
+    with pytest.raises(ValueError, match="OLD=NEW"):
+        parse_relocations(["s3://no-equals-sign"])
+
+
+def test_a_ranged_read_over_http_asks_for_the_member_only(server):
+    from vesl.core.images import fetch_range
+
+    RANGES.clear()
+    assert fetch_range(f"{server}/whole.jpg", 10, 200, None, 1 << 20, 5.0) == JPEG[10:210]
+    assert RANGES[-1] == "bytes=10-209"

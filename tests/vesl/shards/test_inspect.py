@@ -154,10 +154,13 @@ def test_read_regions_per_image(tmp_path):
     df = vesl.read_regions(str(out), explode=False)
     assert df["image_id"].tolist() == ["a", "b", "c", "d", "e"]
     assert df["num_regions"].tolist() == [3, 0, 1, 2, 1]
-    assert "image_bytes" not in df.columns
+    assert df["image_bytes"].isna().all()  # what the shards carry: here nothing
+    assert "image_bytes" not in vesl.read_regions(str(out), explode=False, with_images=False).columns
     assert df.iloc[0]["regions"][0]["phrase"] == "red car"
     assert list(df.iloc[0]["phrases"]) == ["red car", "small dog", "car"]
-    assert "image_bytes" in vesl.read_regions(str(out), explode=False, with_images=True).columns
+    with pytest.warns(UserWarning, match="5 of 5 image"):  # no bytes, no location, no URI: each row says so
+        read = vesl.read_regions(str(out), explode=False, with_images=True)
+    assert read["image_bytes"].isna().all() and read["image_error"].str.startswith("missing_input").all()
 
 
 def test_read_regions_refuses_what_is_not_a_shard(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -112,6 +113,13 @@ def test_write_regions_refuses_what_would_break_the_contract(tmp_path):
         broken["regions"] = broken.regions.map(lambda rs, bad=bad: [{**r, **bad} for r in rs])
         with pytest.raises(SchemaMismatchError, match=message + ".*image_id 'a'"):
             vesl.write_regions(broken, str(tmp_path / "z"))
+    ranged = images.assign(image_offset=pd.array([512, None, None, None, None], dtype="Int64"))  # no length, no tar
+    with pytest.raises(SchemaMismatchError, match="1 row.*image_offset without.*the first is 'a'"):
+        vesl.write_regions(ranged, str(tmp_path / "z"))
+    half = images.assign(image_offset=pd.array([0.5, None, None, None, None], dtype="Float64"),
+                         image_length=pd.array([9, None, None, None, None], dtype="Int64"), image_location="x.tar")
+    with pytest.raises(SchemaMismatchError, match="image_offset"):  # a fraction is no byte offset
+        vesl.write_regions(half, str(tmp_path / "z"))
     missing = images.drop(columns=["caption"])
     with pytest.raises(SchemaMismatchError, match="'caption' is missing"):
         vesl.write_regions(missing, str(tmp_path / "z"))

@@ -27,7 +27,8 @@ def folder_row(unit: Mapping[str, Any], config: InputConfig, storage_options) ->
     """One image of a folder: its .txt beside it is the alt-text, its .json's key/url/caption (as
     img2dataset's files layout writes them) the id, source URL and alt-text when present."""
     uri = unit["uri"]
-    row = {"image_id": None, "image_uri": uri, "image_bytes": None, "alt_text": None, "ordinal": unit["index"],
+    row = {"image_id": None, "image_uri": uri, "image_bytes": None, "image_location": uri, "image_offset": None,
+           "image_length": None, "alt_text": None, "ordinal": unit["index"],
            REJECT_STAGE: None, REJECT_REASON: None, REJECT_MESSAGE: None}
     try:
         meta = json.loads(_read_sidecar(unit.get("json"), storage_options) or b"{}")

@@ -107,6 +107,7 @@ def iter_img2dataset_files(unit: Mapping[str, Any], config: InputConfig, storage
             continue  # a reject below
         seen.add(key)
         out = {"image_id": key, "image_uri": as_text(row.get("url")) or image, "image_bytes": None,
+               "image_location": image, "image_offset": None, "image_length": None,
                "alt_text": as_text(row.get("caption")), "ordinal": base + position,
                REJECT_STAGE: None, REJECT_REASON: None, REJECT_MESSAGE: None}
         try:  # read here, like the tar and parquet layouts, so image_uri can keep the source URL

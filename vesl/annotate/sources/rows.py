@@ -1,5 +1,5 @@
-"""Rows of INPUT_SCHEMA: image_id, image_uri, image_bytes, alt_text, ordinal (plus the reject columns,
-set when an input cannot even be read), from whatever names and types a source gives."""
+"""Rows of INPUT_SCHEMA: image_id, image_uri, image_bytes, the image's location, alt_text, ordinal (plus the
+reject columns, set when an input cannot even be read), from whatever names and types a source gives."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from schemas.columns import INPUT_SCHEMA, REJECT_MESSAGE, REJECT_REASON, REJECT_STAGE
+from schemas.columns import INPUT_SCHEMA, LOCATION_COLUMNS, REJECT_MESSAGE, REJECT_REASON, REJECT_STAGE
 from schemas.rejects import READ_STAGE
 from schemas.rejects import RejectReason as R
 from vesl.annotate.sources.config import InputConfig
-from vesl.core.storage import join_uri
+from vesl.core.storage import join_uri, protocol_of
 
 ORDINAL_FILE_SHIFT = 32
 MAX_URI_CHARS = 8192  # longer "URIs" are data pasted into the wrong column, not places to fetch from
@@ -54,6 +54,19 @@ def resolve_image_uri(value: str | None, base: str) -> str | None:
     if "://" in value or posixpath.isabs(value):
         return value
     return join_uri(base, value)
+
+
+def no_location() -> dict[str, None]:
+    """The location columns of a row whose image has no place to be read again from (yet)."""
+    return dict.fromkeys(LOCATION_COLUMNS)
+
+
+def location_of(uri: str | None) -> str | None:
+    """URI as an image location: a file on any storage (local, s3://, gs://, ...); a web URL is where the
+    image came from, not a place vesl can trust to read it again (null: the decode stage embeds it)."""
+    if not uri or protocol_of(uri) in ("http", "https"):
+        return None
+    return uri
 
 
 def upstream_failure(status: Any, message: Any) -> tuple[str | None, str | None]:
@@ -97,6 +110,9 @@ def normalize_rows(rows: list[Mapping[str, Any]], ordinals: list[int], config: I
         out["image_id"].append(given or derive_image_id(uri, data, {k: v for k, v in row.items() if k != bytes_col}))
         out["image_uri"].append(uri)
         out["image_bytes"].append(data)
+        out["image_location"].append(location_of(uri) if error is None else None)
+        out["image_offset"].append(None)
+        out["image_length"].append(None)
         out["alt_text"].append(as_text(row.get(alt_col)) if alt_col else None)
         out["ordinal"].append(ordinal)
         out[REJECT_STAGE].append(READ_STAGE if error is not None else None)
@@ -122,5 +138,6 @@ def chunk_tables(rows: Iterator[dict[str, Any]], chunk_rows: int) -> Iterator[pa
 
 def reject_row(image_id: str, uri: str | None, ordinal: int, reason: str, message: str,
                 alt_text: str | None = None) -> dict[str, Any]:
-    return {"image_id": image_id, "image_uri": uri, "image_bytes": None, "alt_text": alt_text, "ordinal": ordinal,
+    return {"image_id": image_id, "image_uri": uri, "image_bytes": None, **no_location(), "alt_text": alt_text,
+            "ordinal": ordinal,
             REJECT_STAGE: READ_STAGE, REJECT_REASON: reason, REJECT_MESSAGE: message[:500]}

@@ -13,13 +13,14 @@ from schemas.region_text import REGION_TYPE
 from vesl.annotate.output.writer import MissingColumnError, commit_unit, stage_unit_parts
 from vesl.core.outdir import OutputDir
 
-FOOTER = {"vesl.schema_version": "1.1"}
+FOOTER = {"vesl.schema_version": "1.2"}
 
 
 def finished_batch(drop: str | None = None) -> pa.Table:
     table = pa.table({
         "image_id": ["a", "b"], "image_uri": ["/x/a.jpg", "/x/b.jpg"], "image_bytes": pa.nulls(2, pa.large_binary()),
-        "alt_text": ["a cat", None], "ordinal": [0, 1],
+        "image_location": ["/x/a.jpg", "/x/b.jpg"], "image_offset": pa.nulls(2, pa.int64()),
+        "image_length": pa.nulls(2, pa.int64()), "alt_text": ["a cat", None], "ordinal": [0, 1],
         "reject_stage": [None, "decode"], "reject_reason": [None, "not_found"], "reject_message": [None, "gone"],
         "width": pa.array([4, None], pa.int32()), "height": pa.array([3, None], pa.int32()),
         "caption": ["a cat on a mat", None], "vlm_caption": ["a cat", None], "caption_source": ["fused", None],

@@ -63,6 +63,34 @@ def test_webdataset_rows_pair_image_text_and_json(tmp_path):
     assert (rows[1]["reject_stage"], rows[1]["reject_reason"]) == ("read", "missing_image")
 
 
+def test_webdataset_rows_locate_their_image_member_by_byte_range(tmp_path):
+    """A plain tar's rows carry the member's offset and length: those bytes are the image. A compressed
+    tar's offsets are not file offsets: no location (the decode stage then keeps the bytes)."""
+    jpgs = [encode(photo(20 + i, 10, seed=i)) for i in range(3)]
+    samples = [(f"{i:09d}.{suffix}", data) for i, jpg in enumerate(jpgs)
+               for suffix, data in (("txt", b"text"), ("jpg", jpg), ("json", b"{}"))]
+    write_tar(tmp_path / "plain.tar", samples)
+    blob = (tmp_path / "plain.tar").read_bytes()
+    rows = list(iter_webdataset(str(tmp_path / "plain.tar"), None))
+    assert [r["image_location"] for r in rows] == [str(tmp_path / "plain.tar")] * 3
+    assert [blob[r["image_offset"]:r["image_offset"] + r["image_length"]] for r in rows] == jpgs
+    with tarfile.open(tmp_path / "packed.tar.gz", "w:gz") as tar:
+        for name, data in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    packed = list(iter_webdataset(str(tmp_path / "packed.tar.gz"), None))
+    assert [r["image_bytes"] for r in packed] == jpgs
+    assert all(r["image_location"] is None and r["image_offset"] is None for r in packed)
+
+
+def test_manifest_rows_locate_files_not_web_urls():
+    rows = [{"image": "images/a.jpg"}, {"image": "s3://b/a.jpg"}, {"image": "https://x/a.jpg"},
+            {"image_bytes": b"\xff\xd8"}]
+    table = normalize_rows(rows, [0, 1, 2, 3], InputConfig(), "/data/m")
+    assert table.column("image_location").to_pylist() == ["/data/m/images/a.jpg", "s3://b/a.jpg", None, None]
+
+
 def test_an_unreadable_tar_is_one_reject(tmp_path):
     (tmp_path / "bad.tar").write_bytes(b"not a tar at all" * 10)
     [row] = list(iter_webdataset(str(tmp_path / "bad.tar"), None))
