@@ -62,44 +62,12 @@ def phrase_lists(n: int, per_image: int = 20, vocabulary: int = 300, seed: int =
 
 
 def build_real_size_models(root: Path) -> dict[str, Path]:
-    """OWLv2 base/16 @ 960 and BLIP large @ 384 with random weights and working processors."""
-    from transformers import (
-        BertTokenizer,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessorPil,
-        BlipProcessor,
-        Owlv2Config,
-        Owlv2ForObjectDetection,
-        Owlv2ImageProcessorPil,
-        Owlv2Processor,
-    )
+    """OWLv2 base/16 @ 960 and BLIP large @ 384 with random weights and working processors
+    (`vesl.fixtures.real_size`, the one copy of the real-size builders)."""
+    from vesl.fixtures.real_size import build_real_size_models as build
 
-    from vesl.fixtures.tiny import _clip_bpe_tokenizer, _wordpiece_vocab
-
-    paths = {"detector": root / "owlv2-base-960", "captioner": root / "blip-large-384"}
-    if not (paths["detector"] / "config.json").exists():
-        tok = _clip_bpe_tokenizer()
-        config = Owlv2Config(
-            text_config=dict(vocab_size=49408, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-            vision_config=dict(image_size=960, patch_size=16), projection_dim=512)
-        Owlv2ForObjectDetection(config).save_pretrained(paths["detector"], safe_serialization=True)
-        Owlv2Processor(image_processor=Owlv2ImageProcessorPil(size={"height": 960, "width": 960}),
-                       tokenizer=tok).save_pretrained(paths["detector"])
-    if not (paths["captioner"] / "config.json").exists():
-        tok = BertTokenizer(vocab=_wordpiece_vocab(), bos_token="[DEC]", model_max_length=512)
-        config = BlipConfig(
-            text_config=dict(vocab_size=30524, bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
-                             pad_token_id=tok.pad_token_id, sep_token_id=tok.sep_token_id,
-                             eos_token_id=tok.sep_token_id, encoder_hidden_size=1024),
-            vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                               num_attention_heads=16, image_size=384, patch_size=16),
-            projection_dim=512)
-        BlipForConditionalGeneration(config).save_pretrained(paths["captioner"], safe_serialization=True)
-        BlipProcessor(image_processor=BlipImageProcessorPil(size={"height": 384, "width": 384}),
-                      tokenizer=tok).save_pretrained(paths["captioner"])
-    return paths
+    built = build(root, ("detect", "caption_fast"))
+    return {"detector": built["detect"], "captioner": built["caption_fast"]}
 
 
 def sync(device: str) -> None:

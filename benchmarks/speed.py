@@ -176,6 +176,26 @@ def tree_memory(root: int) -> tuple[int, int]:
     return rss, pss
 
 
+def run_sampled(cmd: list[str], sample, interval_s: float, merge_stderr: bool = False):
+    """Run CMD in REPO to its end, calling SAMPLE(pid) every INTERVAL_S seconds meanwhile; returns
+    (the finished process, its stdout, its stderr)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True,
+                            stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE)
+    stop = threading.Event()
+
+    def loop():
+        while not stop.is_set():
+            sample(proc.pid)
+            stop.wait(interval_s)
+
+    sampler = threading.Thread(target=loop, daemon=True)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    stop.set()
+    sampler.join()
+    return proc, stdout, stderr
+
+
 JOBS: dict[Path, dict] = {}  # manifest -> its run: a section that needs the same run again reuses it
 
 
@@ -187,20 +207,12 @@ def run_job(manifest: Path, out: Path, extra: list[str] | None = None) -> dict:
            "--overwrite", *(extra or [])]
     peak = {"rss": 0, "pss": 0}
     started = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stop = threading.Event()
 
-    def sample():
-        while not stop.is_set():
-            rss, pss = tree_memory(proc.pid)
-            peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
-            stop.wait(0.5)
+    def sample(pid: int) -> None:
+        rss, pss = tree_memory(pid)
+        peak["rss"], peak["pss"] = max(peak["rss"], rss), max(peak["pss"], pss)
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    stdout, stderr = proc.communicate()
-    stop.set()
-    sampler.join()
+    proc, stdout, stderr = run_sampled(cmd, sample, 0.5)
     if proc.returncode != 0:
         sys.stderr.write(stdout[-3000:] + stderr[-3000:])
         raise SystemExit(f"annotate failed with exit code {proc.returncode}")

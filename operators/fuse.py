@@ -75,6 +75,11 @@ def cap_words(text: str, limit: int) -> str:
     return cut.rsplit(" ", 1)[0] if " " in cut else cut
 
 
+def fusion_alt(alt: str | None, max_alt_chars: int) -> str:
+    """The alt-text as it enters the fusion prompt: markup and noise cleaned, cut at MAX_ALT_CHARS on a word."""
+    return cap_words(clean_text(alt, max_alt_chars * 4), max_alt_chars)
+
+
 def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
@@ -171,7 +176,7 @@ class FuseCaptions(Stage):
         out: list[dict[str, Any] | Reject | None] = [None] * batch.num_rows
         work = []
         for r in range(batch.num_rows):
-            alt = cap_words(clean_text(alts[r], self.config.max_alt_chars * 4), self.config.max_alt_chars)
+            alt = fusion_alt(alts[r], self.config.max_alt_chars)
             if sources[r] != CaptionSource.VLM or skip_reason(alt, captions[r]):
                 # nothing to fuse (or no VLM caption to fuse into): the caption stands
                 source = CaptionSource.ALT_SKIPPED.value if sources[r] == CaptionSource.VLM else sources[r]

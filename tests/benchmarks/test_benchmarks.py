@@ -50,3 +50,30 @@ def test_cloc_synthetic_small(tmp_path, tiny_dir):
 def test_gpu_models_tiny_on_the_cpu(tmp_path, tiny_dir):
     out = run_benchmark("gpu_models.py", "--tiny", "--json", str(tmp_path / "gpu.json"))
     assert json.loads((tmp_path / "gpu.json").read_text()) and out.strip()
+
+
+def test_real_size_runs_the_paper_job_with_the_tiny_models(tmp_path, tiny_dir):
+    """The real-size benchmark's script, end to end on the tiny models: the paper preset's job, every
+    stage's figures, the JSON keys its results are read by."""
+    out = run_benchmark("real_size.py", "--tiny", "--images", "2", "--json", str(tmp_path / "real.json"),
+                        "--models", str(tiny_dir))
+    figures = json.loads((tmp_path / "real.json").read_text())
+    assert (figures["rows"], figures["rejects"]) == (2, 0) and "rows 2, rejects 0" in out
+    for stage in ("caption", "fuse", "detect"):
+        assert figures["models"][stage]["parameters"] > 0
+        assert figures["stages"][stage]["peak_rss_mb"] > 0
+    assert figures["stages"]["caption"]["s_per_image"] > 0
+    assert figures["stages"]["caption"]["visual_tokens_per_image"] >= 1  # the tiny SmolVLM: 1 token per tile
+
+
+def test_real_size_tokenizers_have_the_checkpoints_vocabularies():
+    """The real-size tokenizers have the checkpoints' vocabulary sizes and special-token ids (checked without
+    building the multi-GB models)."""
+    from vesl.fixtures.real_size import QWEN_BASE_VOCAB, QWEN_SPECIALS, SMOLVLM_BASE_SPECIALS, padded_bpe
+
+    smol = padded_bpe(49152, SMOLVLM_BASE_SPECIALS)
+    assert smol.get_vocab_size() == 49152 and smol.token_to_id("<|im_start|>") == 1
+    qwen = padded_bpe(QWEN_BASE_VOCAB, [])
+    qwen.add_special_tokens(QWEN_SPECIALS)
+    assert (qwen.token_to_id("<|endoftext|>"), qwen.token_to_id("<|im_end|>")) == (151643, 151645)
+    assert len(qwen.decode(list(range(150000, 150010))).split()) == 10  # every filler id decodes to a word
