@@ -8,11 +8,10 @@ do not depend on the weights' values).
 
 The job is the real one (Ray, the actor pools, the preset) with local model paths. Reported per stage:
 seconds per image (the stage's own time, from the run's manifest), the peak RSS of its worker processes
-(sampled every 0.2 s), and for the model stages their parameter count; for the captioner the visual
-tokens per image and for the captioner and the fuser the prompt tokens per row (the stage's processor
-and tokenizer applied again to the inputs the stage built). Generated tokens are not counted yet: the
-text a random-weight model writes does not re-tokenize to the ids it generated. Exits non-zero when the
-job fails, any row is rejected, or a stage handled fewer rows than it should.
+(sampled every 0.2 s), and for the model stages their parameter count and their token counts per row
+(the prompt, its visual tokens, the generated tokens: what the stages count and the job sums into the
+run manifest's stage `metrics`). Exits non-zero when the job fails, any row is rejected, or a stage
+handled fewer rows than it should.
 """
 
 from __future__ import annotations
@@ -100,40 +99,18 @@ def parameters(path: Path) -> int:
     return total
 
 
-def token_counts(out: Path, models: dict[str, Path], config) -> dict[str, dict[str, float]]:
-    """Visual, prompt and generated tokens per row of the caption and fuse stages, by applying each stage's
-    processor or tokenizer to the rows it handled (its inputs as the stage built them, its outputs)."""
+def tokens_per_row(out: Path, run: dict) -> dict[str, dict[str, float]]:
+    """Per model stage, its token counts (summed by the job into the manifest's stage `metrics`) per row it
+    generated for: every captioned row, and for the fuser the rows it fused."""
     import pandas as pd
-    from PIL import Image
-    from transformers import AutoProcessor, AutoTokenizer
 
-    from operators.fuse import fusion_alt, fusion_messages
-
-    rows = pd.read_parquet(out / "data")
-    found: dict[str, dict[str, float]] = {}
-    processor = AutoProcessor.from_pretrained(str(models["caption"]), **config.caption.processor_kwargs)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": config.caption.prompt}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
-    visual, prompts = [], []
-    for path in rows["image_uri"]:
-        enc = processor(text=[prompt], images=[Image.open(path).convert("RGB")], return_tensors="np")
-        visual.append(int((enc["input_ids"][0] == image_token).sum()))
-        prompts.append(int(enc["input_ids"].shape[1]))
-    found["caption"] = {"visual_tokens_per_image": _mean(visual), "prompt_tokens_per_row": _mean(prompts)}
-    fused = rows[rows["caption_source"] == "fused"]
-    if len(fused) and "fuse" in models:
-        tokenizer = AutoTokenizer.from_pretrained(str(models["fuse"]))
-        texts = [tokenizer.apply_chat_template(fusion_messages(c, fusion_alt(a, config.fuse.max_alt_chars)),
-                                               add_generation_prompt=True, tokenize=False)
-                 for c, a in zip(fused["vlm_caption"], fused["alt_text"])]
-        prompts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        found["fuse"] = {"rows_fused": len(fused), "prompt_tokens_per_row": _mean(prompts)}
+    fused = int((pd.read_parquet(out / "data", columns=["caption_source"])["caption_source"] == "fused").sum())
+    found = {}
+    for stage, rows in (("caption", (run["stages"].get("caption") or {}).get("rows") or 0), ("fuse", fused)):
+        metrics = (run["stages"].get(stage) or {}).get("metrics") or {}
+        found[stage] = {f"{name}_per_row": round(total / rows, 1) for name, total in metrics.items() if rows}
+        found[stage]["rows_generated_for"] = rows
     return found
-
-
-def _mean(values: list[int]) -> float | None:
-    return round(sum(values) / len(values), 1) if values else None
 
 
 def main() -> int:
@@ -165,13 +142,13 @@ def main() -> int:
     overrides += [f"{stage}.device={args.device}" for stage in MODEL_STAGES]
     if args.tiny:  # the tiny SmolVLM's processor tiles at 32 px: the preset's 768 px would make 576 tiles
         overrides.append("caption.processor_kwargs.size.longest_edge=64")
-    config = load_config(None, "paper", overrides)
+    load_config(None, "paper", overrides)  # a bad override is refused here, before the job starts
     with tempfile.TemporaryDirectory(prefix="vesl-real-size-") as tmp:
         work = Path(tmp)
         manifest = sample_manifest(work, args.images)
         flags = ["--preset", "paper"] + [x for o in overrides for x in ("--set", o)]
         run, peak, wall = run_annotate(manifest, work / "out", flags)
-        tokens = token_counts(work / "out", models, config)
+        tokens = tokens_per_row(work / "out", run)
     results = figures(args, run, peak, wall, build_s, models, tokens)
     print(table(results))
     if args.json:
@@ -208,13 +185,13 @@ def table(r: dict) -> str:
              f"({r['machine']}, torch {r['torch']})",
              f"rows {r['rows']}, rejects {r['rejects']}; job {r['wall_s']} s; model build {r['build_s']} s", "",
              f"{'stage':8} {'parameters':>12} {'s/image':>8} {'peak RSS MB':>12} {'visual tok':>10} "
-             f"{'prompt tok':>10}"]
+             f"{'prompt tok':>10} {'gen tok':>8}"]
     for stage, s in r["stages"].items():
         params = r["models"].get(stage, {}).get("parameters")
         cells = [f"{params / 1e6:,.0f}M" if params else "", s["s_per_image"], s["peak_rss_mb"],
-                 s.get("visual_tokens_per_image"), s.get("prompt_tokens_per_row")]
+                 s.get("visual_tokens_per_row"), s.get("prompt_tokens_per_row"), s.get("generated_tokens_per_row")]
         lines.append(f"{stage:8} {cells[0]:>12} " + " ".join(f"{'' if c is None else c:>{w}}" for c, w in
-                                                            zip(cells[1:], (8, 12, 10, 10))))
+                                                            zip(cells[1:], (8, 12, 10, 10, 8))))
     return "\n".join(lines)
 
 

@@ -9,8 +9,9 @@ of columns), rows an earlier stage rejected skipped, the rows cut into chunks of
 per-row fault isolation (a chunk that raises is retried row by row, so one bad row costs one reject),
 typed columns out, reject marking, dropping the columns no later stage reads, and timing: each handled
 row carries the stage's seconds per row in a `SECONDS_PREFIX<name>` column, which the writer sums per
-work unit (rows in, seconds) into the completion records and the run manifest. A stage never raises
-on a bad row.
+work unit (rows in, seconds) into the completion records and the run manifest, and so are the counts
+a stage declares in `metrics` (a model stage's prompt and generated tokens per row). A stage never
+raises on a bad row.
 
 pyarrow is imported where a batch is handled, not at import time, so the model methods of a stage
 (`detect`, `caption_images`) can be driven on a machine with only torch and transformers.
@@ -38,6 +39,8 @@ if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import
 
 log = logging.getLogger("vesl.stage")
 SECONDS_PREFIX = "__vesl_seconds__"  # + stage name: that stage's seconds per row it handled (null: not handled)
+METRIC_PREFIX = "__vesl_metric__"  # + "stage.metric": a stage's count for a row (tokens), summed like seconds
+METRICS = "__metrics__"  # key of a row result holding its counts: {metric: number}, metric in `Stage.metrics`
 
 class StageConfig(Settings):
     """Base of a stage's config section (`[stage name]` in the annotate config)."""
@@ -107,6 +110,8 @@ class Stage:
     error_reason: ClassVar[RejectReason] = RejectReason.MODEL_ERROR  # a row `process` raised on
     resources: ClassVar[Resources] = Resources()
     speed_settings: ClassVar[tuple[str, ...]] = ("batch_size", "device")  # config keys left out of the label hash
+    # counts a row result may carry under METRICS (e.g. prompt_tokens); summed per unit and run like seconds
+    metrics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: StageConfig | None = None, *, storage_options: Mapping[str, Any] | None = None,
                  drop: Sequence[str] = ()) -> None:
@@ -163,6 +168,7 @@ class Stage:
         table = as_table(batch)
         view = self.view(table)
         values: dict[str, list[Any]] = {c: [None] * table.num_rows for c in self.writes}
+        counts: dict[str, list[Any]] = {m: [None] * table.num_rows for m in self.metrics}
         rejects: dict[int, tuple[str, str]] = {}
         rows = pending_rows(table)
         size = self.chunk_rows() or max(1, len(rows))
@@ -176,8 +182,12 @@ class Stage:
                 else:
                     for column in self.writes:
                         values[column][r] = result[column]
+                    for metric, n in (result.get(METRICS) or {}).items():
+                        counts[metric][r] = n
         for column in self.writes:
             table = put_column(table, column, values[column], self.type_of(column))
+        for metric in self.metrics:  # every batch carries them, so Ray Data's blocks share one schema
+            table = put_column(table, f"{METRIC_PREFIX}{self.name}.{metric}", counts[metric], pa.float64())
         table = table.drop_columns([c for c in self.drop if c in table.column_names])
         table = mark_rejects(table, self.name, rejects)
         seconds = time.perf_counter() - started
@@ -197,10 +207,12 @@ class Stage:
         if len(results) != len(chunk):
             raise RuntimeError(f"stage {self.name} returned {len(results)} results for {len(chunk)} rows")
         for result in results:
+            if not isinstance(result, Reject) and not set(result.get(METRICS) or {}) <= set(self.metrics):
+                raise ValueError(f"stage {self.name} counted {sorted(result[METRICS])}; it declares {self.metrics}")
             if isinstance(result, Reject) and result.reason not in self.reasons:
                 raise ValueError(f"stage {self.name} rejected a row as {result.reason!r}, which it does not "
                                  f"declare in `reasons` {[str(x) for x in self.reasons]}")
-            if not isinstance(result, Reject) and set(result) != set(self.writes):
+            if not isinstance(result, Reject) and set(result) - {METRICS} != set(self.writes):
                 raise ValueError(f"stage {self.name} wrote {sorted(result)}; it declares {sorted(self.writes)}")
         return dict(zip(chunk, results))
 
@@ -290,6 +302,28 @@ def run_isolating_rows(
         except Exception as row_error:  # noqa: BLE001
             rejects[row] = (str(reason), describe_error(row_error))
     return results, rejects
+
+
+def token_counts(model: Any, inputs: Mapping[str, Any], generated: Any) -> list[dict[str, int]]:
+    """Per row of a batched generate call: `prompt_tokens` (its attention mask: the visual tokens of a
+    VLM included, the left padding not), `visual_tokens` (the prompt's image tokens, for a model with an
+    image token id) and `generated_tokens` (the new tokens GENERATED holds up to and with the first
+    end-of-sequence token; the rest is padding)."""
+    config = getattr(model, "generation_config", None)
+    eos = getattr(config, "eos_token_id", None)
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    image_token = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", None)
+    mask, ids = inputs.get("attention_mask"), inputs.get("input_ids")
+    out = []
+    for r, row in enumerate(generated.tolist()):
+        end = next((k + 1 for k, t in enumerate(row) if t in eos), len(row))
+        counts = {"generated_tokens": end}
+        if mask is not None:
+            counts["prompt_tokens"] = int(mask[r].sum())
+        if ids is not None and image_token is not None:
+            counts["visual_tokens"] = int((ids[r] == image_token).sum())
+        out.append(counts)
+    return out
 
 
 def image_from_row(table: pa.Table, row: int) -> np.ndarray:

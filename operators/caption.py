@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from PIL import Image
 from pydantic import Field
 
-from operators.base import ModelStageConfig, Reject, Resources, Stage, image_from_row
+from operators.base import METRICS, ModelStageConfig, Reject, Resources, Stage, image_from_row, token_counts
 from schemas.region_text import CaptionSource
 from schemas.rejects import RejectReason as R
 from vesl.core.text import clean_text, normalize_text
@@ -69,6 +69,7 @@ class CaptionImages(Stage):
     writes = ("caption", "vlm_caption", "caption_source")
     reasons = (R.EMPTY_CAPTION, R.MODEL_ERROR)
     resources = Resources(gpu=True)
+    metrics = ("prompt_tokens", "visual_tokens", "generated_tokens")
 
     def __init__(self, config: CaptionConfig | None = None, **kwargs: Any) -> None:
         import torch
@@ -93,6 +94,12 @@ class CaptionImages(Stage):
 
     def caption_images(self, images: list[Image.Image]) -> list[str]:
         """Captions for IMAGES, in order (one batched generate call)."""
+        return self.generate_captions(images)[0]
+
+    def generate_captions(self, images: list[Image.Image]) -> tuple[list[str], list[dict[str, int]]]:
+        """(captions for IMAGES, in order, and each one's token counts: `prompt_tokens` (the visual tokens
+        included), `visual_tokens` (where the model puts image tokens in the prompt), `generated_tokens`),
+        from one batched generate call."""
         texts = self._prompt_texts(len(images))
         # channels_last said explicitly: a 3-pixel-high image would otherwise be read as channels-first
         kwargs: dict[str, Any] = {"images": images, "return_tensors": "pt", "input_data_format": "channels_last"}
@@ -112,7 +119,8 @@ class CaptionImages(Stage):
             out = out[:, prompt_ids.shape[1]:]  # decoder-only models echo the prompt
         decoded = self.processor.batch_decode(out, skip_special_tokens=True)
         prompt = self.config.prompt if self.config.prompt_style == "prefix" else ""
-        return [clean_caption(t, prompt, self.config.max_caption_chars) for t in decoded]
+        counts = token_counts(self.model, inputs, out)
+        return [clean_caption(t, prompt, self.config.max_caption_chars) for t in decoded], counts
 
     @classmethod
     def describe_models(cls, config: CaptionConfig) -> dict[str, Any]:
@@ -130,7 +138,8 @@ class CaptionImages(Stage):
             return [{"caption": text, "vlm_caption": None, "caption_source": CaptionSource.ALT_TEXT.value}
                     if text else Reject(R.EMPTY_CAPTION, "no alt-text to stand as the caption (caption.mode=alt_text)")
                     for text in texts]
-        captions = self.caption_images([Image.fromarray(image_from_row(batch, r)) for r in range(batch.num_rows)])
-        return [{"caption": text, "vlm_caption": text, "caption_source": CaptionSource.VLM.value}
+        captions, counts = self.generate_captions([Image.fromarray(image_from_row(batch, r))
+                                                   for r in range(batch.num_rows)])
+        return [{"caption": text, "vlm_caption": text, "caption_source": CaptionSource.VLM.value, METRICS: count}
                 if text and text.strip() else Reject(R.EMPTY_CAPTION, "the captioner produced no text for this image")
-                for text in captions]
+                for text, count in zip(captions, counts)]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from operators.base import ModelStageConfig, Reject, Resources, Stage
+from operators.base import METRICS, ModelStageConfig, Reject, Resources, Stage, token_counts
 from schemas.region_text import CaptionSource
 from schemas.rejects import RejectReason as R
 from vesl.core.text import clean_text
@@ -132,6 +132,7 @@ class FuseCaptions(Stage):
     writes = ("caption", "caption_source")
     reasons = (R.EMPTY_FUSION, R.MODEL_ERROR)
     resources = Resources(gpu=True)
+    metrics = ("prompt_tokens", "generated_tokens")  # rows fused; a row whose caption stands counts none
 
     def __init__(self, config: FuseConfig | None = None, **kwargs: Any) -> None:
         import torch
@@ -159,6 +160,10 @@ class FuseCaptions(Stage):
 
     def fuse(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
         """Fused captions for (caption, cleaned and capped alt-text) PAIRS: one batched generate call."""
+        return self.generate_fused(pairs)[0]
+
+    def generate_fused(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[str], list[dict[str, int]]]:
+        """(fused captions for PAIRS, each one's `prompt_tokens` and `generated_tokens`): one generate call."""
         enc = self.tokenizer(self.prompts(pairs), padding=True, return_tensors="pt", add_special_tokens=False)
         enc = enc.to(self.device)
         cfg = self.config
@@ -166,8 +171,9 @@ class FuseCaptions(Stage):
             out = self.model.generate(**enc, max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens,
                                       num_beams=cfg.num_beams, repetition_penalty=cfg.repetition_penalty,
                                       do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
-        answers = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        return [clean_fused(a, cfg.max_caption_chars) for a in answers]
+        new = out[:, enc["input_ids"].shape[1]:]
+        answers = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [clean_fused(a, cfg.max_caption_chars) for a in answers], token_counts(self.model, enc, new)
 
     def process(self, batch: pa.Table) -> list[dict[str, Any] | Reject]:
         captions = batch.column("caption").to_pylist()
@@ -184,8 +190,8 @@ class FuseCaptions(Stage):
             else:
                 work.append((r, alt))
         if work:
-            fused = self.fuse([(captions[r], alt) for r, alt in work])
-            for (r, _), text in zip(work, fused):
-                out[r] = ({"caption": text, "caption_source": CaptionSource.FUSED.value} if text
+            fused, counts = self.generate_fused([(captions[r], alt) for r, alt in work])
+            for (r, _), text, count in zip(work, fused, counts):
+                out[r] = ({"caption": text, "caption_source": CaptionSource.FUSED.value, METRICS: count} if text
                           else Reject(R.EMPTY_FUSION, "the fusion LLM produced no text for this row"))
         return out

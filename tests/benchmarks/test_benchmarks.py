@@ -63,7 +63,9 @@ def test_real_size_runs_the_paper_job_with_the_tiny_models(tmp_path, tiny_dir):
         assert figures["models"][stage]["parameters"] > 0
         assert figures["stages"][stage]["peak_rss_mb"] > 0
     assert figures["stages"]["caption"]["s_per_image"] > 0
-    assert figures["stages"]["caption"]["visual_tokens_per_image"] >= 1  # the tiny SmolVLM: 1 token per tile
+    caption = figures["stages"]["caption"]  # counted by the stages: the tiny SmolVLM has 1 visual token per tile
+    assert caption["visual_tokens_per_row"] >= 1 and caption["prompt_tokens_per_row"] > caption["visual_tokens_per_row"]
+    assert 0 < caption["generated_tokens_per_row"] <= 160  # the paper preset's caption.max_new_tokens
 
 
 def test_real_size_tokenizers_have_the_checkpoints_vocabularies():

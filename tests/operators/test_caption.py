@@ -35,22 +35,22 @@ def test_batched_and_single_generation_agree(captioner):
 
 def test_a_row_that_breaks_the_model_is_rejected_alone(captioner, monkeypatch):
     table = decoded(3)
-    original = captioner.caption_images
+    original = captioner.generate_captions
 
     def flaky(images):
         if any(im.width == 50 for im in images):  # the second photo is 50 px wide
             raise RuntimeError("CUDA error: device-side assert")
         return original(images)
 
-    monkeypatch.setattr(captioner, "caption_images", flaky)
+    monkeypatch.setattr(captioner, "generate_captions", flaky)
     out = captioner(table)
     assert out.column("reject_reason").to_pylist() == [None, "model_error", None]
     assert out.column("caption").to_pylist()[0]
 
 
 def test_an_empty_caption_is_a_reject(captioner, monkeypatch):
-    monkeypatch.setattr(captioner, "caption_images",
-                        lambda images: ["   " if i == 0 else "a cat" for i in range(len(images))])
+    monkeypatch.setattr(captioner, "generate_captions", lambda images: (
+        ["   " if i == 0 else "a cat" for i in range(len(images))], [{}] * len(images)))
     out = captioner(decoded(2))
     assert out.column("reject_reason").to_pylist() == ["empty_caption", None]
 
@@ -92,6 +92,19 @@ def test_a_second_vlm_family_smolvlm_with_its_tiling_processor(tiny_dir):
     assert all(c and "Assistant" not in c and "Describe this image" not in c and c.isprintable() for c in captions)
     assert out.column("vlm_caption").to_pylist() == captions
     assert out.column("caption_source").to_pylist() == ["vlm"] * 3
+    # each row's token counts, as metric columns: the visual tokens are the image tokens its processor put in the
+    # prompt (tiles + global view, 1 each here), the prompt holds them, generation stops at max_new_tokens at most
+    from PIL import Image
+
+    from operators.base import METRIC_PREFIX, image_from_row
+
+    counts = {m: out.column(f"{METRIC_PREFIX}caption.{m}").to_pylist() for m in vlm.metrics}
+    image_token = vlm.processor.tokenizer.convert_tokens_to_ids("<image>")
+    for r in range(3):
+        enc = vlm.processor(text=vlm._prompt_texts(1), images=[Image.fromarray(image_from_row(table, r))])
+        assert counts["visual_tokens"][r] == enc["input_ids"][0].count(image_token) >= 1
+    assert all(p > v for p, v in zip(counts["prompt_tokens"], counts["visual_tokens"]))
+    assert all(2 <= g <= 6 for g in counts["generated_tokens"])
 
 
 def test_alt_text_mode_loads_no_model_and_takes_the_alt_text():
@@ -105,3 +118,4 @@ def test_alt_text_mode_loads_no_model_and_takes_the_alt_text():
 
 def test_clean_caption_drops_control_characters():
     assert clean_caption("a\x15 dog\x00 \ufffdrunning", "", 100) == "a dog running"
+

@@ -9,7 +9,7 @@ import re
 import pyarrow as pa
 import pytest
 
-from operators.fuse import FuseCaptions, FuseConfig, cap_words, clean_fused, fusion_messages, skip_reason
+from operators.fuse import FuseCaptions, FuseConfig, cap_words, clean_fused, fusion_alt, fusion_messages, skip_reason
 from vesl.core.text import clean_text
 
 HOSTILE = ("<script>alert(1)</script><b>Max</b>, our golden retriever &amp; friend at Crissy Field\n"
@@ -78,6 +78,16 @@ def test_rows_with_nothing_to_fuse_make_no_llm_call(fuser):
     assert all(captions[i] and re.search(r"\w", captions[i]) for i in (0, 4))  # tiny weights: some words
     assert out.column("vlm_caption").to_pylist()[0] == "a dog on grass"
     assert out.column("reject_stage").to_pylist() == [None] * 6
+    # the fused rows count their prompt (the chat template around both texts) and generated tokens; the others none
+    from operators.base import METRIC_PREFIX
+
+    prompts = out.column(f"{METRIC_PREFIX}fuse.prompt_tokens").to_pylist()
+    generated = out.column(f"{METRIC_PREFIX}fuse.generated_tokens").to_pylist()
+    assert prompts[1:4] == [None] * 3 and generated[5] is None
+    expected = fuser.tokenizer(fuser.prompts([("a cup", fusion_alt(HOSTILE, fuser.config.max_alt_chars))]),
+                               add_special_tokens=False)
+    assert prompts[4] == len(expected["input_ids"][0]) and prompts[0] > 20
+    assert all(3 <= generated[i] <= 8 for i in (0, 4))
 
 
 def test_a_switched_off_fusion_is_left_out_of_the_job():

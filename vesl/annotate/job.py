@@ -276,7 +276,8 @@ def counts_of(ledger: Ledger, plan: Plan, config: AnnotateConfigBase) -> dict[st
 
 def stage_figures(ledger: Ledger, config: AnnotateConfigBase) -> dict[str, dict[str, Any]]:
     """Per active stage, in order, over every committed unit: rows in, rejects by reason, seconds (summed
-    over its workers: busy time, not wall time) and rows/s (one worker's rate)."""
+    over its workers: busy time, not wall time), rows/s (one worker's rate) and the sums of its counts
+    (`metrics`: a model stage's prompt and generated tokens)."""
     out = {}
     for stage in config.active_stages():
         figures = ledger.stages.get(stage.name, empty_stage_figures())
@@ -284,6 +285,8 @@ def stage_figures(ledger: Ledger, config: AnnotateConfigBase) -> dict[str, dict[
         out[stage.name] = {"rows": figures["rows"], "rejects": dict(sorted(figures["rejects"].items())),
                            "seconds": round(seconds, 6),
                            "rows_per_s": round(figures["rows"] / seconds, 2) if seconds > 0 else None}
+        if figures.get("metrics"):  # a model stage's token counts: sums, and per row it answered
+            out[stage.name]["metrics"] = dict(sorted(figures["metrics"].items()))
     return out
 
 

@@ -3,6 +3,7 @@ the driver a commit task per finished unit. Wiring only: the stages hold the mod
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -173,9 +174,10 @@ class UnitCommitter:
         state = self.in_flight.setdefault(unit, {"inputs": 0, "parts": [], "stages": {}})
         state["inputs"] += row["inputs"]
         state["parts"] += row["parts"]
-        for name, rows, seconds in zip(row["stage"], row["stage_rows"], row["stage_seconds"]):
+        for name, rows, seconds, metrics in zip(row["stage"], row["stage_rows"], row["stage_seconds"],
+                                                row["stage_metrics"]):
             add_stage_figures(state["stages"].setdefault(name, empty_stage_figures()),
-                              {"rows": rows, "seconds": seconds})
+                              {"rows": rows, "seconds": seconds, "metrics": json.loads(metrics)})
         if state["inputs"] >= self.expected[unit]:
             self.start(unit)  # more than planned: commit_unit refuses it
 

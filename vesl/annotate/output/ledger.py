@@ -111,12 +111,16 @@ def empty_stage_figures() -> dict[str, Any]:
 
 
 def add_stage_figures(total: dict[str, Any], figures: Mapping[str, Any]) -> dict[str, Any]:
-    """Add one stage's FIGURES (rows in, rejects by reason, seconds) to TOTAL, in place; returns TOTAL."""
+    """Add one stage's FIGURES (rows in, rejects by reason, seconds, and the sums of its counts when it
+    keeps any: `metrics`) to TOTAL, in place; returns TOTAL."""
     total["rows"] += int(figures.get("rows", 0))
     total["seconds"] = round(total["seconds"] + float(figures.get("seconds", 0.0)), 6)
     rejects = total["rejects"]
     for reason, n in (figures.get("rejects") or {}).items():
         rejects[reason] = rejects.get(reason, 0) + int(n)
+    for metric, n in (figures.get("metrics") or {}).items():
+        sums = total.setdefault("metrics", {})
+        sums[metric] = round(sums.get(metric, 0.0) + float(n), 6)
     return total
 
 

@@ -10,6 +10,7 @@ redoes it whole.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from operators.base import SECONDS_PREFIX
+from operators.base import METRIC_PREFIX, SECONDS_PREFIX
 from schemas.columns import REJECT_MESSAGE, REJECT_REASON, REJECT_STAGE
 from schemas.region_text import REJECT_SCHEMA, region_text_schema
 from vesl.annotate.output.ledger import add_stage_figures, empty_stage_figures
@@ -57,21 +58,27 @@ def split_rows_and_rejects(table: pa.Table, schema: pa.Schema) -> tuple[pa.Table
     return rows, rejects
 
 
-def stage_seconds(table: pa.Table) -> dict[str, dict[str, float]]:
-    """Per stage of a finished batch: the rows it handled and the seconds it spent on them (each stage
-    leaves its time per handled row in a `SECONDS_PREFIX<stage>` column; see operators.base)."""
-    out = {}
+def stage_seconds(table: pa.Table) -> dict[str, dict[str, Any]]:
+    """Per stage of a finished batch: the rows it handled, the seconds it spent on them and the sums of its
+    counts (each stage leaves its time per handled row in a `SECONDS_PREFIX<stage>` column, and each count
+    it declares in a `METRIC_PREFIX<stage>.<metric>` column; see operators.base)."""
+    out: dict[str, dict[str, Any]] = {}
     for name in table.column_names:
         if name.startswith(SECONDS_PREFIX):
             column = table.column(name)
-            out[name[len(SECONDS_PREFIX):]] = {"rows": len(column) - column.null_count,
-                                              "seconds": float(pc.sum(column).as_py() or 0.0)}
+            out.setdefault(name[len(SECONDS_PREFIX):], {}).update(
+                rows=len(column) - column.null_count, seconds=float(pc.sum(column).as_py() or 0.0))
+    for name in table.column_names:
+        if name.startswith(METRIC_PREFIX):
+            stage, _, metric = name[len(METRIC_PREFIX):].partition(".")
+            if stage in out:
+                out[stage].setdefault("metrics", {})[metric] = float(pc.sum(table.column(name)).as_py() or 0.0)
     return out
 
 
 STAGED_SCHEMA = pa.schema([("unit", pa.int64()), ("inputs", pa.int64()), ("parts", pa.list_(pa.string())),
                            ("stage", pa.list_(pa.string())), ("stage_rows", pa.list_(pa.int64())),
-                           ("stage_seconds", pa.list_(pa.float64()))])
+                           ("stage_seconds", pa.list_(pa.float64())), ("stage_metrics", pa.list_(pa.string()))])
 
 
 def stage_unit_parts(table: pa.Table, out: OutputDir, footer: Mapping[str, str]) -> pa.Table:
@@ -95,7 +102,8 @@ def stage_unit_parts(table: pa.Table, out: OutputDir, footer: Mapping[str, str])
         seconds = stage_seconds(part)
         out_rows.append({"unit": int(unit), "inputs": part.num_rows, "parts": parts, "stage": list(seconds),
                          "stage_rows": [s["rows"] for s in seconds.values()],
-                         "stage_seconds": [s["seconds"] for s in seconds.values()]})
+                         "stage_seconds": [s["seconds"] for s in seconds.values()],
+                         "stage_metrics": [json.dumps(s.get("metrics") or {}) for s in seconds.values()]})
     return pa.Table.from_pylist(out_rows, schema=STAGED_SCHEMA)
 
 

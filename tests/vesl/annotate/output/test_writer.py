@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from operators.base import SECONDS_PREFIX
+from operators.base import METRIC_PREFIX, SECONDS_PREFIX
 from schemas.columns import INPUT_SCHEMA
 from schemas.region_text import REGION_TYPE
 from vesl.annotate.output.writer import MissingColumnError, commit_unit, stage_unit_parts
@@ -29,6 +29,7 @@ def finished_batch(drop: str | None = None) -> pa.Table:
                              None], pa.list_(REGION_TYPE)),
         "unit": pa.array([0, 0], pa.int64()),
         SECONDS_PREFIX + "decode": pa.array([0.25, 0.25]), SECONDS_PREFIX + "caption": pa.array([1.5, None]),
+        METRIC_PREFIX + "caption.generated_tokens": pa.array([12.0, None]),
     })
     assert set(INPUT_SCHEMA.names) <= set(table.column_names)
     return table.drop_columns([drop]) if drop else table
@@ -38,13 +39,16 @@ def test_a_finished_batch_commits_as_one_row_and_one_reject_with_the_stages_figu
     out = OutputDir(str(tmp_path))
     staged = stage_unit_parts(finished_batch(), out, FOOTER).to_pylist()
     assert [(s["unit"], s["inputs"], len(s["parts"])) for s in staged] == [(0, 2, 2)]
-    assert dict(zip(staged[0]["stage"], zip(staged[0]["stage_rows"], staged[0]["stage_seconds"]))) == {
-        "decode": (2, 0.5), "caption": (1, 1.5)}
-    figures = {"decode": {"rows": 2, "seconds": 0.5}, "caption": {"rows": 1, "seconds": 1.5}}
+    assert dict(zip(staged[0]["stage"], zip(staged[0]["stage_rows"], staged[0]["stage_seconds"],
+                                            staged[0]["stage_metrics"]))) == {
+        "decode": (2, 0.5, "{}"), "caption": (1, 1.5, '{"generated_tokens": 12.0}')}
+    figures = {"decode": {"rows": 2, "seconds": 0.5}, "caption": {"rows": 1, "seconds": 1.5,
+                                                                "metrics": {"generated_tokens": 12.0}}}
     record = commit_unit(out, 0, 2, staged[0]["parts"], FOOTER, "zstd", stages=figures)
     assert (record["rows"], record["rejects"], record["regions"]) == (1, 1, 1)
     assert record["stages"] == {"decode": {"rows": 2, "seconds": 0.5, "rejects": {"not_found": 1}},
-                                "caption": {"rows": 1, "seconds": 1.5, "rejects": {}}}
+                                "caption": {"rows": 1, "seconds": 1.5, "rejects": {},
+                                            "metrics": {"generated_tokens": 12.0}}}
     assert json.loads((tmp_path / "_vesl" / "units" / "000000000.json").read_text()) == record
     assert pq.read_table(tmp_path / "data" / "part-000000000.parquet").column("caption").to_pylist() == [
         "a cat on a mat"]
