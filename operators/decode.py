@@ -18,7 +18,15 @@ from pydantic import Field
 from operators.base import Reject, Resources, Stage, StageConfig
 from schemas.columns import LOCATION_COLUMNS
 from schemas.rejects import RejectReason as R
-from vesl.core.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, DecodeError, ImageRef, decode_image, read_image
+from vesl.core.images import (
+    DEFAULT_FETCH_TIMEOUT_S,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DecodeError,
+    ImageRef,
+    decode_image,
+    read_image,
+)
 
 
 class DecodeConfig(StageConfig):
@@ -29,7 +37,7 @@ class DecodeConfig(StageConfig):
     )
     max_bytes: int = Field(default=DEFAULT_MAX_BYTES, ge=1, description="Refuse encoded files larger than this.")
     fetch_timeout_s: float = Field(
-        default=60.0, gt=0,
+        default=DEFAULT_FETCH_TIMEOUT_S, gt=0,
         description="Give up on one http(s):// or s3:// fetch after this long, the whole fetch and each request "
         "(a 'fetch_failed' reject); the storage options' own request timeouts win where they are set.",
     )

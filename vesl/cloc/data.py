@@ -22,7 +22,6 @@ from pydantic import Field
 
 from schemas.region_text import conform_table
 from vesl.core.settings import Settings
-from vesl.core.text import describe_error
 
 log = logging.getLogger("vesl.cloc.data")
 # Columns the trainer reads: the image is its bytes, else its location, else its original URI (read_image).
@@ -71,7 +70,7 @@ def probe_images(uris: list[str], config: DataConfig, storage_options: Mapping[s
     """Read up to config.probe_images images spread over the shards URIS (the first rows of evenly spaced
     files) before training starts; raises UnreadableImagesError when more than max_unreadable_share fail.
     Returns {"probed": n, "failed": k}."""
-    from vesl.core.images import ImageRef, read_image
+    from vesl.core.images import failure_text
 
     want = config.probe_images
     if not want or not uris:
@@ -84,11 +83,9 @@ def probe_images(uris: list[str], config: DataConfig, storage_options: Mapping[s
             for row in table.to_pylist():
                 probed += 1
                 try:
-                    read_image(ImageRef.of(row), storage_options, config.max_image_bytes, config.fetch_timeout_s,
-                               config.relocate)
+                    read_row_image(row, storage_options, config)
                 except Exception as e:  # noqa: BLE001 - counted; the line names the first ones
-                    failures.append(f"{row.get('image_id')}: {getattr(e, 'reason', type(e).__name__)}: "
-                                    f"{describe_error(e)}"[:300])
+                    failures.append(f"{row.get('image_id')}: {failure_text(e)}"[:300])
             break  # the first PER_FILE rows of each file
     if probed and len(failures) > config.max_unreadable_share * probed:
         raise UnreadableImagesError(unreadable_line(len(failures), probed, config.max_unreadable_share, failures,
@@ -120,12 +117,19 @@ def load_image(row: Mapping[str, Any], size: int, storage_options: Mapping[str, 
     meaning (a crop would cut them, padding would move them). Read by `read_image`: the row's bytes,
     else its location (through `config.relocate`), else its original URI."""
 
-    from vesl.core.images import ImageRef, decode_image, read_image
+    from vesl.core.images import decode_image
 
-    data = read_image(ImageRef.of(row), storage_options, config.max_image_bytes, config.fetch_timeout_s,
-                      config.relocate)
-    image, _, _ = decode_image(data, max_side=WORKING_MAX_SIDE)
+    image, _, _ = decode_image(read_row_image(row, storage_options, config), max_side=WORKING_MAX_SIDE)
     return square_pixels(image, size)
+
+
+def read_row_image(row: Mapping[str, Any], storage_options: Mapping[str, Any] | None, config: DataConfig) -> bytes:
+    """A shard row's encoded image, read with the trainer's limits and `config.relocate` (a DecodeError says
+    which place failed and why)."""
+    from vesl.core.images import ImageRef, read_image
+
+    return read_image(ImageRef.of(row), storage_options, config.max_image_bytes, config.fetch_timeout_s,
+                      config.relocate)
 
 
 WORKING_MAX_SIDE = 1024  # the longer side an image is first scaled down to, as decode does
@@ -144,6 +148,8 @@ def prepare_batch(batch: pa.Table | Mapping[str, Any], *, tokenizer: str, revisi
     """Shard rows -> fixed-shape arrays (see the module doc). Bad rows are kept, flagged `ok = False`.
     REGION_TEXTS False leaves out `region_phrases` (a 2-D array of strings, for evaluation only, which
     Ray Data could only pickle)."""
+    from vesl.core.images import failure_text
+
     table = batch if isinstance(batch, pa.Table) else pa.table(dict(batch))
     rows = table.to_pylist()
     tok = load_tokenizer(tokenizer, revision)
@@ -160,7 +166,7 @@ def prepare_batch(batch: pa.Table | Mapping[str, Any], *, tokenizer: str, revisi
             pixels[i] = load_image(row, image_size, storage_options, config)
         except Exception as e:  # noqa: BLE001 - one bad image must not stop training; counted by the trainer
             ok[i] = False
-            reasons[i] = f"{getattr(e, 'reason', type(e).__name__)}: {describe_error(e)}"[:300]
+            reasons[i] = failure_text(e)[:300]
             continue
         regions = sorted(row.get("regions") or [], key=lambda g: -float(g["score"]))[:r]
         for j, region in enumerate(regions):

@@ -37,7 +37,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-
 def main(argv: list[str] | None = None) -> int:
     from vesl.cloc.data import UnreadableImagesError
     from vesl.cloc.train import TrainConflictError, run_training

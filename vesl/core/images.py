@@ -24,6 +24,7 @@ from vesl.core.text import describe_error
 
 DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_FETCH_TIMEOUT_S = 60.0
 
 
 class DecodeError(Exception):
@@ -32,6 +33,12 @@ class DecodeError(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+def failure_text(error: BaseException) -> str:
+    """Why an image could not be read or decoded, as one line: its reject reason (a DecodeError's, else the
+    exception's type), then the message."""
+    return f"{getattr(error, 'reason', type(error).__name__)}: {describe_error(error)}"
 
 
 def with_timeout(uri: str, options: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:

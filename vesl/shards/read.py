@@ -163,18 +163,17 @@ def load_images(table: pa.Table, options, relocate: Mapping[str, str] | None, wh
     """TABLE with `image_bytes` filled by `read_image` for every row and an `image_error` column."""
     import warnings
 
-    from vesl.core.images import DEFAULT_MAX_BYTES, ImageRef, read_image
-    from vesl.core.text import describe_error
+    from schemas.columns import LOCATION_COLUMNS
+    from vesl.core.images import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_MAX_BYTES, ImageRef, failure_text, read_image
 
     data, errors = [], []
-    columns = ["image_bytes", "image_location", "image_offset", "image_length", "image_uri"]
-    for row in table.select(columns).to_pylist():
+    for row in table.select(["image_bytes", *LOCATION_COLUMNS, "image_uri"]).to_pylist():
         try:
-            data.append(read_image(ImageRef.of(row), options, DEFAULT_MAX_BYTES, 60.0, relocate))
+            data.append(read_image(ImageRef.of(row), options, DEFAULT_MAX_BYTES, DEFAULT_FETCH_TIMEOUT_S, relocate))
             errors.append(None)
         except Exception as e:  # noqa: BLE001 - one unreadable image is that row's image_error
             data.append(None)
-            errors.append(f"{getattr(e, 'reason', type(e).__name__)}: {describe_error(e)}"[:500])
+            errors.append(failure_text(e)[:500])
     table = table.set_column(table.schema.get_field_index("image_bytes"), "image_bytes",
                              pa.array(data, pa.large_binary()))
     failed = [e for e in errors if e]
