@@ -47,9 +47,53 @@ def test_cloc_synthetic_small(tmp_path, tiny_dir):
     assert all(0.0 <= r["eval"]["mAcc"] <= 1.0 for r in results)
 
 
-def test_gpu_models_tiny_on_the_cpu(tmp_path, tiny_dir):
-    out = run_benchmark("gpu_models.py", "--tiny", "--json", str(tmp_path / "gpu.json"))
-    assert json.loads((tmp_path / "gpu.json").read_text()) and out.strip()
+# what the GPU machine lacks: gpu_check must run without it (a sitecustomize on PYTHONPATH refuses the import)
+_NOT_ON_THE_GPU_MACHINE = """
+import sys
+
+
+class _NotThere:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "spacy", "s3fs"):
+            raise ImportError(f"{name} is not on the GPU machine")
+        return None
+
+
+sys.meta_path.insert(0, _NotThere())
+"""
+
+
+def test_gpu_check_runs_end_to_end_on_the_cpu_without_ray(tmp_path, tiny_dir):
+    """benchmarks/gpu_check.sh with --tiny: the script the GPU machine runs, through its shell wrapper, with Ray,
+    spaCy and s3fs made unimportable; every stage's sweep, naive loop and extra, and every preset's plan."""
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(_NOT_ON_THE_GPU_MACHINE)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHON": sys.executable, "PYTHONPATH": str(block),
+           "OUT": str(tmp_path), "VESL_GPU_WHEELS": str(tmp_path / "no-wheels")}
+    blocked = subprocess.run([sys.executable, "-c", "import ray"], env=env, capture_output=True, text=True)
+    assert "ray is not on the GPU machine" in blocked.stderr
+    done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--tiny", "--models", str(tiny_dir)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
+    [written] = tmp_path.glob("gpu_check-*.json")
+    r = json.loads(written.read_text())
+    assert r["errors"] == {} and r["models"] == "tiny" and r["matmul_peak_flops"] > 0
+    assert set(r["stages"]) == {"detect", "fuse", "caption", "caption_fast"}
+    for stage, s in r["stages"].items():
+        assert [p["items"] for p in s["sweep"].values()] == [4, 4], stage
+        assert all(p["img_s"] > 0 for p in s["sweep"].values()) and s["chosen_batch"] in (1, 2)
+        assert s["naive_img_s"] > 0 and s["speedup_vs_naive"] > 0 and s["parameters"] > 0
+    assert 0 < r["stages"]["detect"]["of_matmul_peak"] and r["stages"]["detect"]["flops_per_image"] > 0
+    batching = r["stages"]["fuse"]["batching"]
+    assert batching["prompts"] == 4 and batching["static"]["generated_tokens"] == 4 * 6  # forced full length
+    assert batching["continuous"]["generated_tokens"] > 0 and batching["continuous_over_static"] > 0
+    assert r["stages"]["caption"]["visual_tokens_per_image"] >= 1
+    assert set(r["plans"]) == {"paper", "fast", "alt-ngram"}
+    paper = r["plans"]["paper"]
+    assert sum(paper["whole_gpus"].values()) == 8 and abs(sum(paper["fractional"].values()) - 8) < 1e-6
+    assert paper["gpu_hours_per_million"] > r["plans"]["alt-ngram"]["gpu_hours_per_million"] > 0
+    assert "one 8-GPU node" in done.stdout and "naive HF loop" in done.stdout
 
 
 def test_real_size_runs_the_paper_job_with_the_tiny_models(tmp_path, tiny_dir):
@@ -78,4 +122,18 @@ def test_real_size_tokenizers_have_the_checkpoints_vocabularies():
     qwen = padded_bpe(QWEN_BASE_VOCAB, [])
     qwen.add_special_tokens(QWEN_SPECIALS)
     assert (qwen.token_to_id("<|endoftext|>"), qwen.token_to_id("<|im_end|>")) == (151643, 151645)
+
+
+def test_real_size_tokenizers_cost_english_prompts_about_what_real_ones_do():
+    """English costs ~1.2-1.5 tokens a word with the real checkpoints' tokenizers; the real-size ones must not
+    split the stages' prompts and the sample's alt-texts into many more pieces (the fuse prompt was 3x too
+    long when they did), or the benchmarks time prompts the real models never see."""
+    from operators.fuse import SYSTEM_PROMPT
+    from vesl.fixtures.real_size import QWEN_BASE_VOCAB, padded_bpe
+
+    qwen = padded_bpe(QWEN_BASE_VOCAB, [])
+    sample = (REPO / "vesl" / "fixtures" / "sample" / "manifest.jsonl").read_text().splitlines()
+    alts = " ".join(json.loads(line)["alt_text"] for line in sample)
+    for text in (SYSTEM_PROMPT, "Describe this image in detail.", alts):
+        assert len(qwen.encode(text).ids) <= 1.5 * len(text.split()), text
     assert len(qwen.decode(list(range(150000, 150010))).split()) == 10  # every filler id decodes to a word
