@@ -26,13 +26,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from schemas.columns import COLUMNS, REJECT_COLUMNS, REJECT_MESSAGE, REJECT_REASON, REJECT_STAGE
 from schemas.rejects import RejectReason
 from vesl.core.models import describe_pretrained, load_pretrained, load_processor, resolve_device, resolve_dtype
 from vesl.core.settings import Settings
 from vesl.core.text import MAX_MESSAGE_CHARS, describe_error
+from vesl.errors import EndpointUnavailableError
 
 if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import time
     import pyarrow as pa
@@ -76,6 +77,85 @@ class ModelStageConfig(StageConfig):
     def describe(self) -> dict[str, str]:
         """What the footer's `vesl.models` records about the model (read from its config, no weights loaded)."""
         return describe_pretrained(self.model, self.revision, self.trust_remote_code)
+
+
+# the settings only the openai backend reads
+SERVED_ONLY = frozenset({"backend", "endpoint", "api_key_env", "max_concurrency", "timeout_s", "max_retries",
+                         "request_params", "image_max_side", "image_quality"})
+
+
+class GenerativeStageConfig(ModelStageConfig):
+    """A stage that generates text (caption, fuse): in process (`backend: local`, the model on the actor's
+    device) or on an inference server through its OpenAI-compatible chat API (`backend: openai`: vLLM,
+    SGLang, TGI, `transformers serve`, a hosted API; `model` is then the served model's name). The subclass
+    declares max_new_tokens, min_new_tokens, num_beams and repetition_penalty."""
+
+    backend: Literal["local", "openai"] = Field(
+        default="local", description="'local': the model runs in the stage's actors. 'openai': requests go to "
+        "`endpoint`'s /v1/chat/completions; the stage then needs no GPU.")
+    endpoint: str | list[str] | None = Field(
+        default=None, description="backend openai: the server's URL (http://host:8000 or .../v1), or a list of "
+        "replicas the requests are spread over.")
+    api_key_env: str | None = Field(
+        default=None, description="backend openai: the environment variable holding the API key (sent as a bearer "
+        "token). The key itself never goes in a config, the manifest, a footer or a log.")
+    max_concurrency: int = Field(default=16, ge=1, description="backend openai: requests in flight per actor.")
+    timeout_s: float = Field(default=120.0, gt=0, description="backend openai: one request's time limit.")
+    max_retries: int = Field(
+        default=8, ge=0, description="backend openai: retries of a request that failed transiently (no connection, "
+        "timeout, 429, 5xx), with backoff (1, 2, 4, ... 30 s, or the server's Retry-After). Past them the server is "
+        "down: the job stops (exit 8) and a re-run finishes it.")
+    request_params: dict[str, Any] = Field(
+        default_factory=dict, description="backend openai: extra fields of every request (a server's own sampling "
+        "parameters), e.g. {top_k: 1}.")
+    section: ClassVar[str] = "stage"  # the config section's name, in error messages
+
+    @model_validator(mode="after")
+    def _backend_settings(self):
+        self.check_backend(self.section)
+        return self
+
+    def endpoints(self) -> list[str]:
+        return [self.endpoint] if isinstance(self.endpoint, str) else list(self.endpoint or [])
+
+    def check_backend(self, section: str) -> None:
+        """Settings the openai backend cannot honour are refused when the config is read."""
+        from vesl.core.serving import normalise_endpoint
+
+        if self.backend != "openai":
+            return
+        if not self.endpoints():
+            raise ValueError(f"{section}.backend openai needs {section}.endpoint (a URL or a list of URLs)")
+        for url in self.endpoints():
+            normalise_endpoint(url)
+        if getattr(self, "num_beams", 1) != 1:
+            raise ValueError(f"{section}.backend openai decodes greedily: {section}.num_beams must be 1")
+
+    def sampling(self) -> dict[str, Any]:
+        """The request fields of this stage's decoding: max_tokens, greedy (temperature 0), and the
+        repetition penalty and minimum length where they differ from the API's defaults (vLLM and SGLang
+        take them; a server that does not is found by the preflight)."""
+        fields: dict[str, Any] = {"max_tokens": self.max_new_tokens, "temperature": 0.0}
+        if self.repetition_penalty != 1.0:
+            fields["repetition_penalty"] = self.repetition_penalty
+        if self.min_new_tokens:
+            fields["min_tokens"] = self.min_new_tokens
+        return {**fields, **self.request_params}
+
+    def client(self, label: str):
+        from vesl.core.serving import ChatClient
+
+        return ChatClient(self.endpoints(), self.model, api_key_env=self.api_key_env,
+                          max_concurrency=self.max_concurrency, timeout_s=self.timeout_s,
+                          max_retries=self.max_retries, label=label)
+
+    def label_exclude(self) -> tuple[str, ...]:
+        """Settings left out of the label hash: the openai backend's own while the backend is local (so a
+        local run's hash is what it was before there was a backend setting)."""
+        if self.backend == "openai":
+            return ()
+        return tuple(k for k in type(self).model_fields if k not in ModelStageConfig.model_fields
+                     and k in SERVED_ONLY)
 
 
 @dataclass(frozen=True)
@@ -286,11 +366,14 @@ def run_isolating_rows(
     """Run FN on all ROWS at once; if it raises, run it on each row alone.
 
     Returns (results by row, rejects by row as (REASON, message)): one bad row costs one reject, never
-    the batch."""
+    the batch. An inference server that stays down (`EndpointUnavailableError`) is no row's fault: it is
+    raised, never recorded as rejects, and stops the job."""
     if not rows:
         return {}, {}
     try:
         return fn(rows), {}
+    except EndpointUnavailableError:
+        raise
     except Exception as batch_error:  # noqa: BLE001 - any failure falls back to per-row
         if len(rows) == 1:
             return {}, {rows[0]: (str(reason), describe_error(batch_error))}
@@ -299,6 +382,8 @@ def run_isolating_rows(
     for row in rows:
         try:
             results.update(fn([row]))
+        except EndpointUnavailableError:
+            raise
         except Exception as row_error:  # noqa: BLE001
             rejects[row] = (str(reason), describe_error(row_error))
     return results, rejects

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from operators.base import METRICS, ModelStageConfig, Reject, Resources, Stage, image_from_row, token_counts
+from operators.base import METRICS, GenerativeStageConfig, Reject, Resources, Stage, image_from_row, token_counts
 from schemas.region_text import CaptionSource
 from schemas.rejects import RejectReason as R
 from vesl.core.text import clean_text, normalize_text
@@ -21,7 +22,8 @@ if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import
     import pyarrow as pa
 
 
-class CaptionConfig(ModelStageConfig):
+class CaptionConfig(GenerativeStageConfig):
+    section = "caption"
     mode: Literal["model", "alt_text"] = Field(
         default="model", description="'model': the captioner describes the image. 'alt_text': no model, the "
         "row's alt-text stands as its caption (the alt-ngram ablation; a row without alt-text is a reject).")
@@ -49,7 +51,33 @@ class CaptionConfig(ModelStageConfig):
     processor_kwargs: dict[str, Any] = Field(
         default_factory=lambda: {"size": {"longest_edge": 768}},
         description="Extra AutoProcessor.from_pretrained arguments. The default bounds SmolVLM's image splitting "
-        "to 2x2 tiles of 384 px + the global view (5 x 81 = 405 visual tokens); set {} for another processor.")
+        "to 2x2 tiles of 384 px + the global view (5 x 81 = 405 visual tokens); set {} for another processor. "
+        "backend openai: the server's processor decides (vLLM: --mm-processor-kwargs).")
+    image_max_side: int = Field(default=768, ge=16, description="backend openai: the image is sent as a JPEG data "
+                                "URL, shrunk to at most this many pixels on its longer side.")
+    image_quality: int = Field(default=95, ge=1, le=100, description="backend openai: the JPEG quality it is sent at.")
+
+    def check_backend(self, section: str) -> None:
+        super().check_backend(section)
+        if self.backend == "openai" and self.mode == "model" and self.prompt_style != "chat":
+            raise ValueError("caption.backend openai sends a chat request: caption.prompt_style must be chat "
+                             "(an instruction VLM)")
+
+
+PROBE_IMAGE = np.full((64, 64, 3), 128, dtype=np.uint8)  # the preflight's one request
+
+
+def jpeg_data_url(image: np.ndarray, max_side: int, quality: int) -> str:
+    """IMAGE (H, W, 3 uint8) as a data:image/jpeg;base64 URL, shrunk to at most MAX_SIDE on its longer side."""
+    import base64
+    import io
+
+    picture = Image.fromarray(image)
+    if max(picture.size) > max_side:
+        picture.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=quality)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def clean_caption(text: str, prompt: str, limit: int) -> str:
@@ -67,8 +95,9 @@ class CaptionImages(Stage):
     config_class = CaptionConfig
     reads = ("pixels", "pixel_width", "pixel_height", "alt_text")
     writes = ("caption", "vlm_caption", "caption_source")
-    reasons = (R.EMPTY_CAPTION, R.MODEL_ERROR)
+    reasons = (R.EMPTY_CAPTION, R.MODEL_ERROR, R.REQUEST_REFUSED)
     resources = Resources(gpu=True)
+    speed_settings = ("batch_size", "device", "max_concurrency", "timeout_s", "max_retries", "api_key_env")
     metrics = ("prompt_tokens", "visual_tokens", "generated_tokens")
 
     def __init__(self, config: CaptionConfig | None = None, **kwargs: Any) -> None:
@@ -78,6 +107,9 @@ class CaptionImages(Stage):
         super().__init__(config, **kwargs)
         if self.config.mode == "alt_text":
             return  # no model
+        if self.config.backend == "openai":
+            self.client = self.config.client("caption")
+            return  # the model runs on the server
         self.processor = self.config.load_processor(**self.config.processor_kwargs)
         self.model, self.device, self.dtype = self.config.load_model(AutoModelForImageTextToText)
         self._torch = torch
@@ -122,15 +154,45 @@ class CaptionImages(Stage):
         counts = token_counts(self.model, inputs, out)
         return [clean_caption(t, prompt, self.config.max_caption_chars) for t in decoded], counts
 
+    def request(self, image: np.ndarray) -> dict[str, Any]:
+        """The chat request of one image (backend openai): the same user turn as the local chat prompt, the
+        image as a JPEG data URL."""
+        return {"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": jpeg_data_url(image, self.config.image_max_side,
+                                                                      self.config.image_quality)}},
+            {"type": "text", "text": self.config.prompt}]}], **self.config.sampling()}
+
+    def serve_captions(self, images: list[np.ndarray]) -> list[dict[str, Any] | Reject]:
+        """Each image's caption from the inference server (concurrent requests), or its reject."""
+        out: list[dict[str, Any] | Reject] = []
+        for answer in self.client.complete([self.request(image) for image in images]):
+            text = clean_caption(answer.text or "", "", self.config.max_caption_chars)
+            if answer.error:
+                out.append(Reject(R.REQUEST_REFUSED, f"the inference server refused this image: {answer.error}"))
+            elif not text:
+                out.append(Reject(R.EMPTY_CAPTION, f"the captioner produced no text for this image ({answer.problem})"))
+            else:
+                counts = {"prompt_tokens": answer.usage.get("prompt_tokens"),
+                          "generated_tokens": answer.usage.get("completion_tokens")}
+                out.append({"caption": text, "vlm_caption": text, "caption_source": CaptionSource.VLM.value,
+                            METRICS: {k: v for k, v in counts.items() if v is not None}})
+        return out
+
+    def chunk_rows(self) -> int | None:
+        # backend openai: a whole block at once, `max_concurrency` requests in flight
+        return None if self.config.backend == "openai" else super().chunk_rows()
+
     @classmethod
     def describe_models(cls, config: CaptionConfig) -> dict[str, Any]:
         if config.mode == "alt_text":
             return {"captioner": {"id": None, "mode": "alt_text"}}
+        if config.backend == "openai":  # the preflight: the server answers this stage's request
+            return {"captioner": config.client("caption").check(CaptionImages(config).request(PROBE_IMAGE))}
         return {"captioner": config.describe()}
 
     @classmethod
     def wants_gpu(cls, config: CaptionConfig) -> bool:
-        return config.mode == "model" and super().wants_gpu(config)
+        return config.mode == "model" and config.backend == "local" and super().wants_gpu(config)
 
     def process(self, batch: pa.Table) -> list[dict[str, Any] | Reject]:
         if self.config.mode == "alt_text":
@@ -138,6 +200,8 @@ class CaptionImages(Stage):
             return [{"caption": text, "vlm_caption": None, "caption_source": CaptionSource.ALT_TEXT.value}
                     if text else Reject(R.EMPTY_CAPTION, "no alt-text to stand as the caption (caption.mode=alt_text)")
                     for text in texts]
+        if self.config.backend == "openai":
+            return self.serve_captions([image_from_row(batch, r) for r in range(batch.num_rows)])
         captions, counts = self.generate_captions([Image.fromarray(image_from_row(batch, r))
                                                    for r in range(batch.num_rows)])
         return [{"caption": text, "vlm_caption": text, "caption_source": CaptionSource.VLM.value, METRICS: count}

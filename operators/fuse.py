@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from operators.base import METRICS, ModelStageConfig, Reject, Resources, Stage, token_counts
+from operators.base import METRICS, GenerativeStageConfig, Reject, Resources, Stage, token_counts
 from schemas.region_text import CaptionSource
 from schemas.rejects import RejectReason as R
 from vesl.core.text import clean_text
@@ -51,7 +51,8 @@ _URL = re.compile(r"^(https?://|www\.)\S+$", re.IGNORECASE)
 _WORD = re.compile(r"[^\W\d_]+")
 
 
-class FuseConfig(ModelStageConfig):
+class FuseConfig(GenerativeStageConfig):
+    section = "fuse"
     enabled: bool = Field(default=True, description="Fuse the VLM caption with the alt-text (VeCap). False: the "
                           "VLM caption stands and no LLM is loaded.")
     model: str = Field(default="Qwen/Qwen2.5-1.5B-Instruct",
@@ -110,6 +111,11 @@ def fusion_messages(caption: str, alt: str) -> list[dict[str, str]]:
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
+def fusion_request(config: FuseConfig, caption: str, alt: str) -> dict[str, Any]:
+    """The chat request of one fusion (backend openai): the same turns as the local prompt."""
+    return {"messages": fusion_messages(caption, alt), **config.sampling()}
+
+
 _LEAD = re.compile(r"^\s*(caption|enriched caption|fused caption)\s*:\s*", re.IGNORECASE)
 
 
@@ -130,8 +136,9 @@ class FuseCaptions(Stage):
     config_class = FuseConfig
     reads = ("caption", "vlm_caption", "caption_source", "alt_text")
     writes = ("caption", "caption_source")
-    reasons = (R.EMPTY_FUSION, R.MODEL_ERROR)
+    reasons = (R.EMPTY_FUSION, R.MODEL_ERROR, R.REQUEST_REFUSED)
     resources = Resources(gpu=True)
+    speed_settings = ("batch_size", "device", "max_concurrency", "timeout_s", "max_retries", "api_key_env")
     metrics = ("prompt_tokens", "generated_tokens")  # rows fused; a row whose caption stands counts none
 
     def __init__(self, config: FuseConfig | None = None, **kwargs: Any) -> None:
@@ -140,6 +147,9 @@ class FuseCaptions(Stage):
 
         super().__init__(config, **kwargs)
         cfg = self.config
+        if cfg.backend == "openai":
+            self.client = cfg.client("fuse")
+            return  # the model runs on the server
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision,
                                                        trust_remote_code=cfg.trust_remote_code)
         if self.tokenizer.chat_template is None:
@@ -152,7 +162,33 @@ class FuseCaptions(Stage):
 
     @classmethod
     def describe_models(cls, config: FuseConfig) -> dict[str, Any]:
+        if config.backend == "openai":  # the preflight: the server answers this stage's request
+            return {"fuser": config.client("fuse").check(fusion_request(config, "a dog on grass", "Max at the park"))}
         return {"fuser": config.describe()}
+
+    @classmethod
+    def wants_gpu(cls, config: FuseConfig) -> bool:
+        return config.backend == "local" and super().wants_gpu(config)
+
+    def chunk_rows(self) -> int | None:
+        # backend openai: a whole block at once, `max_concurrency` requests in flight
+        return None if self.config.backend == "openai" else super().chunk_rows()
+
+    def serve_fused(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any] | Reject]:
+        """Each pair's fused caption from the inference server (concurrent requests), or its reject."""
+        out: list[dict[str, Any] | Reject] = []
+        for answer in self.client.complete([fusion_request(self.config, c, a) for c, a in pairs]):
+            text = clean_fused(answer.text or "", self.config.max_caption_chars)
+            if answer.error:
+                out.append(Reject(R.REQUEST_REFUSED, f"the inference server refused this row: {answer.error}"))
+            elif not text:
+                out.append(Reject(R.EMPTY_FUSION, f"the fusion LLM produced no text for this row ({answer.problem})"))
+            else:
+                counts = {"prompt_tokens": answer.usage.get("prompt_tokens"),
+                          "generated_tokens": answer.usage.get("completion_tokens")}
+                out.append({"caption": text, "caption_source": CaptionSource.FUSED.value,
+                            METRICS: {k: v for k, v in counts.items() if v is not None}})
+        return out
 
     def prompts(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
         return [self.tokenizer.apply_chat_template(fusion_messages(c, a), add_generation_prompt=True, tokenize=False)
@@ -189,7 +225,10 @@ class FuseCaptions(Stage):
                 out[r] = {"caption": captions[r], "caption_source": source}
             else:
                 work.append((r, alt))
-        if work:
+        if work and self.config.backend == "openai":
+            for (r, _), result in zip(work, self.serve_fused([(captions[r], alt) for r, alt in work])):
+                out[r] = result
+        elif work:
             fused, counts = self.generate_fused([(captions[r], alt) for r, alt in work])
             for (r, _), text, count in zip(work, fused, counts):
                 out[r] = ({"caption": text, "caption_source": CaptionSource.FUSED.value, METRICS: count} if text

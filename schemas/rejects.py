@@ -42,3 +42,5 @@ class RejectReason(StrEnum):
     PHRASE_ERROR = "phrase_error"  # spaCy raised on this row's texts
     # caption, fuse, detect
     MODEL_ERROR = "model_error"  # the model raised on this row (the batch is retried row by row)
+    # caption, fuse with backend openai
+    REQUEST_REFUSED = "request_refused"  # the inference server refused this row's request (a 4xx but 408/425/429)

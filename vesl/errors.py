@@ -13,6 +13,8 @@ Every failure a user can act on ends in one line, `vesl annotate: error: ...`, a
     6    the job itself failed (a stage crashed beyond its retries, no progress for ray.no_progress_timeout_s)
     7    the run lost OUTPUT's lease to another run (it was stopped or cut off longer than the lease's TTL,
          and another run took OUTPUT over): it stopped committing; what it committed before stays
+    8    an inference server (caption/fuse backend: openai) stayed unreachable or overloaded through every
+         retry: the run stopped, what it committed stays, and a re-run once the server is back finishes it
     130  interrupted (Ctrl-C); 143: terminated (SIGTERM). Nothing half-written is left in data/ or rejects/.
 """
 
@@ -25,6 +27,7 @@ from collections.abc import Iterator
 
 EXIT_OK, EXIT_ACCOUNTING, EXIT_USAGE, EXIT_DISK_FULL, EXIT_PERMISSION, EXIT_UNREACHABLE, EXIT_FAILED = range(7)
 EXIT_LEASE_LOST = 7
+EXIT_ENDPOINT_DOWN = 8
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
@@ -38,6 +41,16 @@ class CorruptStateError(OutputConflictError):
 
 class LeaseLostError(RuntimeError):
     """This run's lease on OUTPUT was taken over by another run: it must not commit anything more."""
+
+
+class EndpointUnavailableError(RuntimeError):
+    """An inference server stayed unreachable (or answered 429/5xx) through every retry of a request. Never a
+    row's fault: it is not turned into a reject, it stops the job (exit 8) and a re-run finishes it."""
+
+
+class EndpointCheckError(ValueError):
+    """An inference server refused the job before any work: unreachable, the model not served, the key or the
+    request's shape refused (exit 2)."""
 
 
 class UnreadableFileError(ValueError):
@@ -118,6 +131,10 @@ def classify(error: BaseException, usage_errors: tuple[type[BaseException], ...]
     if lost:  # whatever it broke on the way (a staged part the new holder cleared), this is why
         own = [e for e in lost if type(e) is LeaseLostError]  # not Ray's copy, whose text holds the task's traceback
         return EXIT_LEASE_LOST, one_line((own or lost)[0])
+    down = [e for e in causes(error) if isinstance(e, EndpointUnavailableError)]
+    if down:
+        own = [e for e in down if type(e) is EndpointUnavailableError]  # not Ray's copy with the task's traceback
+        return EXIT_ENDPOINT_DOWN, one_line((own or down)[0])
     problem = storage_problem(error)
     if problem:
         detail = next((e for e in causes(error) if not type(e).__name__.startswith(("Ray", "UserCode"))), error)
@@ -130,7 +147,8 @@ def one_line(error: BaseException, limit: int = 600) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-__all__ = ["CorruptStateError", "EXIT_ACCOUNTING", "EXIT_DISK_FULL", "EXIT_FAILED", "EXIT_INTERRUPTED",
+__all__ = ["CorruptStateError", "EXIT_ACCOUNTING", "EXIT_DISK_FULL", "EXIT_ENDPOINT_DOWN", "EXIT_FAILED",
+           "EXIT_INTERRUPTED", "EndpointCheckError", "EndpointUnavailableError",
            "EXIT_LEASE_LOST", "EXIT_OK", "EXIT_PERMISSION", "EXIT_TERMINATED", "EXIT_UNREACHABLE", "EXIT_USAGE",
            "LeaseLostError", "OutputConflictError", "Terminated", "UnreadableFileError", "causes", "classify",
            "install_stop_handlers", "one_line", "storage_problem"]

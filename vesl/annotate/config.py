@@ -130,8 +130,11 @@ class AnnotateConfigBase(Settings):
         for key in ("limit", "block_rows", "allow_empty", "unit_rows", "slice"):  # how much and how fast, not what
             label["input"].pop(key, None)
         for stage in self.stage_classes():
-            section = self.stage_config(stage).model_dump(mode="json")
+            stage_config = self.stage_config(stage)
+            section = stage_config.model_dump(mode="json")
             for key in stage.speed_settings:  # how fast, not what: these may change on resume
+                section.pop(key, None)
+            for key in getattr(stage_config, "label_exclude", tuple)():  # settings the config does not use
                 section.pop(key, None)
             label[stage.name] = section
         return hashlib.sha256(json.dumps(label, sort_keys=True).encode()).hexdigest()[:16]
