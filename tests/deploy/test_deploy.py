@@ -17,9 +17,13 @@ from tests.conftest import REPO
 
 DEPLOY = REPO / "deploy"
 IMAGE_ROOT = "/home/ray/vesl"  # WORKDIR of deploy/Dockerfile: the repository's root inside the image
-MANIFESTS = {"RayCluster": DEPLOY / "kuberay" / "raycluster.yaml", "RayJob": DEPLOY / "kuberay" / "rayjob.yaml"}
+MANIFESTS = {"RayCluster": DEPLOY / "kuberay" / "raycluster.yaml", "RayJob": DEPLOY / "kuberay" / "rayjob.yaml",
+             "RayJob-served": DEPLOY / "kuberay" / "rayjob-served.yaml",
+             "RayService": DEPLOY / "kuberay" / "served.yaml"}
 SCHEMAS = {"RayCluster": DEPLOY / "crds" / "raycluster.v1.openapi.json",
-           "RayJob": DEPLOY / "crds" / "rayjob.v1.openapi.json"}
+           "RayJob": DEPLOY / "crds" / "rayjob.v1.openapi.json",
+           "RayJob-served": DEPLOY / "crds" / "rayjob.v1.openapi.json",
+           "RayService": DEPLOY / "crds" / "rayservice.v1.openapi.json"}
 
 
 def load(kind: str) -> dict:
@@ -52,7 +56,7 @@ def unknown_fields(doc, schema: dict, path: str = "") -> list[str]:
 def test_manifest_validates_against_the_kuberay_crd(kind):
     doc = load(kind)
     schema = json.loads(SCHEMAS[kind].read_text())
-    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == kind.split("-")[0]
     jsonschema.Draft7Validator(schema).validate(doc)
     assert unknown_fields(doc, schema) == []
 
@@ -99,7 +103,7 @@ def test_cluster_shape_cpu_head_and_autoscaling_gpu_workers():
 
 
 def test_credentials_only_from_a_secret():
-    for kind in MANIFESTS:
+    for kind in ("RayCluster", "RayJob", "RayJob-served"):
         text = MANIFESTS[kind].read_text()
         assert not re.search(r"AKIA[0-9A-Z]{12,}", text)
         doc = load(kind)
@@ -170,3 +174,29 @@ def test_runtime_env_example_is_valid_for_ray():
     data = yaml.safe_load((DEPLOY / "runtime_env.yaml").read_text())
     env = RuntimeEnv(**data)
     assert ".venv/" in env["excludes"] and env["env_vars"]["HF_HOME"]
+
+
+def test_the_served_job_points_its_generation_at_the_rayservice():
+    """rayjob-served.yaml runs --preset paper-served against served.yaml's Service; the RayService serves both
+    generative models of the paper recipe through Ray Serve LLM (vLLM), the captioner's image splitting bounded
+    as the local preset bounds it; the job's GPUs are only the detector's."""
+    from vesl.annotate.config import load_config
+    from vesl.annotate.job import parser
+
+    service = load("RayService")
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    [app] = serve["applications"]
+    assert app["import_path"] == "ray.serve.llm:build_openai_app"
+    llms = {c["model_loading_config"]["model_id"]: c for c in app["args"]["llm_configs"]}
+    argv = shlex.split(load("RayJob-served")["spec"]["entrypoint"])
+    args = parser().parse_args(argv[2:])
+    config = load_config(str(REPO / Path(args.config).relative_to(IMAGE_ROOT)), args.preset, args.overrides)
+    endpoint = f"http://{service['metadata']['name']}-serve-svc:8000"  # the Service KubeRay makes for Serve
+    for stage in (config.caption, config.fuse):
+        assert stage.backend == "openai" and stage.endpoint == endpoint and stage.model in llms
+    assert llms[config.caption.model]["engine_kwargs"]["mm_processor_kwargs"] == {"size": {"longest_edge": 768}}
+    assert load_config(None, "paper", []).caption.processor_kwargs == {"size": {"longest_edge": 768}}
+    pools = config.ray.pools
+    assert not pools.caption.num_gpus and not pools.fuse.num_gpus and pools.detect.num_gpus == 1
+    gpu = {g["groupName"]: g for g in load("RayJob-served")["spec"]["rayClusterSpec"]["workerGroupSpecs"]}["gpu"]
+    assert gpu["maxReplicas"] == pools.detect.size

@@ -54,7 +54,7 @@ def test_label_hash_ignores_paths_resources_and_secrets_but_not_thresholds():
 def test_presets_ship_as_yaml_and_the_paper_recipe_is_the_default(tiny_dir):
     from vesl.annotate.config import preset_names
 
-    assert preset_names() == ["alt-ngram", "fast", "paper", "tiny"]
+    assert preset_names() == ["alt-ngram", "fast", "paper", "paper-served", "tiny"]
     default = load_config()
     assert load_config(preset_name="paper") == default
     assert default.caption.prompt_style == "chat" and default.fuse.enabled and default.caption.mode == "model"
@@ -65,8 +65,13 @@ def test_presets_ship_as_yaml_and_the_paper_recipe_is_the_default(tiny_dir):
     assert [s.name for s in ngram.active_stages()] == ["decode", "caption", "phrases", "detect"]
     tiny = load_config(preset_name="tiny")
     assert tiny.fuse.model == str(tiny_dir / "fuser") and tiny.caption.model == str(tiny_dir / "captioner")
-    assert len({c.label_hash() for c in (default, fast, ngram, tiny)}) == 4
-    with pytest.raises(ValueError, match="unknown preset 'nope'; known: alt-ngram, fast, paper, tiny"):
+    served = load_config(preset_name="paper-served")  # the paper's models and prompts, on inference servers
+    assert (served.caption.backend, served.fuse.backend) == ("openai", "openai")
+    assert (served.caption.model, served.fuse.model, served.caption.prompt) == (
+        default.caption.model, default.fuse.model, default.caption.prompt)
+    assert served.detect == default.detect and served.phrases == default.phrases
+    assert len({c.label_hash() for c in (default, fast, ngram, tiny, served)}) == 5
+    with pytest.raises(ValueError, match="unknown preset 'nope'; known: alt-ngram, fast, paper, paper-served, tiny"):
         load_config(preset_name="nope")
 
 
