@@ -96,6 +96,18 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_without_ray(tmp_path, tiny_dir):
     assert "one 8-GPU node" in done.stdout and "naive HF loop" in done.stdout
 
 
+def test_serving_small(tmp_path, tiny_dir):
+    """benchmarks/serving.py's small mode: both backends on the same rows, the served one at two concurrencies."""
+    out = run_benchmark("serving.py", "--small", "--json", str(tmp_path / "serving.json"))
+    runs = json.loads((tmp_path / "serving.json").read_text())["runs"]
+    assert [(r["stage"], r["backend"], r["concurrency"]) for r in runs] == [
+        ("caption", "local", None), ("fuse", "local", None), ("caption", "openai", 1), ("fuse", "openai", 1),
+        ("caption", "openai", 4), ("fuse", "openai", 4)]
+    assert all(r["rows"] == 8 and r["rows_s"] > 0 and r["rejected"] == 0 for r in runs)
+    assert all(r["server_cpu_ms_per_row"] > 0 for r in runs if r["backend"] == "openai")
+    assert "client CPU ms/row" in out
+
+
 def test_real_size_runs_the_paper_job_with_the_tiny_models(tmp_path, tiny_dir):
     """The real-size benchmark's script, end to end on the tiny models: the paper preset's job, every
     stage's figures, the JSON keys its results are read by."""
