@@ -70,7 +70,7 @@ class FaultProxy:
     def __init__(self, upstream: str, delay_s: float = 0.0) -> None:
         self.upstream = upstream.removeprefix("http://")
         self.delay_s = delay_s  # added to every forwarded chat request: a slower server
-        self.faults: list[tuple[int, str]] = []
+        self.faults: list[tuple[int, str] | tuple[int, str, dict]] = []  # (status, Retry-After[, body])
         self.injected: list[int] = []
         self.auth: set[str] = set()
         self.forwarded = 0  # chat requests of the run passed to the server
@@ -103,7 +103,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
             fault = proxy.faults.pop(0) if chat and not probe and proxy.faults else None
         if fault:
             proxy.injected.append(fault[0])
-            self.reply(fault[0], json.dumps({"error": {"message": "injected"}}).encode(), {"Retry-After": fault[1]})
+            payload = fault[2] if len(fault) > 2 else {"error": {"message": f"injected {fault[0]}"}}
+            self.reply(fault[0], json.dumps(payload).encode(), {"Retry-After": fault[1]})
             return
         if chat and not probe:
             time.sleep(proxy.delay_s)
@@ -220,10 +221,17 @@ def test_the_server_killed_mid_run_and_started_again(tmp_path, tiny_dir):
 
     try:
         proxy.on_forward = kill_then_restart
-        done = annotate(tmp_path / "back", served(tiny_dir, proxy.url, "input.unit_rows=2"), manifest=manifest)
+        # and one request refused (a 400: that row's reject) and one answered with no text (empty output)
+        proxy.faults = [(400, ""), (200, "", {"choices": [{"message": {"role": "assistant", "content": ""}}]})]
+        done = annotate(tmp_path / "back", served(tiny_dir, proxy.url, "input.unit_rows=2",
+                                                  "caption.max_concurrency=1"), manifest=manifest)
         assert done.returncode == 0, done.stderr[-4000:]
         rows, rejects, run = read_output(tmp_path / "back")
-        assert proxy.forwarded > 6 and len(rows) == 12 and rejects.empty and run["counts"]["accounted"]
+        assert proxy.forwarded > 6 and len(rows) + len(rejects) == 12 and run["counts"]["accounted"]
+        # the two injected answers are the only rejects: none for the outage
+        assert sorted(rejects["reason"]) == ["empty_caption", "request_refused"], rejects
+        refused = rejects.set_index("reason").loc["request_refused"]
+        assert refused["stage"] == "caption" and "HTTP 400: injected 400" in refused["message"]
 
         proxy.forwarded, proxy.on_forward = 0, lambda count: server.kill() if count == 6 else None
         flags = served(tiny_dir, proxy.url, "input.unit_rows=2", "caption.max_retries=2", "fuse.max_retries=2")
