@@ -71,8 +71,9 @@ def stage_seconds(table: pa.Table) -> dict[str, dict[str, Any]]:
     for name in table.column_names:
         if name.startswith(METRIC_PREFIX):
             stage, _, metric = name[len(METRIC_PREFIX):].partition(".")
-            if stage in out:
-                out[stage].setdefault("metrics", {})[metric] = float(pc.sum(table.column(name)).as_py() or 0.0)
+            column = table.column(name)
+            if stage in out and column.null_count < len(column):  # a count no row has (served: visual tokens)
+                out[stage].setdefault("metrics", {})[metric] = float(pc.sum(column).as_py() or 0.0)
     return out
 
 
