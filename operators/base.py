@@ -33,7 +33,7 @@ from schemas.rejects import RejectReason
 from vesl.core.models import describe_pretrained, load_pretrained, load_processor, resolve_device, resolve_dtype
 from vesl.core.settings import Settings
 from vesl.core.text import MAX_MESSAGE_CHARS, describe_error
-from vesl.errors import EndpointUnavailableError
+from vesl.errors import NOT_A_ROWS_FAULT
 
 if TYPE_CHECKING:  # pyarrow is imported where a batch is handled, not at import time
     import pyarrow as pa
@@ -366,13 +366,13 @@ def run_isolating_rows(
     """Run FN on all ROWS at once; if it raises, run it on each row alone.
 
     Returns (results by row, rejects by row as (REASON, message)): one bad row costs one reject, never
-    the batch. An inference server that stays down (`EndpointUnavailableError`) is no row's fault: it is
-    raised, never recorded as rejects, and stops the job."""
+    the batch. An inference server that stays down, refuses the key or cannot be used (`NOT_A_ROWS_FAULT`)
+    is no row's fault: it is raised, never recorded as rejects, and stops the job."""
     if not rows:
         return {}, {}
     try:
         return fn(rows), {}
-    except EndpointUnavailableError:
+    except NOT_A_ROWS_FAULT:
         raise
     except Exception as batch_error:  # noqa: BLE001 - any failure falls back to per-row
         if len(rows) == 1:
@@ -382,7 +382,7 @@ def run_isolating_rows(
     for row in rows:
         try:
             results.update(fn([row]))
-        except EndpointUnavailableError:
+        except NOT_A_ROWS_FAULT:
             raise
         except Exception as row_error:  # noqa: BLE001
             rejects[row] = (str(reason), describe_error(row_error))

@@ -53,6 +53,14 @@ class EndpointCheckError(ValueError):
     request's shape refused (exit 2)."""
 
 
+class EndpointAuthError(PermissionError):
+    """An inference server refused the API key during the run (HTTP 401/403): no row's fault (exit 4)."""
+
+
+# errors of a stage's server that no row caused: raised through a stage's per-row isolation, never a reject
+NOT_A_ROWS_FAULT = (EndpointUnavailableError, EndpointCheckError, EndpointAuthError)
+
+
 class UnreadableFileError(ValueError):
     """A file a reader needs (a shard, a rejects file) cannot be read as what it should be; names the file."""
 
@@ -148,7 +156,8 @@ def one_line(error: BaseException, limit: int = 600) -> str:
 
 
 __all__ = ["CorruptStateError", "EXIT_ACCOUNTING", "EXIT_DISK_FULL", "EXIT_ENDPOINT_DOWN", "EXIT_FAILED",
-           "EXIT_INTERRUPTED", "EndpointCheckError", "EndpointUnavailableError",
+           "EXIT_INTERRUPTED", "EndpointAuthError", "EndpointCheckError", "EndpointUnavailableError",
+           "NOT_A_ROWS_FAULT",
            "EXIT_LEASE_LOST", "EXIT_OK", "EXIT_PERMISSION", "EXIT_TERMINATED", "EXIT_UNREACHABLE", "EXIT_USAGE",
            "LeaseLostError", "OutputConflictError", "Terminated", "UnreadableFileError", "causes", "classify",
            "install_stop_handlers", "one_line", "storage_problem"]

@@ -6,7 +6,8 @@ hosted APIs), for the generative stages' `openai` backend.
 - A transient failure (no connection, a timeout, HTTP 408, 425, 429, 500, 502, 503, 504) is retried with
   exponential backoff, or after the server's `Retry-After`. A request still failing after `max_retries`
   retries raises `EndpointUnavailableError`: an outage is never a row's reject, it stops the job.
-- Any other 4xx refuses that request alone: its `Answer.error` holds the status and the server's message.
+- 401/403 (the key refused) raises `EndpointAuthError` (exit 4); any other 4xx refuses that request alone:
+  its `Answer.error` holds the status and the server's message.
 - A 200 whose body has no message text is an `Answer` with `text` None and `error` None: the stage's
   empty-output reject.
 - The API key is read from an environment variable and sent as a bearer token; it is never part of a
@@ -30,7 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from vesl.core.text import describe_error
-from vesl.errors import EndpointCheckError, EndpointUnavailableError
+from vesl.errors import EndpointAuthError, EndpointCheckError, EndpointUnavailableError
 
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 MAX_RETRY_AFTER_S = 300.0  # a longer Retry-After is waited for this long, then retried
@@ -177,6 +178,10 @@ class ChatClient:
                 else:
                     if status == 200:
                         return parse_answer(text)
+                    if status in (401, 403):  # the key, not the row: every request would be refused
+                        raise EndpointAuthError(f"{self.label}: {endpoint_host(url)} refused the API key (HTTP "
+                                                f"{status}; {self.label}.api_key_env={self.api_key_env}): "
+                                                f"{server_message(text)}")
                     if status not in TRANSIENT_STATUS:
                         return Answer(error=f"HTTP {status}: {server_message(text)}")
                     failures.append(f"{endpoint_host(url)}: HTTP {status}")

@@ -4,11 +4,74 @@ answers it parses, and the settings the openai backend refuses."""
 from __future__ import annotations
 
 import email.utils
+import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from vesl.core.serving import ChatClient, normalise_endpoint, parse_answer, retry_after_s, server_message
+from vesl.errors import EndpointAuthError, EndpointUnavailableError
+
+
+class Scripted(BaseHTTPRequestHandler):
+    """A loopback chat endpoint answering each request with the next (status, body, Retry-After) of its script."""
+
+    def log_message(self, *args):
+        pass
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with self.server.lock:
+            status, body, retry = self.server.script.pop(0) if self.server.script else self.server.default
+            self.server.seen.append(status)
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(data)))
+        if retry is not None:
+            self.send_header("Retry-After", retry)
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def scripted():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
+    server.script, server.seen, server.lock = [], [], threading.Lock()
+    server.default = (200, {"choices": [{"message": {"content": "a dog"}}]}, None)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+def client_of(server, **kwargs) -> ChatClient:
+    return ChatClient([f"http://127.0.0.1:{server.server_address[1]}"], "m", backoff_s=0.01, label="caption",
+                      **kwargs)
+
+
+def test_transient_answers_are_retried_and_a_refusal_is_that_requests_alone(scripted):
+    error = {"error": {"message": "prompt too long"}}
+    scripted.script = [(429, error, "0"), (503, error, None), (400, error, None)]
+    answers = client_of(scripted, max_concurrency=1).complete([{"messages": []}] * 2)
+    assert scripted.seen == [429, 503, 400, 200]  # the first request: 429, 503, then refused; the second: served
+    assert answers[0].error == "HTTP 400: prompt too long" and answers[0].text is None
+    assert answers[1].text == "a dog" and answers[1].error is None
+
+
+def test_a_server_that_stays_unavailable_stops_the_work(scripted):
+    scripted.default = (503, {"error": {"message": "overloaded"}}, None)
+    with pytest.raises(EndpointUnavailableError, match="stayed unavailable through 3 tries.*HTTP 503"):
+        client_of(scripted, max_retries=2).complete([{"messages": []}])
+    assert scripted.seen == [503, 503, 503]
+
+
+def test_a_refused_key_stops_the_work_not_one_row(scripted, monkeypatch):
+    monkeypatch.setenv("VESL_TEST_KEY", "sk-never-shown")
+    scripted.default = (401, {"error": {"message": "invalid key"}}, None)
+    with pytest.raises(EndpointAuthError, match="refused the API key .*VESL_TEST_KEY.*invalid key") as e:
+        client_of(scripted, api_key_env="VESL_TEST_KEY").complete([{"messages": []}])
+    assert "sk-never-shown" not in str(e.value)
 
 
 def test_endpoints_are_the_chat_api_base_and_carry_no_secret():
