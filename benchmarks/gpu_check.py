@@ -396,8 +396,41 @@ def plans(results: dict, gpus: int = 8) -> dict:
 # --- the run ----------------------------------------------------------------------------------------------
 
 
+def attempt(results: dict, key: str, fn) -> None:
+    """FN(), a part of a stage's section: a failure is recorded under errors[KEY] and the section goes on."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - recorded; the rest of the section still runs
+        results["errors"][key] = f"{type(e).__name__}: {e}"
+        traceback.print_exc()
+
+
+def stage_extras(stage: str, op, items: list, out: dict, results: dict, tiny: bool, device: str) -> None:
+    """What one stage adds to its sweep: detect's FLOPs, fuse's batching comparison, the token counts."""
+    best = max((p["img_s"] for p in out["sweep"].values() if "img_s" in p), default=None)
+    if stage == "detect":
+        def flops():
+            out["flops_per_image"] = detect_flops(op, *items[0])
+            if best is not None:
+                out["best_flops_s"] = best * out["flops_per_image"]
+                out["of_matmul_peak"] = out["best_flops_s"] / results["matmul_peak_flops"]
+        attempt(results, f"{stage}.flops", flops)
+    if stage == "fuse" and out["chosen_batch"]:
+        prompts = 4 if tiny else 2 * max(32, out["chosen_batch"])
+        attempt(results, f"{stage}.batching", lambda: out.update(batching=continuous_vs_static(
+            op, stage_items("fuse", prompts), out["chosen_batch"], device)))
+    if stage == "caption":
+        inputs = op.processor(images=[items[0]], text=op._prompt_texts(1), return_tensors="pt",
+                              input_data_format="channels_last")
+        out["visual_tokens_per_image"] = int((inputs["input_ids"] == op.model.config.image_token_id).sum())
+        out["prompt_tokens_per_image"] = int(inputs["input_ids"].shape[1])
+    if stage == "fuse":
+        enc = op.tokenizer(op.prompts(items[:8]), add_special_tokens=False)
+        out["prompt_tokens_per_row"] = float(np.mean([len(ids) for ids in enc["input_ids"]]))
+
+
 def measure_stage(stage: str, model: Path, args, results: dict, deadline: float) -> None:
-    """One stage's section: sweep, chosen batch, naive loop, and its extra (detect FLOPs, fuse batching)."""
+    """One stage's section: sweep, chosen batch, its extras, then the naive loop."""
     device, tiny = args.device, args.tiny
     config = stage_config(stage, model, device, args.dtype, tiny)
     out: dict = results["stages"].setdefault(stage, {"preset": STAGES[stage][0]})
@@ -410,29 +443,17 @@ def measure_stage(stage: str, model: Path, args, results: dict, deadline: float)
     items = stage_items(stage, max(max(sizes), min_items))
     out["sweep"] = sweep(stage_call(stage, op), items, sizes, min_items, device, deadline)
     out["chosen_batch"] = choose_batch(out["sweep"], results.get("gpu_memory_bytes"))
-    best = max((p["img_s"] for p in out["sweep"].values() if "img_s" in p), default=None)
-    if stage == "detect":
-        out["flops_per_image"] = detect_flops(op, *items[0])
-        if best is not None:
-            out["best_flops_s"] = best * out["flops_per_image"]
-            out["of_matmul_peak"] = out["best_flops_s"] / results["matmul_peak_flops"]
-    if stage == "fuse" and out["chosen_batch"]:
-        prompts = 4 if tiny else 2 * max(32, out["chosen_batch"])
-        out["batching"] = continuous_vs_static(op, stage_items("fuse", prompts), out["chosen_batch"], device)
-    if stage == "caption":
-        inputs = op.processor(images=[items[0]], text=op._prompt_texts(1), return_tensors="pt",
-                              input_data_format="channels_last")
-        out["visual_tokens_per_image"] = int((inputs["input_ids"] == op.model.config.image_token_id).sum())
-        out["prompt_tokens_per_image"] = int(inputs["input_ids"].shape[1])
-    if stage == "fuse":
-        enc = op.tokenizer(op.prompts(items[:8]), add_special_tokens=False)
-        out["prompt_tokens_per_row"] = float(np.mean([len(ids) for ids in enc["input_ids"]]))
+    stage_extras(stage, op, items, out, results, tiny, device)
     del op
     free(device)
-    naive_items = items[:1 if tiny else NAIVE_ITEMS[stage]]
-    out["naive_img_s"], out["naive_processor"] = naive_loop(stage, config, naive_items, device)
-    if best is not None:
-        out["speedup_vs_naive"] = best / out["naive_img_s"]
+    best = max((p["img_s"] for p in out["sweep"].values() if "img_s" in p), default=None)
+
+    def naive():
+        out["naive_img_s"], out["naive_processor"] = naive_loop(stage, config, items[:1 if tiny else
+                                                                                     NAIVE_ITEMS[stage]], device)
+        if best is not None:
+            out["speedup_vs_naive"] = best / out["naive_img_s"]
+    attempt(results, f"{stage}.naive", naive)
 
 
 def build_models(args) -> dict[str, Path]:
