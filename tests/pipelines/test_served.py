@@ -191,7 +191,7 @@ def test_served_run_matches_local_retries_429_and_500_and_keeps_the_key_secret(t
         "fuse.repetition_penalty=1.0", "fuse.min_new_tokens=0"] for x in ("--set", flag)])
     assert local.returncode == 0, local.stderr[-4000:]
     mine, _, local_manifest = read_output(tmp_path / "local")
-    both = rows.set_index("image_id").join(mine.set_index("image_id"), rsuffix="_local")
+    both = rows.merge(mine, on="image_id", suffixes=("", "_local"), validate="one_to_one")
     assert (both["vlm_caption"] == both["vlm_caption_local"]).mean() >= 0.9, both[["vlm_caption", "vlm_caption_local"]]
     assert (both["caption"] == both["caption_local"]).mean() >= 0.9
     assert local_manifest["config_hash"] != manifest["config_hash"]  # another backend: another label hash
