@@ -39,7 +39,8 @@ MESSAGE_CHARS = 300  # of a server's error message kept in a reject
 
 
 def normalise_endpoint(url: str) -> str:
-    """The chat API's base URL: 'http://host:8000', '.../v1' and '.../v1/' all give 'http://host:8000/v1'.
+    """The chat API's base URL: 'http://host:8000', '.../v1', '.../v1/' and '.../v1/chat/completions' all give
+    'http://host:8000/v1'.
     A URL with a user, password, query or fragment is refused: a key belongs in `api_key_env`."""
     parts = urlsplit(str(url).strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -47,7 +48,7 @@ def normalise_endpoint(url: str) -> str:
     if parts.username or parts.password or parts.query or parts.fragment:
         raise ValueError(f"endpoint {parts.scheme}://{parts.hostname}...: no user, password, query or fragment in an "
                          "endpoint URL; give the API key's environment variable in api_key_env")
-    path = parts.path.rstrip("/")
+    path = parts.path.rstrip("/").removesuffix("/chat/completions")  # the full route given: its base
     return f"{parts.scheme}://{parts.netloc}{path if path.endswith('/v1') else path + '/v1'}"
 
 

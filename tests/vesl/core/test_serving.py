@@ -75,7 +75,8 @@ def test_a_refused_key_stops_the_work_not_one_row(scripted, monkeypatch):
 
 
 def test_endpoints_are_the_chat_api_base_and_carry_no_secret():
-    for url in ("http://h:8000", "http://h:8000/", "http://h:8000/v1", "http://h:8000/v1/"):
+    for url in ("http://h:8000", "http://h:8000/", "http://h:8000/v1", "http://h:8000/v1/",
+                "http://h:8000/v1/chat/completions"):
         assert normalise_endpoint(url) == "http://h:8000/v1"
     assert normalise_endpoint("https://api.example.com/openai/v1") == "https://api.example.com/openai/v1"
     for bad in ("http://user:sk-123@h:8000", "http://h:8000/v1?key=sk-123", "ftp://h/v1", "h:8000"):
