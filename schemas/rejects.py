@@ -43,4 +43,6 @@ class RejectReason(StrEnum):
     # caption, fuse, detect
     MODEL_ERROR = "model_error"  # the model raised on this row (the batch is retried row by row)
     # caption, fuse with backend openai
-    REQUEST_REFUSED = "request_refused"  # the inference server refused this row's request (a 4xx but 408/425/429)
+    # the inference server refused this row's request (a 4xx but 408/425/429), or failed it (500) on every try
+    # while it answered other requests
+    REQUEST_REFUSED = "request_refused"

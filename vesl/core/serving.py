@@ -7,7 +7,9 @@ hosted APIs), for the generative stages' `openai` backend.
   exponential backoff, or after the server's `Retry-After`. A request still failing after `max_retries`
   retries raises `EndpointUnavailableError`: an outage is never a row's reject, it stops the job.
 - 401/403 (the key refused) raises `EndpointAuthError` (exit 4); any other 4xx refuses that request alone:
-  its `Answer.error` holds the status and the server's message.
+  its `Answer.error` holds the status and the server's message. So does a 500 on every try of one request
+  while the server answered other requests of this client meanwhile: an input that breaks the server is that
+  row's reject, not an outage that would stop every re-run at the same row.
 - A 200 whose body has no message text is an `Answer` with `text` None and `error` None: the stage's
   empty-output reject.
 - The API key is read from an environment variable and sent as a bearer token; it is never part of a
@@ -129,6 +131,7 @@ class ChatClient:
     label: str = "endpoint"
 
     def __post_init__(self) -> None:
+        self._answered = 0  # requests answered (200) so far: a server that answers others is up
         self.endpoints = [normalise_endpoint(u) for u in self.endpoints]
         if not self.endpoints:
             raise ValueError(f"{self.label}: no endpoint")
@@ -165,11 +168,12 @@ class ChatClient:
 
         payload = {"model": self.model, **body}
         failures: list[str] = []
-        started = time.monotonic()
+        started, answered_before = time.monotonic(), self._answered
+        status, text = None, ""
         async with limit:
             for attempt in range(self.max_retries + 1):
                 url = self.endpoints[(k + attempt) % len(self.endpoints)]
-                retry_after = None
+                retry_after, status = None, None
                 try:
                     async with session.post(f"{url}/chat/completions", json=payload) as response:
                         status, text = response.status, await response.text()
@@ -178,6 +182,7 @@ class ChatClient:
                     failures.append(f"{endpoint_host(url)}: {describe_error(e) or type(e).__name__}")
                 else:
                     if status == 200:
+                        self._answered += 1
                         return parse_answer(text)
                     if status in (401, 403):  # the key, not the row: every request would be refused
                         raise EndpointAuthError(f"{self.label}: {endpoint_host(url)} refused the API key (HTTP "
@@ -188,6 +193,11 @@ class ChatClient:
                     failures.append(f"{endpoint_host(url)}: HTTP {status}")
                 if attempt < self.max_retries:
                     await asyncio.sleep(self.delay_s(attempt, retry_after))
+            if status == 500 and self._answered > answered_before:
+                # an internal error on every try of this request while the server answered others: this row
+                # breaks it (with nothing else answered, it may be the server: an outage, never a reject)
+                return Answer(error=f"HTTP 500 on each of {self.max_retries + 1} tries while the server answered "
+                                    f"other requests: {server_message(text)}")
         raise EndpointUnavailableError(
             f"{self.label}: the inference server stayed unavailable through {self.max_retries + 1} tries over "
             f"{time.monotonic() - started:.0f} s ({self.label}.max_retries={self.max_retries}); last: {failures[-1]}. "

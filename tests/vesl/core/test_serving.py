@@ -16,15 +16,20 @@ from vesl.errors import EndpointAuthError, EndpointUnavailableError
 
 
 class Scripted(BaseHTTPRequestHandler):
-    """A loopback chat endpoint answering each request with the next (status, body, Retry-After) of its script."""
+    """A loopback chat endpoint answering each request with the next (status, body, Retry-After) of its script;
+    a request that mentions "poison" always with HTTP 500 (an input that breaks the server)."""
 
     def log_message(self, *args):
         pass
 
+
     def do_POST(self):
-        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        request = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         with self.server.lock:
-            status, body, retry = self.server.script.pop(0) if self.server.script else self.server.default
+            if b"poison" in request:
+                status, body, retry = 500, {"error": {"message": "cannot identify image file"}}, None
+            else:
+                status, body, retry = self.server.script.pop(0) if self.server.script else self.server.default
             self.server.seen.append(status)
         data = json.dumps(body).encode()
         self.send_response(status)
@@ -64,6 +69,18 @@ def test_a_server_that_stays_unavailable_stops_the_work(scripted):
     with pytest.raises(EndpointUnavailableError, match="stayed unavailable through 3 tries.*HTTP 503"):
         client_of(scripted, max_retries=2).complete([{"messages": []}])
     assert scripted.seen == [503, 503, 503]
+
+
+def test_a_request_the_server_fails_on_while_it_answers_is_that_rows_reject(scripted):
+    """HTTP 500 on every try of one request while the server answers the others: the input breaks the server,
+    so the row is refused (a re-run would stop at it again). Alone, with nothing answered, it is an outage."""
+    poison, fine = {"messages": [{"role": "user", "content": "poison"}]}, {"messages": []}
+    answers = client_of(scripted, max_retries=2, max_concurrency=4).complete([poison, fine, fine])
+    assert answers[0].error == ("HTTP 500 on each of 3 tries while the server answered other requests: "
+                                "cannot identify image file")
+    assert [a.text for a in answers[1:]] == ["a dog", "a dog"]
+    with pytest.raises(EndpointUnavailableError, match="HTTP 500"):
+        client_of(scripted, max_retries=2).complete([poison])
 
 
 def test_a_refused_key_stops_the_work_not_one_row(scripted, monkeypatch):
