@@ -222,6 +222,11 @@ def sweep(run, items: list, sizes: list[int], min_items: int, device: str, deadl
     return points
 
 
+def best_rate(points: dict[int, dict]) -> float | None:
+    """The highest images/s of a sweep (None when no point ran)."""
+    return max((p["img_s"] for p in points.values() if "img_s" in p), default=None)
+
+
 def choose_batch(points: dict[int, dict], memory_bytes: float | None) -> int | None:
     """The smallest batch whose rate is within NEAR_BEST of the best one that fits under MEMORY_HEADROOM."""
     limit = None if memory_bytes is None else MEMORY_HEADROOM * memory_bytes
@@ -407,7 +412,7 @@ def attempt(results: dict, key: str, fn) -> None:
 
 def stage_extras(stage: str, op, items: list, out: dict, results: dict, tiny: bool, device: str) -> None:
     """What one stage adds to its sweep: detect's FLOPs, fuse's batching comparison, the token counts."""
-    best = max((p["img_s"] for p in out["sweep"].values() if "img_s" in p), default=None)
+    best = best_rate(out["sweep"])
     if stage == "detect":
         def flops():
             out["flops_per_image"] = detect_flops(op, *items[0])
@@ -446,7 +451,7 @@ def measure_stage(stage: str, model: Path, args, results: dict, deadline: float)
     stage_extras(stage, op, items, out, results, tiny, device)
     del op
     free(device)
-    best = max((p["img_s"] for p in out["sweep"].values() if "img_s" in p), default=None)
+    best = best_rate(out["sweep"])
 
     def naive():
         out["naive_img_s"], out["naive_processor"] = naive_loop(stage, config, items[:1 if tiny else

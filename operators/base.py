@@ -79,6 +79,8 @@ class ModelStageConfig(StageConfig):
         return describe_pretrained(self.model, self.revision, self.trust_remote_code)
 
 
+# a generative stage's settings that change how fast it runs, not what it writes (left out of the label hash)
+GENERATIVE_SPEED_SETTINGS = ("batch_size", "device", "max_concurrency", "timeout_s", "max_retries", "api_key_env")
 # the settings only the openai backend reads
 SERVED_ONLY = frozenset({"backend", "endpoint", "api_key_env", "max_concurrency", "timeout_s", "max_retries",
                          "request_params", "image_max_side", "image_quality"})
@@ -152,10 +154,7 @@ class GenerativeStageConfig(ModelStageConfig):
     def label_exclude(self) -> tuple[str, ...]:
         """Settings left out of the label hash: the openai backend's own while the backend is local (so a
         local run's hash is what it was before there was a backend setting)."""
-        if self.backend == "openai":
-            return ()
-        return tuple(k for k in type(self).model_fields if k not in ModelStageConfig.model_fields
-                     and k in SERVED_ONLY)
+        return () if self.backend == "openai" else tuple(k for k in type(self).model_fields if k in SERVED_ONLY)
 
 
 @dataclass(frozen=True)
@@ -212,8 +211,10 @@ class Stage:
 
     @classmethod
     def wants_gpu(cls, config: StageConfig) -> bool:
-        """Whether this stage takes a GPU share when the cluster has GPUs (not when its device is 'cpu')."""
-        return cls.resources.gpu and getattr(config, "device", "auto") != "cpu"
+        """Whether this stage takes a GPU share when the cluster has GPUs (not when its device is 'cpu', nor when
+        its model runs on an inference server: `backend: openai`)."""
+        return (cls.resources.gpu and getattr(config, "device", "auto") != "cpu"
+                and getattr(config, "backend", "local") == "local")
 
     @classmethod
     def active(cls, config: StageConfig) -> bool:
@@ -231,7 +232,9 @@ class Stage:
         return cls.column_types[column] if column in cls.column_types else COLUMNS[column]
 
     def chunk_rows(self) -> int | None:
-        return None if self.resources.whole_blocks else getattr(self.config, "batch_size", None)
+        # backend openai: a whole block per call, `max_concurrency` of its requests in flight
+        whole = self.resources.whole_blocks or getattr(self.config, "backend", "local") == "openai"
+        return None if whole else getattr(self.config, "batch_size", None)
 
     def view(self, table: pa.Table) -> pa.Table:
         """The columns of `reads`, and only those (a declared column the batch lacks is all nulls)."""
@@ -387,6 +390,25 @@ def run_isolating_rows(
         except Exception as row_error:  # noqa: BLE001
             rejects[row] = (str(reason), describe_error(row_error))
     return results, rejects
+
+
+def served_results(answers: Sequence[Any], clean: Callable[[str], str], values: Callable[[str], dict[str, Any]],
+                   refused: str, empty: Reject) -> list[dict[str, Any] | Reject]:
+    """Each inference server's answer (`vesl.core.serving.Answer`, backend openai) as its row's result: the
+    server's refusal (request_refused, REFUSED naming the row), EMPTY when CLEAN leaves no text (the answer's
+    problem added to its message), else VALUES(text) with the answer's token counts."""
+    out: list[dict[str, Any] | Reject] = []
+    for answer in answers:
+        text = clean(answer.text or "")
+        if answer.error:
+            out.append(Reject(RejectReason.REQUEST_REFUSED, f"the inference server refused {refused}: {answer.error}"))
+        elif not text:
+            out.append(Reject(empty.reason, f"{empty.message} ({answer.problem})"))
+        else:
+            counts = {"prompt_tokens": answer.usage.get("prompt_tokens"),
+                      "generated_tokens": answer.usage.get("completion_tokens")}
+            out.append({**values(text), METRICS: {k: v for k, v in counts.items() if v is not None}})
+    return out
 
 
 def token_counts(model: Any, inputs: Mapping[str, Any], generated: Any) -> list[dict[str, int]]:

@@ -13,7 +13,17 @@ import numpy as np
 from PIL import Image
 from pydantic import Field
 
-from operators.base import METRICS, GenerativeStageConfig, Reject, Resources, Stage, image_from_row, token_counts
+from operators.base import (
+    GENERATIVE_SPEED_SETTINGS,
+    METRICS,
+    GenerativeStageConfig,
+    Reject,
+    Resources,
+    Stage,
+    image_from_row,
+    served_results,
+    token_counts,
+)
 from schemas.region_text import CaptionSource
 from schemas.rejects import RejectReason as R
 from vesl.core.text import clean_text, normalize_text
@@ -80,6 +90,14 @@ def jpeg_data_url(image: np.ndarray, max_side: int, quality: int) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def caption_request(config: CaptionConfig, image: np.ndarray) -> dict[str, Any]:
+    """The chat request of one image (backend openai): the same user turn as the local chat prompt, the image as
+    a JPEG data URL."""
+    return {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": jpeg_data_url(image, config.image_max_side, config.image_quality)}},
+        {"type": "text", "text": config.prompt}]}], **config.sampling()}
+
+
 def clean_caption(text: str, prompt: str, limit: int) -> str:
     """Drop control characters and an echoed prompt prefix, collapse whitespace, cut to LIMIT characters."""
     text = normalize_text(text).replace("\ufffd", "").strip()
@@ -97,7 +115,7 @@ class CaptionImages(Stage):
     writes = ("caption", "vlm_caption", "caption_source")
     reasons = (R.EMPTY_CAPTION, R.MODEL_ERROR, R.REQUEST_REFUSED)
     resources = Resources(gpu=True)
-    speed_settings = ("batch_size", "device", "max_concurrency", "timeout_s", "max_retries", "api_key_env")
+    speed_settings = GENERATIVE_SPEED_SETTINGS
     metrics = ("prompt_tokens", "visual_tokens", "generated_tokens")
 
     def __init__(self, config: CaptionConfig | None = None, **kwargs: Any) -> None:
@@ -154,45 +172,25 @@ class CaptionImages(Stage):
         counts = token_counts(self.model, inputs, out)
         return [clean_caption(t, prompt, self.config.max_caption_chars) for t in decoded], counts
 
-    def request(self, image: np.ndarray) -> dict[str, Any]:
-        """The chat request of one image (backend openai): the same user turn as the local chat prompt, the
-        image as a JPEG data URL."""
-        return {"messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": jpeg_data_url(image, self.config.image_max_side,
-                                                                      self.config.image_quality)}},
-            {"type": "text", "text": self.config.prompt}]}], **self.config.sampling()}
-
     def serve_captions(self, images: list[np.ndarray]) -> list[dict[str, Any] | Reject]:
         """Each image's caption from the inference server (concurrent requests), or its reject."""
-        out: list[dict[str, Any] | Reject] = []
-        for answer in self.client.complete([self.request(image) for image in images]):
-            text = clean_caption(answer.text or "", "", self.config.max_caption_chars)
-            if answer.error:
-                out.append(Reject(R.REQUEST_REFUSED, f"the inference server refused this image: {answer.error}"))
-            elif not text:
-                out.append(Reject(R.EMPTY_CAPTION, f"the captioner produced no text for this image ({answer.problem})"))
-            else:
-                counts = {"prompt_tokens": answer.usage.get("prompt_tokens"),
-                          "generated_tokens": answer.usage.get("completion_tokens")}
-                out.append({"caption": text, "vlm_caption": text, "caption_source": CaptionSource.VLM.value,
-                            METRICS: {k: v for k, v in counts.items() if v is not None}})
-        return out
-
-    def chunk_rows(self) -> int | None:
-        # backend openai: a whole block at once, `max_concurrency` requests in flight
-        return None if self.config.backend == "openai" else super().chunk_rows()
+        answers = self.client.complete([caption_request(self.config, image) for image in images])
+        return served_results(
+            answers, lambda text: clean_caption(text, "", self.config.max_caption_chars),
+            lambda text: {"caption": text, "vlm_caption": text, "caption_source": CaptionSource.VLM.value},
+            "this image", Reject(R.EMPTY_CAPTION, "the captioner produced no text for this image"))
 
     @classmethod
     def describe_models(cls, config: CaptionConfig) -> dict[str, Any]:
         if config.mode == "alt_text":
             return {"captioner": {"id": None, "mode": "alt_text"}}
         if config.backend == "openai":  # the preflight: the server answers this stage's request
-            return {"captioner": config.client("caption").check(CaptionImages(config).request(PROBE_IMAGE))}
+            return {"captioner": config.client("caption").check(caption_request(config, PROBE_IMAGE))}
         return {"captioner": config.describe()}
 
     @classmethod
     def wants_gpu(cls, config: CaptionConfig) -> bool:
-        return config.mode == "model" and config.backend == "local" and super().wants_gpu(config)
+        return config.mode == "model" and super().wants_gpu(config)
 
     def process(self, batch: pa.Table) -> list[dict[str, Any] | Reject]:
         if self.config.mode == "alt_text":

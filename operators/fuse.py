@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from operators.base import METRICS, GenerativeStageConfig, Reject, Resources, Stage, token_counts
+from operators.base import (
+    GENERATIVE_SPEED_SETTINGS,
+    METRICS,
+    GenerativeStageConfig,
+    Reject,
+    Resources,
+    Stage,
+    served_results,
+    token_counts,
+)
 from schemas.region_text import CaptionSource
 from schemas.rejects import RejectReason as R
 from vesl.core.text import clean_text
@@ -138,7 +147,7 @@ class FuseCaptions(Stage):
     writes = ("caption", "caption_source")
     reasons = (R.EMPTY_FUSION, R.MODEL_ERROR, R.REQUEST_REFUSED)
     resources = Resources(gpu=True)
-    speed_settings = ("batch_size", "device", "max_concurrency", "timeout_s", "max_retries", "api_key_env")
+    speed_settings = GENERATIVE_SPEED_SETTINGS
     metrics = ("prompt_tokens", "generated_tokens")  # rows fused; a row whose caption stands counts none
 
     def __init__(self, config: FuseConfig | None = None, **kwargs: Any) -> None:
@@ -166,29 +175,13 @@ class FuseCaptions(Stage):
             return {"fuser": config.client("fuse").check(fusion_request(config, "a dog on grass", "Max at the park"))}
         return {"fuser": config.describe()}
 
-    @classmethod
-    def wants_gpu(cls, config: FuseConfig) -> bool:
-        return config.backend == "local" and super().wants_gpu(config)
-
-    def chunk_rows(self) -> int | None:
-        # backend openai: a whole block at once, `max_concurrency` requests in flight
-        return None if self.config.backend == "openai" else super().chunk_rows()
-
     def serve_fused(self, pairs: Sequence[tuple[str, str]]) -> list[dict[str, Any] | Reject]:
         """Each pair's fused caption from the inference server (concurrent requests), or its reject."""
-        out: list[dict[str, Any] | Reject] = []
-        for answer in self.client.complete([fusion_request(self.config, c, a) for c, a in pairs]):
-            text = clean_fused(answer.text or "", self.config.max_caption_chars)
-            if answer.error:
-                out.append(Reject(R.REQUEST_REFUSED, f"the inference server refused this row: {answer.error}"))
-            elif not text:
-                out.append(Reject(R.EMPTY_FUSION, f"the fusion LLM produced no text for this row ({answer.problem})"))
-            else:
-                counts = {"prompt_tokens": answer.usage.get("prompt_tokens"),
-                          "generated_tokens": answer.usage.get("completion_tokens")}
-                out.append({"caption": text, "caption_source": CaptionSource.FUSED.value,
-                            METRICS: {k: v for k, v in counts.items() if v is not None}})
-        return out
+        answers = self.client.complete([fusion_request(self.config, c, a) for c, a in pairs])
+        return served_results(
+            answers, lambda text: clean_fused(text, self.config.max_caption_chars),
+            lambda text: {"caption": text, "caption_source": CaptionSource.FUSED.value},
+            "this row", Reject(R.EMPTY_FUSION, "the fusion LLM produced no text for this row"))
 
     def prompts(self, pairs: Sequence[tuple[str, str]]) -> list[str]:
         return [self.tokenizer.apply_chat_template(fusion_messages(c, a), add_generation_prompt=True, tokenize=False)
