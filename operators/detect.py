@@ -118,7 +118,7 @@ def select_regions(
 
 
 class DetectRegions(Stage):
-    """Adds `regions` (list of {box, phrase, score, source}); each actor loads OWLv2 once.
+    """Adds `regions` (list of {box, phrase, score, source, spans}); each actor loads OWLv2 once.
 
     Hot path per batch: the images go to the device once as uint8 and are preprocessed there
     (`operators.owlv2_preprocess`); the vision tower runs once per image; each distinct phrase of the
@@ -127,7 +127,7 @@ class DetectRegions(Stage):
 
     name = "detect"
     config_class = DetectConfig
-    reads = ("pixels", "pixel_width", "pixel_height", "phrases", "phrase_sources")
+    reads = ("pixels", "pixel_width", "pixel_height", "phrases", "phrase_sources", "phrase_spans")
     writes = ("regions",)
     reasons = (R.MODEL_ERROR,)
     resources = Resources(gpu=True)
@@ -233,11 +233,12 @@ class DetectRegions(Stage):
     def process(self, batch: pa.Table) -> list[dict[str, Any] | Reject]:
         phrases = batch.column("phrases").to_pylist()
         sources = batch.column("phrase_sources").to_pylist()
+        spans = batch.column("phrase_spans").to_pylist()
         out: list[dict[str, Any] | Reject] = [{"regions": []} for _ in phrases]  # no phrases: no regions, no reject
         work = [r for r, p in enumerate(phrases) if p]
         if work:
             found = self.detect([image_from_row(batch, r) for r in work], [phrases[r] for r in work])
             for r, dets in zip(work, found):
                 out[r] = {"regions": [{"box": box.tolist(), "phrase": phrases[r][q], "score": score,
-                                       "source": sources[r][q]} for box, q, score in dets]}
+                                       "source": sources[r][q], "spans": spans[r][q]} for box, q, score in dets]}
         return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from schemas.region_text import REGION_TYPE
+from schemas.region_text import REGION_TYPE, SPANS_TYPE
 
 REJECT_STAGE, REJECT_REASON, REJECT_MESSAGE = "reject_stage", "reject_reason", "reject_message"
 REJECT_COLUMNS = (REJECT_STAGE, REJECT_REASON, REJECT_MESSAGE)
@@ -43,6 +43,7 @@ COLUMNS: dict[str, pa.DataType] = {
     # phrases
     "phrases": pa.list_(pa.string()),
     "phrase_sources": pa.list_(pa.string()),  # "caption" or "alt_text", one per phrase
+    "phrase_spans": pa.list_(SPANS_TYPE),  # one per phrase: its [start, end) spans in its source text
     # detect
     "regions": pa.list_(REGION_TYPE),
 }

@@ -1,4 +1,4 @@
-"""Region-text shard schema v1 (1.2): one row per image, its caption, phrases and detected regions.
+"""Region-text shard schema v1 (1.3): one row per image, its caption, phrases and detected regions.
 
 This module is the only place the shard's columns, types and footer keys are written down (the
 columns stages pass between them are in `schemas.columns`, reject reasons in `schemas.rejects`).
@@ -15,9 +15,9 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# 1.1 adds vlm_caption and caption_source; 1.2 adds image_location, image_offset and image_length. Every
-# addition is nullable: 1.0 and 1.1 files read as 1.2, with nulls there.
-SCHEMA_VERSION = "1.2"
+# 1.1 adds vlm_caption and caption_source; 1.2 adds image_location, image_offset and image_length; 1.3 adds
+# each region's spans. Every addition is nullable: older files read as 1.3, with nulls there.
+SCHEMA_VERSION = "1.3"
 MAJOR_VERSION = 1
 # Footer metadata keys (bytes in Parquet); every value is a UTF-8 string, JSON where structured.
 META_PREFIX = "vesl."
@@ -28,6 +28,10 @@ META_THRESHOLDS = "vesl.thresholds"  # JSON: the detection and phrase settings t
 META_CONFIG_HASH = "vesl.config_hash"  # hash of every label-affecting setting (AnnotateConfig.label_hash)
 META_WRITTEN_BY = "vesl.written_by"  # "write_regions" on shards written back from a DataFrame
 
+# [start, end) character offsets (Python str indexing, i.e. Unicode code points) into a row's text.
+SPAN_TYPE = pa.list_(pa.int32(), 2)
+SPANS_TYPE = pa.list_(SPAN_TYPE)
+
 REGION_TYPE = pa.struct(
     [
         # x0, y0, x1, y1 normalised to [0, 1] of the original (EXIF-oriented) image.
@@ -36,6 +40,10 @@ REGION_TYPE = pa.struct(
         pa.field("score", pa.float32(), nullable=False),
         # "caption" or "alt_text": which text the phrase came from.
         pa.field("source", pa.string(), nullable=False),
+        # 1.3: where the phrase stands in the text named by `source` (the row's caption or alt_text): every
+        # place spaCy found it, as [start, end) with phrase_of_text(text[start:end]) == phrase (plain text:
+        # text[start:end].lower() == phrase). Null in files older than 1.3.
+        pa.field("spans", SPANS_TYPE),
     ]
 )
 
@@ -162,7 +170,10 @@ def _type_changes(src: pa.DataType, dst: pa.DataType, path: str) -> list[str]:
         out = []
         for field in dst:
             if field.name not in names:
-                raise SchemaMismatchError(f"column {path}.{field.name} is missing")
+                if not field.nullable:
+                    raise SchemaMismatchError(f"column {path}.{field.name} is missing")
+                out.append(f"{path}.{field.name}: missing -> nulls")  # a field a later minor version added
+                continue
             out += _type_changes(src.field(field.name).type, field.type, f"{path}.{field.name}")
         extra = [n for n in names if n not in dst.names]
         if extra:
@@ -260,12 +271,16 @@ class Region(BaseModel):
     phrase: str = Field(min_length=1)
     score: float = Field(ge=0.0, le=1.0)
     source: Literal["caption", "alt_text"]
+    spans: list[tuple[int, int]] | None = Field(default=None, description="[start, end) of the phrase in the source "
+                                                "text, every place it was found; None before schema 1.3")
 
     @model_validator(mode="after")
     def _box_is_proper(self) -> "Region":
         x0, y0, x1, y1 = self.box
         if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
             raise ValueError(f"box {self.box} is not x0 < x1, y0 < y1 inside [0, 1]")
+        if any(not 0 <= start < end for start, end in self.spans or ()):
+            raise ValueError(f"spans {self.spans} are not 0 <= start < end")
         return self
 
 
@@ -294,4 +309,9 @@ class RegionRow(BaseModel):
         if (self.image_offset is None) != (self.image_length is None) or (
                 self.image_offset is not None and not self.image_location):
             raise ValueError("image_offset and image_length come together, and only with an image_location")
+        for region in self.regions:
+            text = self.caption if region.source == "caption" else self.alt_text or ""
+            if any(end > len(text) for _, end in region.spans or ()):
+                raise ValueError(f"region {region.phrase!r}: spans {region.spans} reach past its {region.source} "
+                                 f"({len(text)} characters)")
         return self

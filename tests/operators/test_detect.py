@@ -166,6 +166,7 @@ def test_stage_adds_regions_and_leaves_the_working_copy_behind(detector):
     assert "pixels" in table.column_names
     table = table.append_column("phrases", pa.array([["cat", "red sofa"], [], ["flag"]]))
     table = table.append_column("phrase_sources", pa.array([["caption", "alt_text"], [], ["caption"]]))
+    table = table.append_column("phrase_spans", pa.array([[[[0, 3]], [[4, 12]]], [], [[[0, 4], [9, 13]]]]))
     from operators.registry import drops_after
 
     detector.drop = drops_after()["detect"]  # what the wiring hands the detect stage
@@ -176,4 +177,6 @@ def test_stage_adds_regions_and_leaves_the_working_copy_behind(detector):
     assert "pixels" not in out.column_names  # not carried to the writer
     regions = out.column("regions").to_pylist()
     assert regions[1] == [] and len(regions[0]) > 0 and {r["phrase"] for r in regions[0]} <= {"cat", "red sofa"}
+    spans = {"cat": [[0, 3]], "red sofa": [[4, 12]], "flag": [[0, 4], [9, 13]]}
+    assert all(r["spans"] == spans[r["phrase"]] for rs in regions for r in rs)  # each region keeps its phrase's
     assert out.column("reject_stage").to_pylist() == [None, None, None]

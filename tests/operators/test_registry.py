@@ -26,7 +26,7 @@ def test_every_column_a_stage_reads_is_written_by_the_reader_or_an_earlier_stage
 
 def test_a_chain_out_of_order_is_refused_naming_the_column():
     decode, caption, fuse, phrases, detect = registry.stages()
-    with pytest.raises(ValueError, match=r"'detect' reads \['phrases', 'phrase_sources'\]"):
+    with pytest.raises(ValueError, match=r"'detect' reads \['phrases', 'phrase_sources', 'phrase_spans'\]"):
         registry.check_chain((decode, caption, fuse, detect, phrases))
     with pytest.raises(ValueError, match=r"'fuse' reads \['caption', 'vlm_caption', 'caption_source'\]"):
         registry.check_chain((decode, fuse, caption, phrases, detect))

@@ -24,7 +24,8 @@ def test_schema_v1_columns_and_types():
     region = schema.field("regions").type.value_type
     assert region.field("box").type == pa.list_(pa.float32(), 4)
     assert region.field("score").type == pa.float32()
-    assert [f.name for f in region] == ["box", "phrase", "score", "source"]
+    assert [f.name for f in region] == ["box", "phrase", "score", "source", "spans"]
+    assert region.field("spans").type == pa.list_(pa.list_(pa.int32(), 2)) and region.field("spans").nullable
 
 
 def test_metadata_rides_on_the_schema():

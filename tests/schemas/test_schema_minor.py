@@ -1,13 +1,20 @@
-"""Schema 1.1 and 1.2 are additive: a 1.0 shard (no vlm_caption, no caption_source, no image location, footer
-1.0) and a 1.1 shard (no image location) still read in inspect, read_regions and the trainer's data path;
-1.2 readers see the new columns as nulls, and the trainer reads a 1.1 row's image from its image_uri."""
+"""Schema 1.1, 1.2 and 1.3 are additive: a 1.0 shard (no vlm_caption, no caption_source, no image location, no
+region spans, footer 1.0), a 1.1 shard (no image location) and a 1.2 shard (no spans) still read in inspect,
+read_regions, write_regions and the trainer's data path; 1.3 readers see the new columns and fields as nulls,
+and the trainer reads a 1.1 row's image from its image_uri."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.region_text import META_SCHEMA_VERSION, SCHEMA_VERSION, check_shard_schema, region_text_schema
+from schemas.region_text import (
+    META_SCHEMA_VERSION,
+    REGION_TYPE,
+    SCHEMA_VERSION,
+    check_shard_schema,
+    region_text_schema,
+)
 
 ROWS = [
     {"image_id": "a", "image_uri": None, "image_bytes": None, "width": 64, "height": 48, "alt_text": "a red circle",
@@ -22,9 +29,12 @@ LOCATION = ("image_location", "image_offset", "image_length")
 
 
 def write_v10_shard(folder, with_images: bytes | None = None, version: str = "1.0", uri: str | None = None):
-    """A shard exactly as vesl 1.0 (or 1.1) wrote it: its columns and its footer."""
-    dropped = LOCATION + (("vlm_caption", "caption_source") if version == "1.0" else ())
-    fields = [f for f in region_text_schema() if f.name not in dropped]
+    """A shard exactly as vesl 1.0 (or 1.1, 1.2) wrote it: its columns and its footer."""
+    dropped = (LOCATION if version in ("1.0", "1.1") else ()) + (("vlm_caption", "caption_source")
+                                                                 if version == "1.0" else ())
+    old_region = pa.struct([f for f in REGION_TYPE if f.name != "spans"])  # spans came in 1.3
+    fields = [f.with_type(pa.list_(old_region)) if f.name == "regions" else f
+              for f in region_text_schema() if f.name not in dropped]
     schema = pa.schema(fields, metadata={META_SCHEMA_VERSION: version, "vesl.version": "0.1.0"})
     rows = [dict(r, image_bytes=with_images, image_uri=uri) for r in ROWS]
     (folder / "data").mkdir(parents=True)
@@ -33,8 +43,9 @@ def write_v10_shard(folder, with_images: bytes | None = None, version: str = "1.
 
 
 def test_the_version_is_a_minor_step_of_major_1():
-    assert SCHEMA_VERSION == "1.2"
+    assert SCHEMA_VERSION == "1.3"
     assert {"vlm_caption", "caption_source", *LOCATION} <= set(region_text_schema().names)
+    assert "spans" in REGION_TYPE.names and REGION_TYPE.field("spans").nullable
 
 
 def test_a_v10_shard_reads_in_inspect_and_read_regions(tmp_path):
@@ -44,6 +55,7 @@ def test_a_v10_shard_reads_in_inspect_and_read_regions(tmp_path):
     out = write_v10_shard(tmp_path / "out")
     checked = check_shard_schema(pq.read_schema(out / "data" / "part-0.parquet"))
     assert checked.version == "1.0" and set(checked.filled) == {"vlm_caption", "caption_source", *LOCATION}
+    assert "regions[].spans: missing -> nulls" in checked.casts
     assert list(vesl.read_regions(str(out))["phrase"]) == ["red circle"]
     df = vesl.read_regions(str(out), explode=False)
     assert list(df["image_id"]) == ["a", "b"] and df["vlm_caption"].isna().all() and df["caption_source"].isna().all()
@@ -84,3 +96,15 @@ def test_a_v11_shard_without_locations_reads_its_images_from_image_uri(tmp_path,
     assert sum(int(b["ok"].sum()) for b in batches) == 2
     df = vesl.read_regions(str(out), explode=False, with_images=True)
     assert list(df["image_bytes"]) == [data, data] and df["image_error"].isna().all()
+
+
+def test_a_v12_shard_reads_with_null_spans_and_writes_back_as_13(tmp_path):
+    import vesl
+
+    out = write_v10_shard(tmp_path / "out", version="1.2")
+    df = vesl.read_regions(str(out), explode=False)
+    assert df["regions"][0][0]["spans"] is None and df["regions"][0][0]["phrase"] == "red circle"
+    assert vesl.read_regions(str(out))["spans"].isna().all()
+    [written] = vesl.write_regions(df, str(tmp_path / "back"))
+    assert pq.read_schema(written).metadata[META_SCHEMA_VERSION.encode()] == b"1.3"
+    assert pq.read_table(written).column("regions").to_pylist()[0][0]["spans"] is None

@@ -30,7 +30,7 @@ FOOTER_ATTR = "vesl_footer"  # pandas df.attrs key: the footer entries read_regi
 IMAGE_COLUMNS = ["image_id", "image_uri", "image_location", "image_offset", "image_length", "width", "height",
                  "alt_text", "caption", "vlm_caption", "caption_source", "phrases", "regions"]
 IMAGE_ERROR = "image_error"  # read_regions(with_images=True): why a row's image could not be read (else null)
-REGION_COLUMNS = ["image_id", "image_uri", "width", "height", "region", "phrase", "score", "source",
+REGION_COLUMNS = ["image_id", "image_uri", "width", "height", "region", "phrase", "score", "source", "spans",
                   "x0", "y0", "x1", "y1", "x0_px", "y0_px", "x1_px", "y1_px"]
 
 
@@ -103,6 +103,7 @@ def explode_regions(table: pa.Table) -> pa.Table:
         "phrase": flat.field("phrase"),
         "score": flat.field("score"),
         "source": flat.field("source"),
+        "spans": flat.field("spans"),
         "x0": pa.array(box[:, 0]), "y0": pa.array(box[:, 1]), "x1": pa.array(box[:, 2]), "y1": pa.array(box[:, 3]),
         "x0_px": pa.array(box[:, 0] * width), "y0_px": pa.array(box[:, 1] * height),
         "x1_px": pa.array(box[:, 2] * width), "y1_px": pa.array(box[:, 3] * height),
@@ -115,7 +116,8 @@ def read_regions(uri: str, explode: bool = True, *, storage_options: Mapping[str
     """Read region-text shards into a pandas DataFrame.
 
     explode=True: one row per region, columns image_id, image_uri, width, height, region (its index
-    in the image's list), phrase, score, source ("caption"/"alt_text"), x0, y0, x1, y1 (normalised
+    in the image's list), phrase, score, source ("caption"/"alt_text"), spans (where the phrase stands in
+    that text: [start, end) pairs; null in shards older than schema 1.3), x0, y0, x1, y1 (normalised
     to [0, 1] of the original image) and x0_px, y0_px, x1_px, y1_px (pixels of the original image).
     Images with no region have no row; use explode=False to see them.
     explode=False: one row per image, the shard's columns (`regions` a list of dicts, the image's

@@ -131,7 +131,7 @@ def test_read_regions_exploded(tmp_path):
     df = vesl.read_regions(str(out))
     assert len(df) == 7
     assert list(df.columns) == ["image_id", "image_uri", "width", "height", "region", "phrase", "score", "source",
-                                "x0", "y0", "x1", "y1", "x0_px", "y0_px", "x1_px", "y1_px"]
+                                "spans", "x0", "y0", "x1", "y1", "x0_px", "y0_px", "x1_px", "y1_px"]
     assert df["image_id"].tolist() == ["a", "a", "a", "c", "d", "d", "e"]
     assert df["region"].tolist() == [0, 1, 2, 0, 0, 1, 0]
     assert "b" not in set(df["image_id"])  # no regions, no row
