@@ -1,4 +1,4 @@
-"""`vesl` command line: annotate, train, inspect, eval, config, sample, models."""
+"""`vesl` command line: annotate, train, export, inspect, eval, config, sample, models."""
 
 from __future__ import annotations
 
@@ -24,7 +24,14 @@ def inspect(argv: list[str]) -> int:
     return inspect_main(argv)
 
 
-PASS_THROUGH = {"annotate": annotate, "train": train, "inspect": inspect}  # subcommands with parsers of their own
+def export(argv: list[str]) -> int:
+    from vesl.export.job import main as export_main
+
+    return export_main(argv)
+
+
+# subcommands with parsers of their own
+PASS_THROUGH = {"annotate": annotate, "train": train, "inspect": inspect, "export": export}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -36,6 +43,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("annotate", help="run the annotate pipeline (see `vesl annotate --help`)")
     sub.add_parser("train", help="train CLOC on region-text shards (see `vesl train --help`)")
+    sub.add_parser("export", help="shards as ODVG, GRIT, COCO, LLaVA-style conversations or an HF dataset "
+                   "(see `vesl export --help`)")
     sub.add_parser("inspect", help="statistics of an annotate OUTPUT, and an HTML report with boxes drawn "
                    "(see `vesl inspect --help`)")
     ev = sub.add_parser("eval", help="region recognition mAcc and region<->text retrieval of a CLOC checkpoint")

@@ -37,6 +37,12 @@ def test_manifest_with_broken_inputs_every_input_a_row_or_a_reject(tmp_path, tin
     assert rows["regions"].map(len).sum() == written["counts"]["regions"] > 0
     assert all(r["source"] in ("caption", "alt_text") and r["phrase"] in set(p)
                for regions, p in zip(rows["regions"], rows["phrases"]) for r in regions)
+    from operators.phrases import phrase_of_text
+
+    spans = [(row[r["source"]], r["phrase"], s) for row in rows.to_dict("records") for r in row["regions"]
+             for s in r["spans"]]  # schema 1.3: every region says where its phrase stands in its text
+    assert spans and all(phrase_of_text(text[a:b]) == phrase for text, phrase, (a, b) in spans)
+    assert all(len(r["spans"]) >= 1 for regions in rows["regions"] for r in regions)
     meta = pq.read_schema(written["files"][0]).metadata
     models = json.loads(meta[b"vesl.models"])
     assert models["detector"]["id"] == str(tiny_dir / "detector")
