@@ -293,3 +293,34 @@ def test_a_webdataset_on_s3_trains_by_ranged_reads_of_its_members(tmp_path, tiny
     assert len(tar_gets) >= 9  # the probe and the training pass read every image they take
     assert all(ranged in members for _, ranged in tar_gets)  # each one exactly a member's bytes
     assert {ranged for _, ranged in tar_gets} == members  # every kept image was read, the dropped one never
+
+
+def test_export_reads_shards_and_writes_its_parts_and_images_on_s3(tmp_path, ray_local, s3_endpoint):
+    """`vesl export` from shards on S3 to a DEST on S3: the parts, the image files beside them (read from the
+    shard's image_location, itself on S3) and the merged file, all through fsspec."""
+    import pyarrow as pa
+    import s3fs
+
+    import vesl
+    from tests.conftest import encode, photo
+    from vesl.export.common import ExportOptions
+    from vesl.export.job import run_export
+
+    fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": s3_endpoint})
+    fs.mkdir("vesl-export")
+    fs.pipe("vesl-export/img/a.png", encode(photo(64, 48, seed=2), "PNG"))
+    options = {"s3": {"key": KEY, "secret": SECRET, "client_kwargs": {"endpoint_url": s3_endpoint}}}
+    row = {"image_id": "a", "image_location": "s3://vesl-export/img/a.png", "width": 64, "height": 48,
+           "caption": "A Red Car on a road.", "alt_text": None, "phrases": ["red car", "road"],
+           "regions": [{"box": [0.1, 0.2, 0.5, 0.6], "phrase": "red car", "score": 0.8, "source": "caption",
+                        "spans": [[2, 9]]}]}
+    vesl.write_regions(pa.Table.from_pylist([row]), "s3://vesl-export/shards", storage_options=options)
+    summary = run_export("s3://vesl-export/shards", "s3://vesl-export/odvg", ExportOptions(format="odvg"),
+                         storage=options)
+    fs.invalidate_cache()
+    assert summary["counts"]["exported"] == 1 and fs.exists("vesl-export/odvg/export.json")
+    [record] = [json.loads(line) for line in fs.cat("vesl-export/odvg/odvg.jsonl").decode().splitlines()]
+    assert record["filename"] == "images/part-00000/a.png"
+    assert fs.cat(f"vesl-export/odvg/{record['filename']}") == fs.cat("vesl-export/img/a.png")
+    [region] = record["grounding"]["regions"]
+    assert record["grounding"]["caption"][slice(*region["tokens_positive"][0])] == "Red Car"

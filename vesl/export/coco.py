@@ -40,7 +40,10 @@ class Coco(Format):
                                     "category_id": self.categories[r["phrase"]], "bbox": box,
                                     "area": round(box[2] * box[3], 2), "iscrowd": 0, "score": round(r["score"], 6),
                                     "phrase": r["phrase"], "source": r["source"]})
-        f.write(json.dumps({"images": images, "annotations": annotations}, ensure_ascii=False).encode())
+        categories = [{"id": i, "name": p, "supercategory": "phrase"}
+                      for p, i in sorted(self.categories.items(), key=lambda c: c[1])]
+        f.write(json.dumps({"images": images, "annotations": annotations, "categories": categories},
+                           ensure_ascii=False).encode())
 
     @classmethod
     def finish(cls, out, parts, options, context):

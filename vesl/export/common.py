@@ -51,6 +51,10 @@ class ExportOptions(BaseModel):
     min_pixels: int = Field(default=56 * 56, ge=1, description="llava qwen2.5-vl: the processor's min_pixels.")
     max_pixels: int = Field(default=28 * 28 * 16384, ge=1, description="llava qwen2.5-vl: the processor's "
                             "max_pixels (boxes are in pixels of the image the model sees).")
+    pixels: Literal["resized", "original"] = Field(
+        default="resized", description="llava qwen2.5-vl: boxes in pixels of the image the model sees (its "
+        "processor's smart_resize, what Qwen2.5-VL answers in) or of the original image (for fine-tuning code "
+        "that rescales boxes itself).")
     merge: bool = Field(default=True, description="Also write the parts as the one file the consumer reads "
                         "(odvg.jsonl, instances.json, llava.json).")
 

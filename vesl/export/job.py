@@ -4,8 +4,9 @@ image files beside it), then the parts become what the consumer reads.
 DEST holds `parts/<shard>.<ext>`, `images/<shard>/<image>.<ext>` (formats that want files),
 the merged file (`odvg.jsonl`, `instances.json`, `llava.json`; HF's `dataset_info.json` and `state.json`),
 `export.json` (settings and counts, written last) and `_vesl_export/` (the settings, a completion record
-per shard, and `skipped/<shard>.jsonl`: every row not exported and why). A shard whose record exists is
-not done again, so a re-run after a failure finishes the rest; DEST refuses an export with other settings.
+per shard, and `skipped/<shard>.jsonl`: every row not exported and why). A shard whose record exists, for
+the same version of the shard file, is not done again, so a re-run after a failure finishes the rest (and a
+shard rewritten since is exported again); DEST refuses an export with other settings.
 """
 
 from __future__ import annotations
@@ -59,20 +60,27 @@ class ShardExport:
 
     def __call__(self, task: dict[str, Any]) -> dict[str, Any]:
         from vesl.core.outdir import OutputDir
+        from vesl.core.storage import filesystem, fingerprint
 
         out = OutputDir(self.dest, self.storage)
         name = task["name"]
+        fs, path = filesystem(task["uri"], self.storage)
+        version = fingerprint(fs.info(path))  # a shard rewritten since (annotate --overwrite) is exported again
         if out.exists(STATE, "done", f"{name}.json"):
-            return {"name": name, "counts": json.dumps(out.read_json(STATE, "done", f"{name}.json")["counts"])}
+            record = out.read_json(STATE, "done", f"{name}.json", what="export record")
+            if record.get("shard_version") == version:
+                return {"name": name, "counts": json.dumps(record["counts"])}
         writer = WRITERS[self.options.format](self.options, self.categories)
         counts, skipped = Counts(), []
         part = f"parts/{name}{writer.part_suffix}"
         with out.staged(part) as f:
             writer.write(f, self.items(task["uri"], name, out, writer, counts, skipped))
+        out.remove(STATE, "skipped", f"{name}.jsonl")
         if skipped:
             with out.staged(STATE, "skipped", f"{name}.jsonl") as f:
                 f.write("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in skipped).encode())
-        out.write_json({"shard": task["uri"], "part": part, "counts": counts.as_dict()}, STATE, "done", f"{name}.json")
+        out.write_json({"shard": task["uri"], "shard_version": version, "part": part, "counts": counts.as_dict()},
+                       STATE, "done", f"{name}.json")
         return {"name": name, "counts": json.dumps(counts.as_dict())}
 
     def items(self, uri: str, name: str, out, writer: Format, counts: Counts, skipped: list) -> Iterator[Item]:
@@ -123,9 +131,16 @@ class ShardExport:
         return item
 
     def read(self, row: Mapping[str, Any]) -> bytes:
+        """The row's image from where the shard says it is (its bytes, else its location, else a file or object
+        image_uri); an image only a web URL holds is not downloaded again."""
         from vesl.core.images import DEFAULT_FETCH_TIMEOUT_S, DEFAULT_MAX_BYTES, ImageRef, read_image
+        from vesl.core.storage import protocol_of
 
-        return read_image(ImageRef.of(row), self.storage, DEFAULT_MAX_BYTES, DEFAULT_FETCH_TIMEOUT_S, self.relocate)
+        ref = ImageRef.of(row)
+        if ref.data is None and not ref.location and ref.uri and protocol_of(ref.uri) in ("http", "https"):
+            raise ValueError(f"the shard holds neither the image's bytes nor its location, only its web URL "
+                             f"{ref.uri}: vesl export does not download it again")
+        return read_image(ref, self.storage, DEFAULT_MAX_BYTES, DEFAULT_FETCH_TIMEOUT_S, self.relocate)
 
     @staticmethod
     def skip(row, reason: str, message: str, counts: Counts, skipped: list) -> None:
@@ -270,6 +285,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--style", choices=STYLES, default="qwen2.5-vl", help="llava: how the boxes are written")
     p.add_argument("--min-pixels", type=int, default=56 * 56, help="llava qwen2.5-vl: the processor's min_pixels")
     p.add_argument("--max-pixels", type=int, default=28 * 28 * 16384, help="llava qwen2.5-vl: its max_pixels")
+    p.add_argument("--pixels", choices=["resized", "original"], default="resized", help="llava qwen2.5-vl: boxes in "
+                   "pixels of the image the model sees (smart_resize) or of the original (for trainers that rescale)")
     p.add_argument("--parts-only", action="store_true", help="leave the parts as they are (no odvg.jsonl, "
                    "instances.json or llava.json): for outputs too big for one file")
     p.add_argument("--relocate", action="append", default=[], metavar="OLD=NEW", help=RELOCATE_HELP)
@@ -286,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = ExportOptions(format=args.format, min_score=args.min_score, max_regions=args.max_regions,
                                 sources=args.sources, min_phrase_count=args.min_phrase_count, style=args.style,
-                                min_pixels=args.min_pixels, max_pixels=args.max_pixels, merge=not args.parts_only)
+                                min_pixels=args.min_pixels, max_pixels=args.max_pixels, pixels=args.pixels,
+                                merge=not args.parts_only)
         summary = run_export(args.output, args.dest, options, relocate=parse_relocations(args.relocate))
     except (ValidationError, ValueError, FileNotFoundError) as e:
         print(f"vesl export: error: {e}", file=sys.stderr)

@@ -7,7 +7,8 @@
 `--style` picks how the boxes are written:
 - `qwen2.5-vl`: a ```json list of {"bbox_2d": [x1, y1, x2, y2], "label": phrase}, in pixels of the image
   Qwen2.5-VL's processor feeds the model (each side rounded to a multiple of 28, the area within
-  `--min-pixels`/`--max-pixels`: its `smart_resize`), which is what its grounding answers are in;
+  `--min-pixels`/`--max-pixels`: its `smart_resize`), which is what its grounding answers are in; with
+  `--pixels original`, in pixels of the original image, for fine-tuning code that rescales boxes itself;
 - `qwen3-vl`: the same list with coordinates relative to the image, integers 0-1000;
 - `shikra`: the grounding text with each phrase followed by its boxes, normalised, 3 decimals:
   "a red car[0.120,0.300,0.480,0.710] beside a dog[0.500,0.420,0.800,0.900;0.010,0.400,0.200,0.800]".
@@ -32,10 +33,10 @@ QUESTIONS = {
 }
 
 
-def json_answer(item: Item, style: str, min_pixels: int, max_pixels: int) -> str:
+def json_answer(item: Item, options) -> str:
     w, h = item.row["width"], item.row["height"]
-    if style == "qwen2.5-vl":
-        rh, rw = smart_resize(h, w, min_pixels, max_pixels)
+    if options.style == "qwen2.5-vl":
+        rh, rw = smart_resize(h, w, options.min_pixels, options.max_pixels) if options.pixels == "resized" else (h, w)
         scale = (rw, rh, rw, rh)
     else:
         scale = (1000, 1000, 1000, 1000)
@@ -68,8 +69,7 @@ class Llava(Format):
     def write(self, f: BinaryIO, items: Iterable[Item]) -> None:
         style = self.options.style
         for item in items:
-            answer = shikra_answer(item) if style == "shikra" else json_answer(
-                item, style, self.options.min_pixels, self.options.max_pixels)
+            answer = shikra_answer(item) if style == "shikra" else json_answer(item, self.options)
             record = {"id": item.row["image_id"], "image": item.file,
                       "conversations": [{"from": "human", "value": QUESTIONS[style].format(text=item.text)},
                                         {"from": "gpt", "value": answer}]}

@@ -100,3 +100,14 @@ def test_options_are_checked():
                 {"format": "llava", "style": "kosmos"}):
         with pytest.raises(ValueError):
             ExportOptions(**bad)
+
+
+def test_an_image_only_a_web_url_holds_is_not_downloaded_again(tmp_path):
+    from vesl.export.job import ShardExport
+
+    exporter = ShardExport(str(tmp_path), ExportOptions(format="coco"), None, None, None)
+    with pytest.raises(ValueError, match="does not download it again"):
+        exporter.read({"image_bytes": None, "image_location": None, "image_uri": "https://example.com/a.jpg"})
+    (tmp_path / "a.jpg").write_bytes(b"jpeg bytes")
+    assert exporter.read({"image_uri": str(tmp_path / "a.jpg")}) == b"jpeg bytes"  # a 1.1 row's file: read there
+    assert exporter.read({"image_bytes": b"inline", "image_uri": "https://example.com/a.jpg"}) == b"inline"

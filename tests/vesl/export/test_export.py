@@ -245,7 +245,8 @@ def test_hf_export_loads_with_typed_features(shards):
             assert_span(row["caption"] if source == "caption" else row["alt_text"], span, phrase)
 
 
-def answer_boxes(answer: str, style: str, width: int, height: int) -> list[tuple[str, list[float]]]:
+def answer_boxes(answer: str, style: str, width: int, height: int,
+                 resized: bool = True) -> list[tuple[str, list[float]]]:
     """(label, normalised box) from a conversation's answer, read as each model family writes them."""
     if style == "shikra":  # the text before each [box;box] ends with the phrase: (that text, box)
         return [(phrase_of_text(re.sub(r"\[[\d.,;]+\]", " ", answer[:m.start()])), [float(v) for v in box.split(",")])
@@ -255,13 +256,16 @@ def answer_boxes(answer: str, style: str, width: int, height: int) -> list[tuple
         return [(o["label"], [v / 1000 for v in o["bbox_2d"]]) for o in objects]
     from vesl.export.common import smart_resize
 
-    rh, rw = smart_resize(height, width, 56 * 56, 28 * 28 * 16384)
+    rh, rw = smart_resize(height, width, 56 * 56, 28 * 28 * 16384) if resized else (height, width)
     return [(o["label"], [v / s for v, s in zip(o["bbox_2d"], (rw, rh, rw, rh))]) for o in objects]
 
 
-@pytest.mark.parametrize("style", ["qwen2.5-vl", "qwen3-vl", "shikra"])
+@pytest.mark.parametrize("style", ["qwen2.5-vl", "qwen2.5-vl-original", "qwen3-vl", "shikra"])
 def test_llava_conversations_give_the_shards_boxes_back(shards, style):
-    dest = export(shards, f"llava-{style}", "--format", "llava", "--style", style)
+    resized = style != "qwen2.5-vl-original"
+    style = style.removesuffix("-original")
+    dest = export(shards, f"llava-{style}-{resized}", "--format", "llava", "--style", style,
+                  *([] if resized else ["--pixels", "original"]))
     truth = shard_regions(shards)
     records = json.loads((dest / "llava.json").read_text())
     assert sorted(r["id"] for r in records) == ["odd/id ..", "rotated", "twice", "upright"]
@@ -270,7 +274,7 @@ def test_llava_conversations_give_the_shards_boxes_back(shards, style):
         human, gpt = record["conversations"]
         assert human["from"] == "human" and human["value"].startswith("<image>\n") and gpt["from"] == "gpt"
         assert shard["caption"] in human["value"] and (dest / record["image"]).is_file()
-        boxes = answer_boxes(gpt["value"], style, shard["width"], shard["height"])
+        boxes = answer_boxes(gpt["value"], style, shard["width"], shard["height"], resized)
         by_phrase = {r["phrase"]: r for r in shard["regions"]}
         if style != "shikra":
             assert [label for label, _ in boxes] == [r["phrase"] for r in sorted(shard["regions"],
@@ -304,6 +308,12 @@ def test_filters_resume_and_a_changed_setting_is_refused(shards, capsys):
     assert (dest / "odvg.jsonl").read_text() == before and summary(dest)["counts"] == first["counts"]
     assert export_main([str(shards / "out"), str(dest), "--format", "odvg"]) == 2
     assert "holds an export with other settings" in capsys.readouterr().err
+    done = json.loads((dest / "_vesl_export" / "done" / "part-000000000.json").read_text())
+    done["shard_version"]["size"] += 1  # as if the shard had been rewritten (annotate --overwrite) since
+    (dest / "_vesl_export" / "done" / "part-000000000.json").write_text(json.dumps(done))
+    (dest / "parts" / "part-000000000.jsonl").write_text("")  # a stale part: it must be written again
+    assert export_main([str(shards / "out"), str(dest), *args]) == 0
+    assert (dest / "odvg.jsonl").read_text() == before
     assert export_main([str(shards / "out"), str(shards / "out" / "data" / "x"), "--format", "odvg"]) == 2
 
 
@@ -316,3 +326,20 @@ def test_a_shard_older_than_1_3_exports_with_spans_found_in_its_text(tmp_path, r
     [(start, end, *_)] = row["noun_chunks"]
     assert row["caption"][int(start):int(end)] == "red circle"
     assert summary(tmp_path / "grit")["counts"]["spans_searched"] == 1
+
+
+def test_each_coco_part_is_a_coco_file_of_its_own(shards):
+    from pycocotools.coco import COCO
+
+    dest = shards / "coco"  # written by the pycocotools test above, or now
+    if not (dest / "export.json").exists():
+        export(shards, "coco", "--format", "coco")
+    parts = sorted((dest / "parts").iterdir())
+    assert len(parts) == 2
+    merged = json.loads((dest / "instances.json").read_text())
+    total = 0
+    for part in parts:
+        coco = COCO(str(part))
+        total += len(coco.getAnnIds())
+        assert {c["name"] for c in coco.dataset["categories"]} >= {c["name"] for c in merged["categories"]}
+    assert total == len(merged["annotations"])
