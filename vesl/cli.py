@@ -1,4 +1,4 @@
-"""`vesl` command line: annotate, train, export, inspect, eval, config, sample, models."""
+"""`vesl` command line: annotate, train, export, serve, inspect, eval, config, sample, models."""
 
 from __future__ import annotations
 
@@ -30,8 +30,14 @@ def export(argv: list[str]) -> int:
     return export_main(argv)
 
 
+def serve(argv: list[str]) -> int:
+    from vesl.serve.job import main as serve_main
+
+    return serve_main(argv)
+
+
 # subcommands with parsers of their own
-PASS_THROUGH = {"annotate": annotate, "train": train, "inspect": inspect, "export": export}
+PASS_THROUGH = {"annotate": annotate, "train": train, "inspect": inspect, "export": export, "serve": serve}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -45,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="train CLOC on region-text shards (see `vesl train --help`)")
     sub.add_parser("export", help="shards as ODVG, GRIT, COCO, LLaVA-style conversations or an HF dataset "
                    "(see `vesl export --help`)")
+    sub.add_parser("serve", help="the pipeline as an online service on Ray Serve (see `vesl serve --help`)")
     sub.add_parser("inspect", help="statistics of an annotate OUTPUT, and an HTML report with boxes drawn "
                    "(see `vesl inspect --help`)")
     ev = sub.add_parser("eval", help="region recognition mAcc and region<->text retrieval of a CLOC checkpoint")

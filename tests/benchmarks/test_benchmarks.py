@@ -149,3 +149,15 @@ def test_real_size_tokenizers_cost_english_prompts_about_what_real_ones_do():
     for text in (SYSTEM_PROMPT, "Describe this image in detail.", alts):
         assert len(qwen.encode(text).ids) <= 1.5 * len(text.split()), text
     assert len(qwen.decode(list(range(150000, 150010))).split()) == 10  # every filler id decodes to a word
+
+
+def test_serve_load_small(tmp_path, tiny_dir):
+    """benchmarks/serve_load.py's small mode: the batch job and `vesl serve` (a real subprocess on loopback) on the
+    same 8 images, the service at two concurrencies, every request answered 200."""
+    out = run_benchmark("serve_load.py", "--small", "--json", str(tmp_path / "serve_load.json"))
+    result = json.loads((tmp_path / "serve_load.json").read_text())
+    assert result["batch"]["rows"] == 8 and result["batch"]["rows_per_s_wall"] > 0
+    assert [r["concurrency"] for r in result["served"]] == [1, 4]
+    assert all(r["statuses"] == {"200": 8} and r["rows_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
+               for r in result["served"])
+    assert "| vesl serve | 4 | 8 |" in out

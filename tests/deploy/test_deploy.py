@@ -19,11 +19,13 @@ DEPLOY = REPO / "deploy"
 IMAGE_ROOT = "/home/ray/vesl"  # WORKDIR of deploy/Dockerfile: the repository's root inside the image
 MANIFESTS = {"RayCluster": DEPLOY / "kuberay" / "raycluster.yaml", "RayJob": DEPLOY / "kuberay" / "rayjob.yaml",
              "RayJob-served": DEPLOY / "kuberay" / "rayjob-served.yaml",
-             "RayService": DEPLOY / "kuberay" / "served.yaml"}
+             "RayService": DEPLOY / "kuberay" / "served.yaml",
+             "RayService-vesl-serve": DEPLOY / "kuberay" / "serve.yaml"}
 SCHEMAS = {"RayCluster": DEPLOY / "crds" / "raycluster.v1.openapi.json",
            "RayJob": DEPLOY / "crds" / "rayjob.v1.openapi.json",
            "RayJob-served": DEPLOY / "crds" / "rayjob.v1.openapi.json",
-           "RayService": DEPLOY / "crds" / "rayservice.v1.openapi.json"}
+           "RayService": DEPLOY / "crds" / "rayservice.v1.openapi.json",
+           "RayService-vesl-serve": DEPLOY / "crds" / "rayservice.v1.openapi.json"}
 
 
 def load(kind: str) -> dict:
@@ -200,3 +202,30 @@ def test_the_served_job_points_its_generation_at_the_rayservice():
     assert not pools.caption.num_gpus and not pools.fuse.num_gpus and pools.detect.num_gpus == 1
     gpu = {g["groupName"]: g for g in load("RayJob-served")["spec"]["rayClusterSpec"]["workerGroupSpecs"]}["gpu"]
     assert gpu["maxReplicas"] == pools.detect.size
+
+
+def test_the_serve_rayservice_builds_vesl_serve_with_the_paper_recipe_on_gpus():
+    """serve.yaml's application is vesl.serve.app:app_builder with args that load: the paper preset (the batch
+    job's label hash), a GPU per replica of the model stages, autoscaling within the GPU group's size."""
+    import importlib
+
+    from vesl.annotate.config import load_config
+
+    doc = load("RayService-vesl-serve")
+    serve = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    [app] = serve["applications"]
+    module, name = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), name)
+    args = dict(app["args"], config=str(REPO / Path(app["args"]["config"]).relative_to(IMAGE_ROOT)))
+    config = load_config(args["config"], args["preset"], [])
+    assert config.label_hash() == load_config(None, "paper", []).label_hash()
+    assert serve["http_options"]["port"] == config.serve.port == 8000
+    pools, scaling = config.ray.pools, config.serve.autoscaling
+    assert all(getattr(pools, s).num_gpus == 1 for s in ("caption", "fuse", "detect")) and not pools.phrases.num_gpus
+    gpu = {g["groupName"]: g for g in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"]}["gpu"]
+    assert gpu["maxReplicas"] == sum(scaling[s]["max_replicas"] for s in ("caption", "fuse", "detect"))
+    assert gpu["minReplicas"] == sum(scaling[s]["min_replicas"] for s in ("caption", "fuse", "detect"))
+    copied = dockerfile_copies((DEPLOY / "Dockerfile").read_text())
+    assert app["args"]["config"].removeprefix(IMAGE_ROOT + "/") in copied  # the image has the config it names
+    application = builder(args)  # what Serve builds (no cluster needed to build it)
+    assert type(application).__name__ == "Application"

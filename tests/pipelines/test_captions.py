@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from schemas.region_text import SCHEMA_VERSION
 from tests.conftest import SAMPLE, encode, photo
 from tests.pipelines.helpers import read_output
 from vesl.annotate.config import load_config
@@ -41,7 +42,7 @@ def test_fusion_runs_where_there_is_something_to_fuse(tmp_path, tiny_dir, ray_lo
     assert "PWNED" not in " ".join(by_id["caption"])  # tiny weights echo nothing of the prompt's data
     shard = pq.read_table(manifest["files"][0])
     assert shard.schema.field("vlm_caption").type == pa.string() == shard.schema.field("caption_source").type
-    assert shard.schema.metadata[b"vesl.schema_version"] == b"1.2"
+    assert shard.schema.metadata[b"vesl.schema_version"] == SCHEMA_VERSION.encode() == b"1.3"
     assert set(json.loads(shard.schema.metadata[b"vesl.models"])) == {"captioner", "fuser", "detector", "spacy"}
     assert [s["stage"] for s in manifest["counts"]["funnel"]] == ["read", "decode", "caption", "fuse", "phrases",
                                                                   "detect"]

@@ -107,6 +107,40 @@ class OutputConfig(Settings):
         return value.lower()
 
 
+class ServeConfig(Settings):
+    """`vesl serve`: the online service's HTTP front, its limits and its deployments (not label settings)."""
+
+    host: str = Field(default="127.0.0.1", description="Address the HTTP proxy listens on (0.0.0.0: every "
+                      "interface, as in a cluster).")
+    port: int = Field(default=8000, ge=1, le=65535)
+    max_body_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    max_images: int = Field(default=16, ge=1, description="Images per request; more get 413.")
+    max_alt_text_chars: int = Field(default=100_000, ge=1, description="A longer alt_text gets 413 (the stages "
+                                    "read its first characters only, as in the batch job).")
+    request_timeout_s: float = Field(default=120.0, gt=0, description="The HTTP proxy answers a request that takes "
+                                     "longer with a timeout status.")
+    max_ongoing_requests: int = Field(default=8, ge=1, description="Requests one ingress replica works on at once.")
+    max_queued_requests: int = Field(default=32, ge=1, description="Requests waiting for an ingress replica; "
+                                     "beyond them a request gets 503 with Retry-After at once (no queue is "
+                                     "unbounded).")
+    stage_max_queued_requests: int = Field(default=128, ge=1, description="Rows waiting for a model stage's "
+                                           "replicas; beyond them the request gets 503 with Retry-After.")
+    retry_after_s: float = Field(default=1.0, ge=0, description="The Retry-After of a 503.")
+    batch_wait_ms: float = Field(default=10.0, ge=0, description="How long a model stage waits to fill a batch "
+                                 "(its batch_size) with concurrent requests' rows.")
+    ingress_replicas: int = Field(default=1, ge=1)
+    replicas: dict[str, int] = Field(default_factory=dict, description="Replicas per model stage, e.g. "
+                                     "{detect: 2}; a stage not named gets its pool size (ray.pools.<stage>).")
+    autoscaling: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Ray Serve autoscaling_config per stage (or 'ingress'), e.g. "
+        "{detect: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 8}}; it replaces replicas.")
+    url_schemes: list[str] = Field(default_factory=lambda: ["http", "https"], description="Schemes an image_url "
+                                   "may have (never file:// or a bare path unless listed: 'file').")
+    allow_internal_addresses: bool = Field(
+        default=False, description="Fetch image_urls whose host is loopback, link-local, private or otherwise "
+        "not public. Off: the service is no proxy into the cluster.")
+
+
 class AnnotateConfigBase(Settings):
     """Base of the annotate config; `annotate_config_class` adds one section per registered stage."""
 
@@ -153,7 +187,7 @@ def annotate_config_class(chain: tuple[type[Stage], ...]) -> type[AnnotateConfig
         default=pools(), description="Per stage: its actor pool (a task stage: its tasks), e.g. ray.pools.caption")))
     model = create_model("AnnotateConfig", __base__=AnnotateConfigBase,
                          **{stage.name: (stage.config_class, stage.config_class()) for stage in chain},
-                         output=(OutputConfig, OutputConfig()), ray=(ray, ray()))
+                         output=(OutputConfig, OutputConfig()), ray=(ray, ray()), serve=(ServeConfig, ServeConfig()))
     model._stages = chain
     return model
 

@@ -13,7 +13,7 @@ from schemas.region_text import REGION_TYPE
 from vesl.annotate.output.writer import MissingColumnError, commit_unit, stage_unit_parts
 from vesl.core.outdir import OutputDir
 
-FOOTER = {"vesl.schema_version": "1.2"}
+FOOTER = {"vesl.schema_version": "1.3"}
 
 
 def finished_batch(drop: str | None = None) -> pa.Table:
