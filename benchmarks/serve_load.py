@@ -115,16 +115,17 @@ def main() -> int:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     service = start_service(port)
+    exit_code = None
     try:
         runs = [load(f"http://127.0.0.1:{port}", bodies, c) for c in levels]
     finally:
-        os.killpg(service.pid, signal.SIGINT)
+        service.send_signal(signal.SIGTERM)  # as Kubernetes stops a pod: the service shuts Serve and Ray down
         try:
-            service.wait(60)
+            exit_code = service.wait(90)
         except subprocess.TimeoutExpired:
             os.killpg(service.pid, signal.SIGKILL)
     result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} CPUs", "preset": "tiny",
-              "batch": batch, "served": runs}
+              "batch": batch, "served": runs, "service_exit_code": exit_code}
     path = args.json or (None if args.small else str(REPO / "benchmarks" / "results" / "serve_load.json"))
     if path:
         Path(path).write_text(json.dumps(result, indent=1) + "\n")

@@ -161,3 +161,4 @@ def test_serve_load_small(tmp_path, tiny_dir):
     assert all(r["statuses"] == {"200": 8} and r["rows_per_s"] > 0 and r["p50_ms"] <= r["p99_ms"]
                for r in result["served"])
     assert "| vesl serve | 4 | 8 |" in out
+    assert result["service_exit_code"] == 0  # SIGTERM stopped the service cleanly

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
+import time
 from typing import Any
 
 APP_NAME = "vesl"
@@ -53,15 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ValidationError, ValueError, FileNotFoundError) as e:
         print(f"vesl serve: error: {e}", file=sys.stderr)
         return 2
-    url = start(config)
-    print(f"vesl serve: {url}/v1/annotate (label hash {config.label_hash()}); GET {url}/healthz, {url}/v1/config. "
-          "Ctrl-C stops it.", flush=True)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    shutdown()
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM (a pod stopping) ends it as Ctrl-C does, at any point
+    try:
+        url = start(config)
+        signal.signal(signal.SIGTERM, _interrupt)  # again: ray.init installs a handler of its own
+        print(f"vesl serve: {url}/v1/annotate (label hash {config.label_hash()}); GET {url}/healthz, {url}/v1/config. "
+              "Ctrl-C stops it.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("vesl serve: stopping", file=sys.stderr, flush=True)
+    finally:
+        shutdown()
     return 0
+
+
+def _interrupt(*_: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def shutdown(*_: Any) -> None:
