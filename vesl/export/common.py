@@ -125,8 +125,8 @@ def region_spans(region: Mapping[str, Any], row: Mapping[str, Any], counts: Coun
     return find_spans(row.get(region["source"]), region["phrase"])
 
 
-def select_regions(row: Mapping[str, Any], options: ExportOptions, counts: Counts) -> list[dict[str, Any]]:
-    """The row's regions to export, best score first, each with `spans` (possibly empty)."""
+def filter_regions(row: Mapping[str, Any], options: ExportOptions, counts: Counts) -> list[dict[str, Any]]:
+    """The row's regions that pass `--sources`, `--min-score` and `--max-regions`, best score first."""
     regions = sorted(row.get("regions") or [], key=lambda r: -r["score"])
     kept = [r for r in regions if r["source"] in options.sources]
     counts.drop("source_not_exported", len(regions) - len(kept))
@@ -135,7 +135,12 @@ def select_regions(row: Mapping[str, Any], options: ExportOptions, counts: Count
     if options.max_regions is not None:
         counts.drop("over_max_regions", max(0, len(scored) - options.max_regions))
         scored = scored[: options.max_regions]
-    return [{**r, "spans": region_spans(r, row, counts)} for r in scored]
+    return scored
+
+
+def select_regions(row: Mapping[str, Any], options: ExportOptions, counts: Counts) -> list[dict[str, Any]]:
+    """The row's regions to export, best score first, each with `spans` (possibly empty)."""
+    return [{**r, "spans": region_spans(r, row, counts)} for r in filter_regions(row, options, counts)]
 
 
 @dataclass

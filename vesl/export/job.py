@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import logging
 import posixpath
 import sys
 from collections.abc import Iterator, Mapping
@@ -27,6 +26,8 @@ from vesl.export.common import (
     Counts,
     ExportOptions,
     add_counts,
+    file_stem,
+    filter_regions,
     grounding_text,
     select_regions,
     upright_image,
@@ -37,7 +38,6 @@ from vesl.export.llava import Llava
 from vesl.export.odvg import Odvg
 from vesl.export.part import Format, Item
 
-log = logging.getLogger("vesl.export")
 WRITERS: dict[str, type[Format]] = {"odvg": Odvg, "grit": Grit, "coco": Coco, "llava": Llava, "hf": Hf}
 STATE = "_vesl_export"
 SHARD_COLUMNS = ["image_id", "image_uri", "image_bytes", "image_location", "image_offset", "image_length", "width",
@@ -47,7 +47,7 @@ SHARD_COLUMNS = ["image_id", "image_uri", "image_bytes", "image_location", "imag
 def shard_name(uri: str, root: str) -> str:
     """A stable part name for shard URI: its path under the shards' folder, '/' as '-', without '.parquet'."""
     rel = uri[len(root):].lstrip("/") if uri.startswith(root) else posixpath.basename(uri)
-    return rel[: -len(".parquet")].replace("/", "-") if rel.endswith(".parquet") else rel.replace("/", "-")
+    return rel.removesuffix(".parquet").replace("/", "-")
 
 
 class ShardExport:
@@ -119,8 +119,6 @@ class ShardExport:
 
                 return self.skip(row, "image_unreadable", failure_text(e)[:500], counts, skipped)
             counts.images_reoriented += turned
-            from vesl.export.common import file_stem
-
             item.file = f"images/{name}/{file_stem(row['image_id'])}{ext}"
             if writer.wants_files:
                 with out.open(item.file, mode="wb") as f:
@@ -151,13 +149,14 @@ class ShardExport:
 
 
 def phrase_counts(task: dict[str, Any], options: ExportOptions, storage) -> list[dict[str, Any]]:
-    """(phrase, regions) of one shard, after the region filters: what the COCO categories are cut from."""
+    """(phrase, regions) of one shard, after the region filters: what the COCO categories are cut from (no spans
+    are needed for that, so none are looked for)."""
     from vesl.shards.read import iter_tables
 
     found: dict[str, int] = {}
-    for _, table, _ in iter_tables([task["uri"]], ["image_id", "caption", "alt_text", "regions"], storage):
+    for _, table, _ in iter_tables([task["uri"]], ["image_id", "regions"], storage):
         for row in table.to_pylist():
-            for r in select_regions(row, options, Counts()):
+            for r in filter_regions(row, options, Counts()):
                 found[r["phrase"]] = found.get(r["phrase"], 0) + 1
     return [{"phrase": p, "regions": n} for p, n in found.items()]
 
@@ -173,11 +172,12 @@ def _phrases_of(task: dict[str, Any], options: ExportOptions, storage) -> list[d
 def shard_tasks(source: str, storage) -> list[dict[str, str]]:
     """One task per shard of SOURCE (an annotate OUTPUT, a folder of shards, one shard), in order."""
     from vesl.core.outdir import find_shards
+    from vesl.core.storage import uri_prefix
 
     uris = find_shards(source, storage)
-    root = posixpath.dirname(uris[0]) if len(uris) == 1 else posixpath.commonpath(
-        [u.split("://", 1)[-1] for u in uris])
-    root = uris[0][: len(uris[0]) - len(uris[0].split("://", 1)[-1])] + root if "://" in uris[0] else root
+    prefix = uri_prefix(uris[0])
+    paths = [u[len(prefix):] for u in uris]
+    root = prefix + (posixpath.dirname(paths[0]) if len(paths) == 1 else posixpath.commonpath(paths))
     tasks = [{"uri": u, "name": shard_name(u, root)} for u in uris]
     if len({t["name"] for t in tasks}) != len(tasks):
         raise ValueError(f"{source}: two shards would give one part name; export their folders one at a time")

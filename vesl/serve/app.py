@@ -18,7 +18,6 @@ Backpressure: the ingress takes `serve.max_ongoing_requests` at once per replica
 # class-based view, which cannot resolve string annotations
 
 import asyncio
-import logging
 from typing import Any
 
 import pyarrow as pa
@@ -38,8 +37,6 @@ from vesl.serve.requests import (
     parse_body,
     reject_body,
 )
-
-log = logging.getLogger("vesl.serve")
 
 
 def stage_class(name: str):
@@ -102,7 +99,6 @@ class Pipeline:
         self.decode = decode(config.stage_config(decode), storage_options=options, drop=drops[decode.name])
         self.handles = [handles[s.name] for s in chain[1:]]
         self.limits = limits_of(config)
-        self.retry_after_s = config.serve.retry_after_s
 
     async def row(self, row: dict[str, Any]) -> dict[str, Any]:
         """ROW (a reader row) through every stage: the finished row, its reject columns set if one rejected it."""
