@@ -21,24 +21,31 @@ machine's CPU); --steps sets the schedule's length.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 def vesl(*args: str) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "vesl.cli", *args], cwd=REPO, env=env, text=True,
-                          capture_output=True)
-    if done.returncode != 0:
-        sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
-        raise SystemExit(f"vesl {args[0]} failed with exit code {done.returncode}")
-    return done.stdout
+    """`vesl ARGS` in this process (the trainings join one Ray: the caller's, or the one the first starts): what
+    it printed on stdout."""
+    from vesl.cli import main as cli
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli(list(args))
+    if code != 0:
+        sys.stderr.write(printed.getvalue()[-4000:])
+        raise SystemExit(f"vesl {args[0]} failed with exit code {code}")
+    return printed.getvalue()
 
 
 RUNS = {  # name: (lambda, extra settings)
@@ -75,7 +82,7 @@ def evaluate(shards: Path, checkpoint: Path, classes: Path, baseline: bool) -> d
     return json.loads(vesl(*args, *(["--baseline"] if baseline else [])))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--train-images", type=int, default=20000)
     p.add_argument("--test-images", type=int, default=500)
@@ -88,7 +95,7 @@ def main() -> int:
     p.add_argument("--json", default=None, help="default: benchmarks/results/cloc_synthetic.json (--small: in --work)")
     p.add_argument("--small", action="store_true", help="a few images and steps of every run: a quick check that the "
                    "benchmark runs end to end, not a measurement")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.small:
         args.train_images, args.test_images, args.steps, args.minutes = 200, 40, 10, 2.0
         args.runs = "cloc"

@@ -480,7 +480,7 @@ def default_json(device_name: str) -> Path:
     return REPO / "benchmarks" / "results" / f"gpu_check-{slug}-{dt.date.today().isoformat()}.json"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--json", default=None, help="default: benchmarks/results/gpu_check-<gpu>-<date>.json "
                    "(--tiny: not written)")
@@ -492,7 +492,7 @@ def main() -> int:
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--tiny", action="store_true", help="the tiny models on the CPU, two batch sizes, a few items: "
                    "checks the script end to end, measures nothing")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.stages = [s for s in args.stages.split(",") if s]
     if unknown := [s for s in args.stages if s not in STAGES]:
         p.error(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")

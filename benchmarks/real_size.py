@@ -113,7 +113,7 @@ def tokens_per_row(out: Path, run: dict) -> dict[str, dict[str, float]]:
     return found
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", help="the model stages' device (cpu, cuda, auto)")
     p.add_argument("--images", type=int, default=4)
@@ -121,7 +121,7 @@ def main() -> int:
     p.add_argument("--models", default=None, help="folder of the built models (kept between runs; default "
                    "~/.cache/vesl/real-size-models)")
     p.add_argument("--tiny", action="store_true", help="the tiny preset's models instead: checks the script")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from vesl.annotate.config import load_config
 
     started = time.perf_counter()

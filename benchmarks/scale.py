@@ -44,7 +44,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-os.environ["RAY_AUTH_MODE"] = "disabled"  # one local cluster, joined by the benchmark and each job (README)
 BASELINE = "b2abc0e519632a096ad0249ab7715f54f9301d06"  # the last commit before work units
 # The driver wrapper: runs `vesl annotate ...` and prints its own peak RSS (VmHWM, KiB) on stderr when it
 # ends (not ru_maxrss: Linux keeps the forking parent's high-water mark across exec).
@@ -151,7 +150,21 @@ def baseline_worktree(commit: str, where: Path) -> Path | None:
     return where
 
 
-def main() -> int:
+def start_ray(work: Path) -> bool:
+    """One local Ray for the benchmark (or the caller's, when main() is called on a Ray already started), joined by
+    each job by its own GCS address (as under `ray job submit`); "auto" could join another Ray running on this
+    machine, and `ray stop` would stop that one too. Returns whether it started one."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # the benchmark's cluster, joined by it and each job (README)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             _temp_dir=str(work / "ray"))
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--inputs", type=int, nargs="+", default=[1_000_000, 4_000_000])
     p.add_argument("--unit-rows", type=int, default=10_000)
@@ -159,7 +172,7 @@ def main() -> int:
     p.add_argument("--json", help="write the figures here")
     p.add_argument("--small", action="store_true", help="a quick check: 2,000 and 4,000 inputs, units of 500, "
                    "no baseline")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.small:
         args.inputs, args.unit_rows, args.baseline = [2_000, 4_000], 500, "none"
 
@@ -168,11 +181,8 @@ def main() -> int:
     from vesl.annotate.config import load_config
 
     work = Path(tempfile.mkdtemp(prefix="vesl-scale-"))
-    env = {**os.environ}
-    # one local Ray for the benchmark, joined by each job by its own GCS address (as under `ray job submit`);
-    # "auto" could join another Ray running on this machine, and `ray stop` would stop that one too
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(work / "ray"))
+    own_ray = start_ray(work)
+    env = {**os.environ}  # the jobs join as this process did
     try:
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         config = load_config(preset_name="tiny", overrides=[f"input.unit_rows={args.unit_rows}"])
@@ -196,7 +206,8 @@ def main() -> int:
         print(f"benchmark failed: {e!r}", file=sys.stderr, flush=True)
         raise
     finally:
-        ray.shutdown()
+        if own_ray:
+            ray.shutdown()
         if (work / "baseline").exists():
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(work / "baseline")],
                            capture_output=True)

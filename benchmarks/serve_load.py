@@ -98,13 +98,13 @@ def load(url: str, bodies: list[dict], concurrency: int) -> dict:
             "rows_per_s": round(len(ok) / wall, 2), **quantile, "statuses": statuses}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=96)
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--small", action="store_true", help="8 requests, concurrency 1 and 4: checks the script")
     p.add_argument("--json", default=None, help="default: benchmarks/results/serve_load.json (--small: not written)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     n, levels = (8, [1, 4]) if args.small else (args.requests, [int(c) for c in args.concurrency.split(",")])
     items = sample_items(n)
     with tempfile.TemporaryDirectory() as tmp:

@@ -110,13 +110,13 @@ def stages(tiny: Path, backend: str, endpoint: str | None, concurrency: int) -> 
     return {"caption": caption, "fuse": fuse}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=48)
     p.add_argument("--concurrency", default="1,4,16")
     p.add_argument("--small", action="store_true", help="8 rows, concurrency 1 and 4: checks the script")
     p.add_argument("--json", default=None, help="default: benchmarks/results/serving.json (--small: not written)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.small:
         args.rows, args.concurrency = 8, "1,4"
     from vesl.fixtures.tiny import build_tiny_models, tiny_models_dir

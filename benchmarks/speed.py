@@ -338,7 +338,7 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", default="preprocess,phrases,pipeline,memory")
     p.add_argument("--preprocess-images", type=int, default=48)
@@ -350,7 +350,7 @@ def main() -> int:
     p.add_argument("--json", default=None, help="default: benchmarks/results/speed.json (--small: in --work)")
     p.add_argument("--small", action="store_true", help="every section on a few images: a quick check that the "
                    "benchmark runs, not a measurement")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.small:
         # the memory runs are the pipeline's own two runs (12 and 48 images), not two more
         args.preprocess_images, args.phrase_texts, args.pipeline_images, args.memory_images = 8, 100, 48, "12,48"

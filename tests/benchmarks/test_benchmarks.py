@@ -1,8 +1,12 @@
 """Every benchmark's small mode runs end to end and prints its table, so a change underneath one fails
-here rather than the next time someone measures (the figures of a small run mean nothing)."""
+here rather than the next time someone measures (the figures of a small run mean nothing). The small modes
+run in this process (their `main`), on the session's Ray where they use one; each script's command line is
+checked once (`--help`), and gpu_check's whole small mode runs as the GPU machine runs it, through its shell
+wrapper without Ray."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,18 +17,31 @@ import pytest
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
+BENCHMARKS = ("speed", "scale", "cloc_synthetic", "gpu_check", "serving", "real_size", "serve_load")
 
 
-def run_benchmark(script: str, *args: str, timeout: int = 900) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, env=env, text=True,
-                          capture_output=True, timeout=timeout)
-    assert done.returncode == 0, f"{script} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    return done.stdout
+def run_benchmark(name: str, capsys, *args: str) -> str:
+    """benchmarks/NAME.py's main(ARGS) in this process: what it printed."""
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    code = module.main(list(args))
+    printed = capsys.readouterr()
+    assert code == 0, f"{name} failed ({code}):\n{printed.out[-3000:]}\n{printed.err[-5000:]}"
+    return printed.out
 
 
-def test_speed_small(tmp_path, tiny_dir):
-    out = run_benchmark("speed.py", "--small", "--work", str(tmp_path))
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_script_answers_on_its_command_line(name):
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), "--help"], cwd=REPO,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("usage: ") and "--help" in done.stdout
+
+
+def test_speed_small(tmp_path, tiny_dir, capsys):
+    out = run_benchmark("speed", capsys, "--small", "--work", str(tmp_path))
     for heading in ("1. OWLv2 preprocessing", "2. phrase stage", "3. whole pipeline", "4. peak memory"):
         assert heading in out
     figures = json.loads((tmp_path / "speed.json").read_text())
@@ -32,16 +49,16 @@ def test_speed_small(tmp_path, tiny_dir):
     assert figures["phrases"]["naive_texts_s"] > 0 and figures["preprocess"]["640x480"]["max_abs_diff"] < 1e-5
 
 
-def test_scale_small(tmp_path, tiny_dir):
-    out = run_benchmark("scale.py", "--small", "--json", str(tmp_path / "scale.json"))
+def test_scale_small(tmp_path, tiny_dir, ray_local, capsys):
+    out = run_benchmark("scale", capsys, "--small", "--json", str(tmp_path / "scale.json"))
     assert "No-op re-run of a finished job" in out
     runs = json.loads((tmp_path / "scale.json").read_text())["runs"]
     assert [(r["inputs"], r["units"], r["processed"], r["rows"]) for r in runs] == [(2000, 4, 0, 2000),
                                                                                    (4000, 8, 0, 4000)]
 
 
-def test_cloc_synthetic_small(tmp_path, tiny_dir):
-    out = run_benchmark("cloc_synthetic.py", "--small", "--work", str(tmp_path))
+def test_cloc_synthetic_small(tmp_path, tiny_dir, ray_local, capsys):
+    out = run_benchmark("cloc_synthetic", capsys, "--small", "--work", str(tmp_path))
     assert "CLOC (lambda=1), Prompter" in out and "CLOC (lambda=1), RoI pooling" in out
     results = json.loads((tmp_path / "cloc_synthetic.json").read_text())["results"]
     assert all(0.0 <= r["eval"]["mAcc"] <= 1.0 for r in results)
@@ -96,9 +113,9 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_without_ray(tmp_path, tiny_dir):
     assert "one 8-GPU node" in done.stdout and "naive HF loop" in done.stdout
 
 
-def test_serving_small(tmp_path, tiny_dir):
+def test_serving_small(tmp_path, tiny_dir, capsys):
     """benchmarks/serving.py's small mode: both backends on the same rows, the served one at two concurrencies."""
-    out = run_benchmark("serving.py", "--small", "--json", str(tmp_path / "serving.json"))
+    out = run_benchmark("serving", capsys, "--small", "--json", str(tmp_path / "serving.json"))
     runs = json.loads((tmp_path / "serving.json").read_text())["runs"]
     assert [(r["stage"], r["backend"], r["concurrency"]) for r in runs] == [
         ("caption", "local", None), ("fuse", "local", None), ("caption", "openai", 1), ("fuse", "openai", 1),
@@ -108,10 +125,10 @@ def test_serving_small(tmp_path, tiny_dir):
     assert "client CPU ms/row" in out
 
 
-def test_real_size_runs_the_paper_job_with_the_tiny_models(tmp_path, tiny_dir):
+def test_real_size_runs_the_paper_job_with_the_tiny_models(tmp_path, tiny_dir, capsys):
     """The real-size benchmark's script, end to end on the tiny models: the paper preset's job, every
     stage's figures, the JSON keys its results are read by."""
-    out = run_benchmark("real_size.py", "--tiny", "--images", "2", "--json", str(tmp_path / "real.json"),
+    out = run_benchmark("real_size", capsys, "--tiny", "--images", "2", "--json", str(tmp_path / "real.json"),
                         "--models", str(tiny_dir))
     figures = json.loads((tmp_path / "real.json").read_text())
     assert (figures["rows"], figures["rejects"]) == (2, 0) and "rows 2, rejects 0" in out
@@ -151,10 +168,10 @@ def test_real_size_tokenizers_cost_english_prompts_about_what_real_ones_do():
     assert len(qwen.decode(list(range(150000, 150010))).split()) == 10  # every filler id decodes to a word
 
 
-def test_serve_load_small(tmp_path, tiny_dir):
+def test_serve_load_small(tmp_path, tiny_dir, capsys):
     """benchmarks/serve_load.py's small mode: the batch job and `vesl serve` (a real subprocess on loopback) on the
     same 8 images, the service at two concurrencies, every request answered 200."""
-    out = run_benchmark("serve_load.py", "--small", "--json", str(tmp_path / "serve_load.json"))
+    out = run_benchmark("serve_load", capsys, "--small", "--json", str(tmp_path / "serve_load.json"))
     result = json.loads((tmp_path / "serve_load.json").read_text())
     assert result["batch"]["rows"] == 8 and result["batch"]["rows_per_s_wall"] > 0
     assert [r["concurrency"] for r in result["served"]] == [1, 4]

@@ -147,6 +147,27 @@ def test_a_new_stage_gets_config_pools_funnel_and_label_hash_with_no_other_edit(
 
 
 @pytest.mark.slow
+def test_a_config_pickles_with_its_own_stages_not_the_registry_s_at_import(with_upper):
+    """Ray ships the config to its workers with cloudpickle: in another process, whose registry is the one at
+    import, a config made for a chain registered later arrives with that chain."""
+    import subprocess
+    import sys
+
+    from ray import cloudpickle
+
+    from vesl.annotate.config import load_config
+
+    config = load_config(overrides=["upper.refuse=sofa", "detect.threshold=0.3"])
+    unpickle = ("import pickle, sys; c = pickle.loads(sys.stdin.buffer.read()); "
+                "print([s.name for s in c.active_stages()], c.upper.refuse, c.detect.threshold, c.label_hash())")
+    done = subprocess.run([sys.executable, "-c", unpickle], input=cloudpickle.dumps(config), cwd=REPO,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.decode().split() == ["['decode',", "'caption',", "'fuse',", "'upper',", "'phrases',",
+                                            "'detect']", "sofa", "0.3", config.label_hash()]
+
+
+@pytest.mark.slow
 def test_a_new_stage_runs_in_the_annotate_job_with_no_other_edit(with_upper, tmp_path, tiny_dir, ray_local):
     """The real job on the sample: the wiring puts the stage before the phrases in an actor pool of its
     own, its rejects are accounted, and the funnel and the manifest's pools list it."""

@@ -73,10 +73,9 @@ def assert_stage_figures_add_up_to_the_funnel(manifest, config):
     assert "rows/s" in format_summary(stats) and "decode" in format_summary(stats)
 
 
-def test_pandas_reads_the_shards_with_schema_v1_types(tmp_path, tiny_dir, ray_local):
-    config = load_config(preset_name="tiny", overrides=["decode.embed_images=true"])
-    run_annotate(str(SAMPLE / "manifest.jsonl"), str(tmp_path / "out"), config)
-    df = pd.read_parquet(tmp_path / "out" / "data")
+def test_pandas_reads_the_shards_with_schema_v1_types(sample_output):
+    """The shared sample OUTPUT (tiny models, images embedded: tests/conftest.py SAMPLE_SETTINGS)."""
+    df = pd.read_parquet(sample_output / "data")
     assert list(df.columns) == ["image_id", "image_uri", "image_bytes", "image_location", "image_offset",
                                 "image_length", "width", "height", "alt_text", "caption", "vlm_caption",
                                 "caption_source", "phrases", "regions"]
@@ -87,11 +86,13 @@ def test_pandas_reads_the_shards_with_schema_v1_types(tmp_path, tiny_dir, ray_lo
     assert box.dtype.name == "float32" and len(box) == 4
 
 
-def test_img2dataset_parquet_with_embedded_bytes_and_webdataset_tars(tmp_path, tiny_dir, ray_local):
+def test_img2dataset_parquet_with_embedded_bytes_and_webdataset_tars(tmp_path, model_free, ray_local):
+    """The readers (the model-free chain: tests/pipelines/test_img2dataset.py runs these layouts, as the real
+    img2dataset writes them, through the tiny models)."""
     images = [encode(photo(40 + i * 7, 30, seed=i)) for i in range(3)]
     pq.write_table(pa.table({"key": ["k0", "k1", "k2"], "jpg": images, "caption": ["a dog", "", None]}),
                    tmp_path / "shard.parquet")
-    config = load_config(preset_name="tiny")
+    config = load_config()
     run_annotate(str(tmp_path / "shard.parquet"), str(tmp_path / "out1"), config)
     rows, rejects, manifest = read_output(tmp_path / "out1")
     assert_accounted(rows, rejects, manifest, {"k0": None, "k1": None, "k2": None})
@@ -114,11 +115,11 @@ def test_img2dataset_parquet_with_embedded_bytes_and_webdataset_tars(tmp_path, t
     assert_accounted(rows, rejects, manifest, {k: None for k in ("000000000", "000000001", "000010000", "000010001")})
 
 
-def test_an_existing_output_is_refused_unless_overwrite(tmp_path, tiny_dir, ray_local):
+def test_an_existing_output_is_refused_unless_overwrite(tmp_path, model_free, ray_local):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(OutputConflictError, match="holds no vesl run"):
-        run_annotate(str(SAMPLE / "manifest.jsonl"), str(tmp_path / "out"), load_config(preset_name="tiny"))
+        run_annotate(str(SAMPLE / "manifest.jsonl"), str(tmp_path / "out"), load_config())
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]  # as it was: not even a lease left
 
 
@@ -143,7 +144,7 @@ def test_the_script_entry_point_on_a_manifest(tmp_path, tiny_dir):
     assert_accounted(rows, rejects, manifest_json, EXPECTED)
 
 
-def test_a_missing_input_leaves_output_untouched(tmp_path, tiny_dir, ray_local):
+def test_a_missing_input_leaves_output_untouched(tmp_path, model_free, ray_local):
     with pytest.raises(FileNotFoundError):
-        run_annotate(str(tmp_path / "no-such-manifest.jsonl"), str(tmp_path / "out"), load_config(preset_name="tiny"))
+        run_annotate(str(tmp_path / "no-such-manifest.jsonl"), str(tmp_path / "out"), load_config())
     assert not (tmp_path / "out").exists()

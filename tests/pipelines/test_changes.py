@@ -1,6 +1,7 @@
 """Nothing destroyed, nothing silently lost, end to end: an OUTPUT that is the input, an input changed
 under a finished run, a FIFO among the images, a damaged plan or record, leftovers of interrupted
-writes, a run that lost its lease, and a read that hangs."""
+writes, a run that lost its lease, and a read that hangs. These test the run machinery, not labels: they
+run the model-free stage chain (tests/pipelines/model_free.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,11 +19,10 @@ import pytest
 
 from tests.conftest import REPO, encode, photo
 from tests.pipelines.helpers import read_output
-from tests.pipelines.test_failures import many_images, script_env
+from tests.pipelines.model_free import job_command, job_env
+from tests.pipelines.test_failures import many_images
 from vesl.annotate.job import main
 from vesl.errors import EXIT_FAILED, EXIT_LEASE_LOST, EXIT_OK, EXIT_USAGE
-
-SCRIPT = str(REPO / "pipelines" / "annotate.py")
 
 
 def error_line(err: str) -> str:
@@ -33,13 +32,14 @@ def error_line(err: str) -> str:
 
 
 def annotate(capfd, *args: str) -> tuple[int, str, str]:
-    """`vesl annotate ARGS --preset tiny` in this process: (exit code, stdout, stderr)."""
-    code = main([*args, "--preset", "tiny"])
+    """`vesl annotate ARGS` in this process (the model-free chain: the `model_free` fixture): (exit code, stdout,
+    stderr)."""
+    code = main(list(args))
     out, err = capfd.readouterr()
     return code, out, err
 
 
-def test_an_output_that_is_the_input_is_refused_before_anything_is_deleted(tmp_path, capfd):
+def test_an_output_that_is_the_input_is_refused_before_anything_is_deleted(tmp_path, model_free, capfd):
     images = tmp_path / "photos"
     images.mkdir()
     for k in range(3):
@@ -52,7 +52,7 @@ def test_an_output_that_is_the_input_is_refused_before_anything_is_deleted(tmp_p
         assert sorted(p.name for p in images.iterdir()) == before  # nothing deleted, nothing written
 
 
-def test_a_changed_manifest_is_refused_and_overwrite_labels_it_as_it_is(tmp_path, tiny_dir, ray_local, capfd,
+def test_a_changed_manifest_is_refused_and_overwrite_labels_it_as_it_is(tmp_path, model_free, ray_local, capfd,
                                                                          monkeypatch):
     manifest = many_images(tmp_path / "in", 8)
     out = str(tmp_path / "out")
@@ -93,7 +93,7 @@ def test_a_changed_manifest_is_refused_and_overwrite_labels_it_as_it_is(tmp_path
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
-def test_an_edited_csv_or_parquet_manifest_is_refused(tmp_path, tiny_dir, ray_local, capfd, suffix):
+def test_an_edited_csv_or_parquet_manifest_is_refused(tmp_path, model_free, ray_local, capfd, suffix):
     jsonl = many_images(tmp_path / "in", 6)
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     manifest = tmp_path / "in" / f"manifest{suffix}"
@@ -108,7 +108,7 @@ def test_an_edited_csv_or_parquet_manifest_is_refused(tmp_path, tiny_dir, ray_lo
     assert code == EXIT_USAGE and f"{manifest}: shrunk" in error_line(err)
 
 
-def test_a_fifo_among_the_images_is_a_reject_and_the_rest_is_written(tmp_path, tiny_dir, ray_local, capfd):
+def test_a_fifo_among_the_images_is_a_reject_and_the_rest_is_written(tmp_path, model_free, ray_local, capfd):
     images = tmp_path / "photos"
     images.mkdir()
     for k in range(3):
@@ -124,7 +124,7 @@ def test_a_fifo_among_the_images_is_a_reject_and_the_rest_is_written(tmp_path, t
     assert "is a FIFO, not a regular file" in " ".join(rejects.message)
 
 
-def test_a_damaged_plan_or_record_is_named_and_a_replan_must_match_the_records(tmp_path, tiny_dir, ray_local,
+def test_a_damaged_plan_or_record_is_named_and_a_replan_must_match_the_records(tmp_path, model_free, ray_local,
                                                                              capfd):
     manifest = many_images(tmp_path / "in", 8)
     out = tmp_path / "out"
@@ -180,15 +180,15 @@ def session_pids(sid: int) -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_run_stopped_past_its_lease_stops_with_one_line_and_its_own_exit_code(tmp_path, tiny_dir):
+def test_a_run_stopped_past_its_lease_stops_with_one_line_and_its_own_exit_code(tmp_path):
     """SIGSTOP a run mid-way for longer than its lease's TTL; another run takes OUTPUT over; SIGCONT: the
     first stops with 'lease lost to RUN at HOST' and exit 7, the second finishes, every id once."""
     manifest = many_images(tmp_path / "in", 60)
     out = tmp_path / "out"
-    env = script_env(tiny_dir)
-    command = [sys.executable, SCRIPT, str(manifest), str(out), "--preset", "tiny", "--set", "input.unit_rows=4",
-               "--set", "output.lease_ttl_s=3"]
-    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    env = job_env()
+    command = job_command(str(manifest), str(out), "--set", "input.unit_rows=4", "--set", "output.lease_ttl_s=3",
+                          "--set", "label.delay_s=0.1", "--set", "label.batch_size=1")  # a run of some seconds
+    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None and not list((out / "_vesl" / "units").glob("*.json")):
@@ -199,8 +199,8 @@ def test_a_run_stopped_past_its_lease_stops_with_one_line_and_its_own_exit_code(
         os.kill(pid, signal.SIGSTOP)
     try:
         time.sleep(4)  # silent for longer than its TTL
-        second = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  start_new_session=True)
+        second = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, start_new_session=True)
         while time.time() < deadline and second.poll() is None and not (out / "_lease" / "00000002.json").exists():
             time.sleep(0.1)
         assert (out / "_lease" / "00000002.json").exists(), second.communicate()[1][-2000:]
@@ -219,9 +219,10 @@ def test_a_run_stopped_past_its_lease_stops_with_one_line_and_its_own_exit_code(
 
 
 @pytest.mark.slow
-def test_the_watchdog_stops_a_read_that_hangs_and_says_where(tmp_path, tiny_dir):
+def test_the_watchdog_stops_a_read_that_hangs_and_says_where(tmp_path):
     """An image server that accepts and never answers, a fetch timeout far longer than the watchdog's: the
-    run stops after ray.no_progress_timeout_s with the step that is stuck, not never."""
+    run stops after ray.no_progress_timeout_s with the step that is stuck, not never. (A process of its own: the
+    hung read would hold a CPU of the session's Ray long after the job stopped.)"""
     import socket
 
     silent = socket.socket()
@@ -232,9 +233,9 @@ def test_the_watchdog_stops_a_read_that_hangs_and_says_where(tmp_path, tiny_dir)
         f.write(json.dumps({"id": "hangs", "image": f"http://127.0.0.1:{silent.getsockname()[1]}/x.jpg"}) + "\n")
     try:
         started = time.monotonic()
-        proc = subprocess.run([sys.executable, SCRIPT, str(manifest), str(tmp_path / "out"), "--preset", "tiny",
-                               "--set", "decode.fetch_timeout_s=600", "--set", "ray.no_progress_timeout_s=10"],
-                              env=script_env(tiny_dir), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(job_command(str(manifest), str(tmp_path / "out"), "--set", "decode.fetch_timeout_s=600",
+                                          "--set", "ray.no_progress_timeout_s=10"),
+                              cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
         took = time.monotonic() - started
     finally:
         silent.close()

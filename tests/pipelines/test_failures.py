@@ -38,12 +38,12 @@ def many_images(root: Path, n: int) -> Path:
     return root / "manifest.jsonl"
 
 
-def test_hostile_manifest_every_valid_image_a_row_every_broken_one_a_specific_reject(tmp_path, tiny_dir):
+def test_hostile_manifest_every_valid_image_a_row_every_broken_one_a_specific_reject(tmp_path, tiny_dir, ray_local):
+    """The hostile sample through the tiny models (a 2000x3 image through OWLv2's padding, an 80,000-character
+    alt-text through the fuser and spaCy)."""
     manifest, expected = write_hostile_sample(tmp_path / "in")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, SCRIPT, str(manifest), str(out), "--preset", "tiny"],
-                          env=script_env(tiny_dir), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_annotate(str(manifest), str(out), load_config(preset_name="tiny"))
     rows, rejects, result = read_output(out)
     valid = {k for k, v in expected.items() if v is None}
     assert set(rows["image_id"]) == valid and len(rows) == len(valid)
@@ -177,18 +177,19 @@ def _model_actor_pids(name: str) -> set[int]:
     return pids_where(lambda proc: name.encode() in (proc / "cmdline").read_bytes())
 
 
-def test_a_killed_model_actor_is_restarted_and_the_run_completes(tmp_path, tiny_dir, ray_local):
+def test_a_killed_model_actor_is_restarted_and_the_run_completes(tmp_path, model_free, ray_local):
+    """The labelling stage's actor (the model-free chain's, its rows taking 0.2 s each as a model's would) is
+    killed once a shard is written: Ray restarts it and every input is still accounted for once."""
     manifest = many_images(tmp_path / "in", 24)
     out = tmp_path / "out"
-    config = load_config(preset_name="tiny", overrides=[
-        "output.rows_per_part=2", "decode.batch_size=2", "caption.batch_size=2", "phrases.batch_size=2",
-        "detect.batch_size=2", "input.block_rows=2"])
+    config = load_config(overrides=["output.rows_per_part=2", "decode.batch_size=2", "label.batch_size=2",
+                                    "label.delay_s=0.2", "input.block_rows=2"])
     killed: list[int] = []
 
     def kill_detector_once():
         deadline = time.time() + 300
         while time.time() < deadline and not killed:
-            pids = _model_actor_pids("MapBatches(DetectRegions)")
+            pids = _model_actor_pids("MapBatches(LabelFromPixels)")
             if pids and list((out / "data").glob("*.parquet")):
                 for pid in pids:
                     os.kill(pid, signal.SIGKILL)

@@ -1,5 +1,7 @@
 """Nothing silent, nothing doubled: one writer per OUTPUT, repair of doubled rows, state files that name
-themselves when broken, and one clear line with its own exit code for every failure a user can act on."""
+themselves when broken, and one clear line with its own exit code for every failure a user can act on. These
+test the run machinery, not labels: they run the model-free stage chain (tests/pipelines/model_free.py), in
+this process or, where the process boundary is the subject (two drivers, signals), as a process of its own."""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,20 +17,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, settle_ray
 from tests.pipelines.helpers import read_output
-from tests.pipelines.test_failures import many_images, script_env
+from tests.pipelines.model_free import job_command, job_env
+from tests.pipelines.test_failures import many_images
 from vesl.annotate.config import load_config
 from vesl.annotate.job import main, run_annotate
 from vesl.errors import EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_UNREACHABLE, EXIT_USAGE
 
 pytestmark = pytest.mark.slow
-SCRIPT = str(REPO / "pipelines" / "annotate.py")
 
 
 def start(manifest: Path, out: Path, env: dict, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, SCRIPT, str(manifest), str(out), "--preset", "tiny", *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    """The annotate job with the model-free chain, as a process of its own (its own local Ray)."""
+    return subprocess.Popen(job_command(str(manifest), str(out), *extra), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def error_line(err: str) -> str:
@@ -46,18 +48,19 @@ def assert_complete(out: Path, n: int) -> None:
 
 
 @pytest.fixture
-def slow_image():
-    """An image URL whose server answers after 20 s: a run fetching it is still writing long after it
-    took the lease, so the other run surely meets it there."""
+def held_image():
+    """An image URL whose server answers only once the test sets the event (or after 120 s): a run fetching it
+    holds its lease until then, so the other run surely meets it there. Yields (url, event)."""
     import http.server
 
     from tests.conftest import encode, photo
 
     jpg = encode(photo(32, 32))
+    release = threading.Event()
 
-    class Slow(http.server.BaseHTTPRequestHandler):
+    class Held(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            time.sleep(20)
+            release.wait(timeout=120)
             self.send_response(200)
             self.send_header("Content-Length", str(len(jpg)))
             self.end_headers()
@@ -66,20 +69,23 @@ def slow_image():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Held)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/slow.jpg"
+    yield f"http://127.0.0.1:{server.server_address[1]}/held.jpg", release
+    release.set()
     server.shutdown()
 
 
 @pytest.mark.parametrize("stagger", [False, True])
-def test_two_runs_into_one_output_one_is_refused_nothing_doubled(tmp_path, tiny_dir, slow_image, stagger):
-    """Two real runs of the same command: at once (either may win), or the second while the first writes."""
+def test_two_runs_into_one_output_one_is_refused_nothing_doubled(tmp_path, held_image, stagger):
+    """Two real runs of the same command: at once (either may win), or the second while the first writes. The
+    winner's image server holds one answer until the other run has ended."""
+    url, release = held_image
     manifest = many_images(tmp_path / "in", 119)
     with open(manifest, "a") as f:
-        f.write(f'{{"id": "slow", "image": "{slow_image}", "alt_text": "a red car"}}\n')
+        f.write(f'{{"id": "slow", "image": "{url}", "alt_text": "a red car"}}\n')
     out = tmp_path / "out"
-    env = script_env(tiny_dir)
+    env = job_env()
     first = start(manifest, out, env)
     if stagger:  # the second starts once the first holds the lease (it then has its whole job ahead)
         deadline = time.time() + 120
@@ -87,6 +93,10 @@ def test_two_runs_into_one_output_one_is_refused_nothing_doubled(tmp_path, tiny_
             time.sleep(0.2)
         assert (out / "_lease").exists() and first.poll() is None, first.communicate()[1][-2000:]
     second = start(manifest, out, env)
+    deadline = time.time() + 300
+    while first.poll() is None and second.poll() is None and time.time() < deadline:
+        time.sleep(0.2)  # the run refused ends; the one holding the lease waits on the image
+    release.set()
     results = [(p.wait(timeout=400), *p.communicate()) for p in (first, second)]
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, EXIT_USAGE], [r[2][-1500:] for r in results]
@@ -97,14 +107,14 @@ def test_two_runs_into_one_output_one_is_refused_nothing_doubled(tmp_path, tiny_
     assert_complete(out, 120)
 
 
-def test_a_doubled_output_is_repaired_and_readers_warn_until_then(tmp_path, tiny_dir, ray_local, capfd):
+def test_a_doubled_output_is_repaired_and_readers_warn_until_then(tmp_path, model_free, ray_local, capfd):
     import vesl
     from vesl.shards.inspect import collect_stats, format_summary
     from vesl.shards.read import DuplicateImageIdWarning
 
     manifest = many_images(tmp_path / "in", 30)
     overrides = ["output.rows_per_part=10", "input.unit_rows=10"]
-    run_annotate(str(manifest), str(tmp_path / "out"), load_config(preset_name="tiny", overrides=overrides))
+    run_annotate(str(manifest), str(tmp_path / "out"), load_config(overrides=overrides))
     # a shard copied in by hand: the same rows twice
     data = sorted((tmp_path / "out" / "data").glob("*.parquet"))
     (tmp_path / "out" / "data" / "part-zzzzzzzz-00000.parquet").write_bytes(data[0].read_bytes())
@@ -115,7 +125,7 @@ def test_a_doubled_output_is_repaired_and_readers_warn_until_then(tmp_path, tiny
     assert stats["repeated_image_id_rows"] == doubled and not stats["accounted"]
     assert "WARNING" in format_summary(stats)
 
-    args = [str(manifest), str(tmp_path / "out"), "--preset", "tiny"] + [a for o in overrides for a in ("--set", o)]
+    args = [str(manifest), str(tmp_path / "out")] + [a for o in overrides for a in ("--set", o)]
     assert main(args) == 0
     err = capfd.readouterr().err
     assert "repaired OUTPUT: moved 1 file(s) that are no unit's" in err
@@ -127,12 +137,12 @@ def test_a_doubled_output_is_repaired_and_readers_warn_until_then(tmp_path, tiny
     assert result["this_run"]["inputs"] == 0  # nothing redone: every unit's own files were intact
 
 
-def test_broken_state_and_damaged_files_are_named_or_redone(tmp_path, tiny_dir, ray_local, capfd):
+def test_broken_state_and_damaged_files_are_named_or_redone(tmp_path, model_free, ray_local, capfd):
     manifest = many_images(tmp_path / "in", 12)
     out = tmp_path / "out"
     overrides = ["output.rows_per_part=4", "input.unit_rows=4"]
-    run_annotate(str(manifest), str(out), load_config(preset_name="tiny", overrides=overrides))
-    args = [str(manifest), str(out), "--preset", "tiny"] + [a for o in overrides for a in ("--set", o)]
+    run_annotate(str(manifest), str(out), load_config(overrides=overrides))
+    args = [str(manifest), str(out)] + [a for o in overrides for a in ("--set", o)]
     state = (out / "_vesl_run.json").read_bytes()
     (out / "_vesl_run.json").write_bytes(b"")  # what a full disk left behind before state files were staged
     assert main(args) == EXIT_USAGE
@@ -170,7 +180,7 @@ def test_config_and_input_mistakes_stop_before_any_work(tmp_path, tiny_dir, capf
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
-def test_a_full_disk_is_one_line_and_its_own_exit_code(tmp_path, tiny_dir, ray_local, capfd):
+def test_a_full_disk_is_one_line_and_its_own_exit_code(tmp_path, model_free, ray_local, capfd):
     from vesl.errors import EXIT_DISK_FULL
 
     manifest = many_images(tmp_path / "in", 40)
@@ -179,19 +189,18 @@ def test_a_full_disk_is_one_line_and_its_own_exit_code(tmp_path, tiny_dir, ray_l
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(disk)]).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        args = [str(manifest), str(disk / "out"), "--preset", "tiny", "--set", "decode.embed_images=true",
+        args = [str(manifest), str(disk / "out"), "--set", "decode.embed_images=true",
                 "--set", "output.rows_per_part=5", "--set", "output.compression=none"]
         assert main(args) == EXIT_DISK_FULL  # fills up while shards are written
         assert error_line(capfd.readouterr().err).startswith("vesl annotate: error: no space left on the device")
+        settle_ray()  # the failed pipeline's actors may hold the session's CPUs
         state = disk / "out" / "_vesl_run.json"
         assert state.stat().st_size > 0  # staged, then moved: never a 0-byte state file
         for f in (disk / "out" / "data").glob("*.parquet"):
             pq.read_metadata(f)  # what was committed is whole
-        # room again: the same command, run as a user re-runs it, finishes the job and leaves no temporary file
+        # room again: the same command again finishes the job and leaves no temporary file
         subprocess.run(["mount", "-o", "remount,size=4m", str(disk)], check=True)
-        rerun = subprocess.run([sys.executable, SCRIPT, *args], env=script_env(tiny_dir), capture_output=True,
-                               text=True, timeout=400)
-        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert main(args) == 0, capfd.readouterr().err[-3000:]
         assert not list((disk / "out").rglob(".*")) and not (disk / "out" / "_vesl" / "staging").exists()
         rows, _, result = read_output(disk / "out")
         assert len(rows) == 40 and rows.image_id.is_unique and result["counts"]["accounted"]
@@ -203,7 +212,7 @@ def test_a_full_disk_is_one_line_and_its_own_exit_code(tmp_path, tiny_dir, ray_l
                     f.write(b"x" * 4096)
         except OSError:
             pass
-        assert main([str(manifest), str(other), "--preset", "tiny"]) == EXIT_USAGE
+        assert main([str(manifest), str(other)]) == EXIT_USAGE
         err = error_line(capfd.readouterr().err)
         assert "cannot write to OUTPUT" in err and "no space left" in err
         assert not (other / "_vesl_run.json").exists()
@@ -235,13 +244,14 @@ def silent_endpoint():
         conn.close()
 
 
-def test_a_hung_or_gone_endpoint_fails_in_seconds_with_its_own_exit_code(tmp_path, tiny_dir, silent_endpoint, capfd):
+def test_a_hung_or_gone_endpoint_fails_in_seconds_with_its_own_exit_code(tmp_path, model_free, silent_endpoint,
+                                                                          capfd):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         gone = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
     for endpoint, what in ((silent_endpoint, "hung"), (gone, "gone")):
         started = time.monotonic()
-        code = main(["s3://bucket/manifest.jsonl", str(tmp_path / what), "--preset", "tiny",
+        code = main(["s3://bucket/manifest.jsonl", str(tmp_path / what),
                      "--set", f"storage.endpoint_url={endpoint}", "--set", "storage.key=k", "--set", "storage.secret=s",
                      "--set", "storage.read_timeout_s=1", "--set", "storage.connect_timeout_s=1",
                      "--set", "storage.max_attempts=1"])
@@ -262,15 +272,16 @@ def _wait_for_data(out: Path, proc: subprocess.Popen, timeout: float = 240) -> N
 
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)])
-def test_ctrl_c_and_sigterm_stop_cleanly(tmp_path, tiny_dir, sig, code):
+def test_ctrl_c_and_sigterm_stop_cleanly(tmp_path, sig, code):
     manifest = many_images(tmp_path / "in", 900)
     out = tmp_path / "out"
     import tempfile
 
     # every process of this run's Ray instance has it on its command line (short: Ray's socket paths live in it)
     ray_tmp = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))
-    env = {**script_env(tiny_dir), "RAY_TMPDIR": str(ray_tmp)}
-    proc = start(manifest, out, env, "--set", "output.rows_per_part=50", "--set", "input.unit_rows=50")
+    env = job_env(RAY_TMPDIR=str(ray_tmp))
+    units = ("--set", "output.rows_per_part=50", "--set", "input.unit_rows=50")
+    proc = start(manifest, out, env, *units, "--set", "label.delay_s=0.01")  # 9 s of labelling: signalled mid-way
     _wait_for_data(out, proc)
     proc.send_signal(sig)
     assert proc.wait(timeout=60) == code
@@ -282,7 +293,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly(tmp_path, tiny_dir, sig, code):
     assert not subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True).stdout, "orphaned Ray processes"
     for f in (out / "data").glob("*.parquet"):
         pq.read_metadata(f)  # nothing half-written where readers look
-    rerun = start(manifest, out, env, "--set", "output.rows_per_part=50", "--set", "input.unit_rows=50")
+    rerun = start(manifest, out, env, *units)  # at full speed (a speed setting: the same run resumes)
     assert rerun.wait(timeout=400) == 0, rerun.communicate()[1][-2000:]
     assert_complete(out, 900)
     import shutil
@@ -290,13 +301,13 @@ def test_ctrl_c_and_sigterm_stop_cleanly(tmp_path, tiny_dir, sig, code):
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_image_bytes_in_an_image_column_are_decoded_not_read_as_a_path(tmp_path, tiny_dir, ray_local):
+def test_image_bytes_in_an_image_column_are_decoded_not_read_as_a_path(tmp_path, model_free, ray_local):
     from tests.conftest import encode, photo
 
     jpg = encode(photo(40, 30))
     pq.write_table(pa.table({"id": ["a", "b"], "image": pa.array([jpg, jpg], pa.binary()),
                              "alt_text": ["a dog", "a cat"]}), tmp_path / "m.parquet")
-    run_annotate(str(tmp_path / "m.parquet"), str(tmp_path / "out"), load_config(preset_name="tiny"))
+    run_annotate(str(tmp_path / "m.parquet"), str(tmp_path / "out"), load_config())
     rows, rejects, _ = read_output(tmp_path / "out")
     assert sorted(rows.image_id) == ["a", "b"] and len(rejects) == 0
     assert rows.width.tolist() == [40, 40] and rows.image_uri.isna().all()

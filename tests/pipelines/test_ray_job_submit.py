@@ -14,8 +14,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +68,16 @@ def ray_head(tmp_path):
         proc.wait(timeout=10)  # `ray start --block` takes about 30 s to stop gracefully: the rest is killed
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    forget_head(gcs)
+
+
+def forget_head(gcs_port: int) -> None:
+    """Remove /tmp/ray/ray_current_cluster when it names the head this test started (`ray stop` would; a killed
+    head leaves it). Ray's state API finds its cluster through that file: a dead address there costs every later
+    Ray Train run on this machine 12 s (its placement-group cleaner waits on the state API, then gives up)."""
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
+        current.unlink()
 
 
 def submit(address, env, tiny_dir, *entrypoint):

@@ -1,4 +1,6 @@
-"""Input and output on s3:// against a moto server on loopback; credentials from config, never logged."""
+"""Input and output on s3:// against a moto server on loopback; credentials from config, never logged. The first
+test runs the tiny models end to end on S3; the others test S3 layout, resume and reads, with the model-free stage
+chain (tests/pipelines/model_free.py)."""
 
 from __future__ import annotations
 
@@ -75,25 +77,23 @@ def test_annotate_reads_and_writes_s3(tmp_path, tiny_dir, ray_local, s3_endpoint
     assert sorted(back.image_id) == sorted(kept.image_id) and not fs.glob("vesl-out/filtered/_tmp*")
 
 
-def test_credentials_from_the_environment_through_the_script(tmp_path, tiny_dir, s3_endpoint):
-    """The usual AWS variables, nothing in the config; the secret never appears in output or logs."""
-    import os
+def test_credentials_from_the_environment_through_the_script(tmp_path, s3_endpoint):
+    """The usual AWS variables, nothing in the config; the secret never appears in output or logs. (A process of its
+    own: its Ray workers must get the variables from the job's environment, as on a cluster.)"""
     import subprocess
-    import sys
 
     import s3fs
 
     from tests.conftest import REPO
+    from tests.pipelines.model_free import job_command, job_env
 
     fs = s3fs.S3FileSystem(key=KEY, secret=SECRET, client_kwargs={"endpoint_url": s3_endpoint})
     fs.mkdir("vesl-env-in")
     local = make_manifest(tmp_path / "in")
     fs.put(str(local.parent) + "/", "vesl-env-in/run/", recursive=True)
-    env = {**os.environ, "VESL_TINY_DIR": str(tiny_dir), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "",
-           "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": s3_endpoint,
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "annotate.py"),
-                           "s3://vesl-env-in/run/manifest.jsonl", "s3://vesl-env-in/out", "--preset", "tiny"],
+    env = job_env(AWS_ACCESS_KEY_ID=KEY, AWS_SECRET_ACCESS_KEY=SECRET, AWS_ENDPOINT_URL=s3_endpoint,
+                  AWS_DEFAULT_REGION="us-east-1")
+    proc = subprocess.run(job_command("s3://vesl-env-in/run/manifest.jsonl", "s3://vesl-env-in/out"), cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fs.invalidate_cache()
@@ -153,7 +153,7 @@ def test_train_reads_shards_and_writes_checkpoints_on_s3(tmp_path, tiny_dir, ray
     assert result["images"] == 40 and result["step"] == 2
 
 
-def test_an_s3_resume_that_writes_new_shards_counts_them(tmp_path, tiny_dir, ray_local, s3_endpoint):
+def test_an_s3_resume_that_writes_new_shards_counts_them(tmp_path, model_free, ray_local, s3_endpoint):
     """The driver's cached s3fs listing went stale while the run's tasks wrote: counts came out short
     (rows 192 of 400) and the run exited 1 although S3 held everything."""
     import s3fs
@@ -165,7 +165,7 @@ def test_an_s3_resume_that_writes_new_shards_counts_them(tmp_path, tiny_dir, ray
     fs.mkdir("vesl-resume")
     local = many_images(tmp_path / "in", 40)
     fs.put(str(local.parent) + "/", "vesl-resume/in/", recursive=True)
-    config = load_config(preset_name="tiny", overrides=[
+    config = load_config(overrides=[
         f"storage.endpoint_url={s3_endpoint}", f"storage.key={KEY}", f"storage.secret={SECRET}",
         "storage.region=us-east-1", "output.rows_per_part=8", "input.block_rows=8", "input.unit_rows=8"])
     first = run_annotate("s3://vesl-resume/in/manifest.jsonl", "s3://vesl-resume/out", config)
@@ -182,13 +182,13 @@ def test_an_s3_resume_that_writes_new_shards_counts_them(tmp_path, tiny_dir, ray
     assert len(again["files"]) == len(fs.ls("vesl-resume/out/data"))
 
 
-def test_a_missing_output_bucket_is_refused_not_created(tmp_path, tiny_dir, s3_endpoint, capfd):
+def test_a_missing_output_bucket_is_refused_not_created(tmp_path, model_free, s3_endpoint, capfd):
     import s3fs
 
     from vesl.annotate.job import main
 
     manifest = make_manifest(tmp_path / "in")
-    code = main([str(manifest), "s3://no-such-bucket-vesl/out", "--preset", "tiny",
+    code = main([str(manifest), "s3://no-such-bucket-vesl/out",
                  "--set", f"storage.endpoint_url={s3_endpoint}", "--set", f"storage.key={KEY}",
                  "--set", f"storage.secret={SECRET}", "--set", "storage.region=us-east-1"])
     assert code == 2
@@ -258,8 +258,8 @@ def _write_webdataset(folder, images: list[bytes], per_tar: int) -> None:
                     tar.addfile(info, io.BytesIO(payload))
 
 
-def test_a_webdataset_on_s3_trains_by_ranged_reads_of_its_members(tmp_path, tiny_dir, ray_local, s3_endpoint,
-                                                                  logging_proxy):
+def test_a_webdataset_on_s3_trains_by_ranged_reads_of_its_members(tmp_path, tiny_dir, model_free, ray_local,
+                                                                  s3_endpoint, logging_proxy):
     """A WebDataset folder on S3 -> `vesl annotate` -> a pandas filter -> `write_regions` -> `vesl train`:
     every image the trainer reads is one ranged GET of its tar member (the byte range the shard recorded),
     never a download of a whole tar, never a request to the source URL."""
@@ -275,8 +275,8 @@ def test_a_webdataset_on_s3_trains_by_ranged_reads_of_its_members(tmp_path, tiny
     _write_webdataset(tmp_path / "wds", [encode(photo(96, 64 + 8 * i, seed=i)) for i in range(10)], per_tar=5)
     fs.put(str(tmp_path / "wds") + "/", "vesl-wds/shards/", recursive=True)
     creds = [f"storage.key={KEY}", f"storage.secret={SECRET}", "storage.region=us-east-1"]
-    run_annotate("s3://vesl-wds/shards", str(tmp_path / "out"),
-                 load_config(preset_name="tiny", overrides=[f"storage.endpoint_url={s3_endpoint}", *creds]))
+    run_annotate("s3://vesl-wds/shards", str(tmp_path / "out"),  # the model-free chain: its images are the subject
+                 load_config(overrides=[f"storage.endpoint_url={s3_endpoint}", *creds]))
     df = vesl.read_regions(str(tmp_path / "out"), explode=False)
     assert len(df) == 10 and df["image_location"].str.match(r"s3://vesl-wds/shards/0000[01]\.tar$").all()
     assert df["image_bytes"].isna().all()  # the tars are the images' place: the shards carry no copy

@@ -1,6 +1,7 @@
 """Caption and fuse on a real inference server: `transformers serve` on 127.0.0.1 hosting the tiny SmolVLM and
-the tiny fuser, `vesl annotate` run as a user runs it (a subprocess with its own local Ray), a small
-fault-injecting proxy in front of the server for 429/500 answers, and the server killed under a run."""
+the tiny fuser, a small fault-injecting proxy in front of the server for 429/500 answers, and the server killed
+under a run. `vesl annotate` runs on the session's Ray, except where the API key must reach the job's Ray workers
+through its environment (a subprocess with its own local Ray, as a user runs it)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, SAMPLE
+from tests.conftest import REPO, SAMPLE, settle_ray
 from tests.pipelines.helpers import read_output
 
 pytestmark = pytest.mark.slow
@@ -149,13 +150,27 @@ def served(tiny_dir: Path, endpoint: str, *extra: str) -> list[str]:
 
 
 def annotate(out: Path, flags: list[str], env: dict | None = None, manifest: Path = SAMPLE / "manifest.jsonl"):
+    """`python pipelines/annotate.py MANIFEST OUT --preset tiny FLAGS` with ENV added: its own process and Ray."""
     cmd = [sys.executable, str(REPO / "pipelines" / "annotate.py"), str(manifest), str(out), "--preset", "tiny",
            *flags]
     return subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, text=True,
                           capture_output=True, timeout=600)
 
 
-def test_served_run_matches_local_retries_429_and_500_and_keeps_the_key_secret(tmp_path, tiny_dir, server):
+def annotate_here(capfd, out: Path, flags: list[str], manifest: Path = SAMPLE / "manifest.jsonl"):
+    """The same job in this process, on the session's Ray: what `annotate` returns (returncode, stdout, stderr)."""
+    from vesl.annotate.job import main
+
+    capfd.readouterr()
+    code = main([str(manifest), str(out), "--preset", "tiny", *flags])
+    printed = capfd.readouterr()
+    if code != 0:
+        settle_ray()  # a pipeline that failed may leave its actors holding the session's CPUs
+    return subprocess.CompletedProcess([], code, printed.out, printed.err)
+
+
+def test_served_run_matches_local_retries_429_and_500_and_keeps_the_key_secret(tmp_path, tiny_dir, server, ray_local,
+                                                                               capfd):
     key = f"sk-vesl-{secrets.token_hex(12)}"
     proxy = FaultProxy(server.url)
     proxy.faults = [(429, "1"), (500, "1"), (503, "0")]  # the run's first three requests
@@ -185,7 +200,7 @@ def test_served_run_matches_local_retries_429_and_500_and_keeps_the_key_secret(t
     texts += [p.read_bytes().decode("latin-1") for p in logs]
     assert logs and not any(key in text for text in texts)
     # the same tiny weights in process, greedy: the served captions are the local ones
-    local = annotate(tmp_path / "local", [x for flag in [
+    local = annotate_here(capfd, tmp_path / "local", [x for flag in [
         f"caption.model={tiny_dir / 'smolvlm'}", "caption.prompt_style=chat", "caption.repetition_penalty=1.0",
         "caption.min_new_tokens=0", "caption.processor_kwargs={}", f"fuse.model={tiny_dir / 'fuser'}",
         "fuse.repetition_penalty=1.0", "fuse.min_new_tokens=0"] for x in ("--set", flag)])
@@ -206,7 +221,7 @@ def sample_of(n: int, root: Path) -> Path:
     return manifest
 
 
-def test_the_server_killed_mid_run_and_started_again(tmp_path, tiny_dir):
+def test_the_server_killed_mid_run_and_started_again(tmp_path, tiny_dir, ray_local, capfd):
     """Killed after 6 answers and started again 3 s later, while requests are failing: they are retried and
     the run completes, no row rejected. Killed and left down: the run stops with exit 8 and rejects nothing;
     once the server is back, the same command finishes the rest."""
@@ -223,8 +238,8 @@ def test_the_server_killed_mid_run_and_started_again(tmp_path, tiny_dir):
         proxy.on_forward = kill_then_restart
         # and one request refused (a 400: that row's reject) and one answered with no text (empty output)
         proxy.faults = [(400, ""), (200, "", {"choices": [{"message": {"role": "assistant", "content": ""}}]})]
-        done = annotate(tmp_path / "back", served(tiny_dir, proxy.url, "input.unit_rows=2",
-                                                  "caption.max_concurrency=1"), manifest=manifest)
+        done = annotate_here(capfd, tmp_path / "back", served(tiny_dir, proxy.url, "input.unit_rows=2",
+                                                              "caption.max_concurrency=1"), manifest=manifest)
         assert done.returncode == 0, done.stderr[-4000:]
         rows, rejects, run = read_output(tmp_path / "back")
         assert proxy.forwarded > 6 and len(rows) + len(rejects) == 12 and run["counts"]["accounted"]
@@ -235,13 +250,13 @@ def test_the_server_killed_mid_run_and_started_again(tmp_path, tiny_dir):
 
         proxy.forwarded, proxy.on_forward = 0, lambda count: server.kill() if count == 6 else None
         flags = served(tiny_dir, proxy.url, "input.unit_rows=2", "caption.max_retries=2", "fuse.max_retries=2")
-        first = annotate(tmp_path / "down", flags, manifest=manifest)
+        first = annotate_here(capfd, tmp_path / "down", flags, manifest=manifest)
         assert first.returncode == 8, first.stderr[-4000:]
         assert "the inference server stayed unavailable through 3 tries" in first.stderr
         assert not list((tmp_path / "down").glob("rejects/*.parquet"))  # no row was rejected for the outage
         proxy.on_forward = None
         server.start()
-        second = annotate(tmp_path / "down", flags, manifest=manifest)
+        second = annotate_here(capfd, tmp_path / "down", flags, manifest=manifest)
         assert second.returncode == 0, second.stderr[-4000:]
         rows, rejects, run = read_output(tmp_path / "down")
         assert len(rows) == 12 and rejects.empty and run["counts"]["accounted"]
@@ -249,15 +264,17 @@ def test_the_server_killed_mid_run_and_started_again(tmp_path, tiny_dir):
         server.kill()
 
 
-def test_a_dead_endpoint_or_an_unserved_model_is_refused_before_any_work(tmp_path, tiny_dir, server):
+def test_a_dead_endpoint_or_an_unserved_model_is_refused_before_any_work(tmp_path, tiny_dir, server, ray_local,
+                                                                         capfd):
     dead = f"http://127.0.0.1:{free_port()}"
-    done = annotate(tmp_path / "dead", served(tiny_dir, dead))
+    done = annotate_here(capfd, tmp_path / "dead", served(tiny_dir, dead))
     assert done.returncode == 2 and f"caption.endpoint {dead}/v1 is unreachable" in done.stderr
     assert not (tmp_path / "dead" / "data").exists()
     # the server answers, but not for a model it cannot load (transformers serve: HTTP 500 on every try)
-    done = annotate(tmp_path / "unserved", served(tiny_dir, server.url, f"fuse.model={tmp_path / 'no-such-model'}"))
+    done = annotate_here(capfd, tmp_path / "unserved", served(tiny_dir, server.url,
+                                                              f"fuse.model={tmp_path / 'no-such-model'}"))
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"fuse.endpoint {server.url}/v1 does not answer a request for '{tmp_path / 'no-such-model'}'" in done.stderr
     # a sampling field this server does not take is found by the preflight, not by every row
-    done = annotate(tmp_path / "penalty", served(tiny_dir, server.url, "fuse.repetition_penalty=1.05"))
+    done = annotate_here(capfd, tmp_path / "penalty", served(tiny_dir, server.url, "fuse.repetition_penalty=1.05"))
     assert done.returncode == 2 and "repetition_penalty" in done.stderr

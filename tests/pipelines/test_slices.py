@@ -1,4 +1,5 @@
-"""Several jobs, one dataset: slices of one input into one OUTPUT give what one whole run gives."""
+"""Several jobs, one dataset: slices of one input into one OUTPUT give what one whole run gives (the run
+machinery, with the model-free stage chain: tests/pipelines/model_free.py)."""
 
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ from vesl.annotate.job import main, run_annotate
 pytestmark = pytest.mark.slow
 
 
-def test_two_slices_into_one_output_give_the_rows_of_one_whole_run(tmp_path, tiny_dir, ray_local, capfd):
+def test_two_slices_into_one_output_give_the_rows_of_one_whole_run(tmp_path, model_free, ray_local, capfd):
     manifest = many_images(tmp_path / "in", 24)
     with open(manifest, "a") as f:  # img002 again, in the second half: a duplicate across the slices
         f.write(json.dumps({"id": "img002", "image": "images/002.jpg", "alt_text": "again"}) + "\n")
     overrides = ["input.unit_rows=5"]
-    whole = run_annotate(str(manifest), str(tmp_path / "whole"), load_config(preset_name="tiny", overrides=overrides))
+    whole = run_annotate(str(manifest), str(tmp_path / "whole"), load_config(overrides=overrides))
     assert whole["counts"]["units"] == {"total": 5, "done": 5, "unbalanced": []}
 
-    args = [str(manifest), str(tmp_path / "sliced"), "--preset", "tiny", "--set", "input.unit_rows=5"]
+    args = [str(manifest), str(tmp_path / "sliced"), "--set", "input.unit_rows=5"]
     assert main(args + ["--slice", "1/2"]) == 0  # either order: the second half first
     half = json.loads((tmp_path / "sliced" / "manifest.json").read_text())
     assert half["slice"] == "1/2" and half["this_run"]["units_range"] == [2, 5]

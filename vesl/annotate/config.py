@@ -177,6 +177,11 @@ class AnnotateConfigBase(Settings):
         """The config as JSON-ready data with secrets masked (SecretStr dumps as '**********')."""
         return json.loads(self.model_dump_json())
 
+    def __reduce__(self):
+        # The model class is made for its stage chain (`annotate_config_class`); pickled by name it would come back
+        # on a Ray worker as the import-time registry's class, with other stages. It travels as its chain instead.
+        return _config_of_chain, (self.stage_classes(),), self.__getstate__()
+
 
 @functools.lru_cache(maxsize=8)
 def annotate_config_class(chain: tuple[type[Stage], ...]) -> type[AnnotateConfigBase]:
@@ -190,6 +195,12 @@ def annotate_config_class(chain: tuple[type[Stage], ...]) -> type[AnnotateConfig
                          output=(OutputConfig, OutputConfig()), ray=(ray, ray()), serve=(ServeConfig, ServeConfig()))
     model._stages = chain
     return model
+
+
+def _config_of_chain(chain: tuple[type[Stage], ...]) -> AnnotateConfigBase:
+    """An empty instance of the config model of CHAIN, for unpickling (its state is set next)."""
+    model = annotate_config_class(chain)
+    return model.__new__(model)
 
 
 # The config of the stages registered at import; `load_config` builds it for the registry as it is then.

@@ -29,14 +29,12 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def batch(ray_local, tiny_dir, tmp_path_factory):
-    """The batch job's rows for the built-in sample, run before the service takes its share of the CPUs."""
-    from vesl.annotate.job import run_annotate
+def batch(sample_output):
+    """The batch job's rows for the built-in sample (the session's shared OUTPUT, made before the service takes its
+    share of the CPUs)."""
     from vesl.shards.read import read_regions
 
-    out = tmp_path_factory.mktemp("batch") / "out"
-    run_annotate(str(SAMPLE / "manifest.jsonl"), str(out), load_config(preset_name="tiny"))
-    return read_regions(str(out), explode=False).set_index("image_id").to_dict("index")
+    return read_regions(str(sample_output), explode=False).set_index("image_id").to_dict("index")
 
 
 @pytest.fixture(scope="module")
