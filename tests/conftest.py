@@ -12,6 +12,9 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Ray Train polls its workers every 2 s by default: each short test run waits up to that long at every
+# step of its life (start, report, end) for nothing. Polled more often, the same runs take seconds less.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "vesl" / "fixtures" / "sample"

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import REPO, SAMPLE, encode, photo
 from tests.pipelines.helpers import EXPECTED, assert_accounted, make_manifest, read_output
 from vesl.annotate.config import load_config
-from vesl.annotate.job import run_annotate
+from vesl.annotate.job import main, run_annotate
 from vesl.errors import OutputConflictError
 
 pytestmark = pytest.mark.slow
@@ -123,8 +123,10 @@ def test_an_existing_output_is_refused_unless_overwrite(tmp_path, model_free, ra
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]  # as it was: not even a lease left
 
 
-def test_the_script_entry_point_on_a_manifest(tmp_path, tiny_dir):
-    """`python pipelines/annotate.py MANIFEST OUT --preset tiny`, as a user runs it (own Ray instance)."""
+def test_the_script_entry_point_on_a_manifest(tmp_path, tiny_dir, ray_local, capfd):
+    """`python pipelines/annotate.py MANIFEST OUT --preset tiny`, as a user runs it (own Ray instance); then the
+    same command line again, here on the session's Ray."""
+
     manifest = make_manifest(tmp_path / "in")
     env = {**os.environ, "VESL_TINY_DIR": str(tiny_dir), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
     proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "annotate.py"), str(manifest),
@@ -134,12 +136,12 @@ def test_the_script_entry_point_on_a_manifest(tmp_path, tiny_dir):
     assert "9 inputs -> 5 rows" in proc.stdout, proc.stdout
     rows, rejects, manifest_json = read_output(tmp_path / "out")
     assert_accounted(rows, rejects, manifest_json, EXPECTED)
-    again = subprocess.run([sys.executable, str(REPO / "pipelines" / "annotate.py"), str(manifest),
-                            str(tmp_path / "out"), "--preset", "tiny"],
-                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    capfd.readouterr()
+    code = main([str(manifest), str(tmp_path / "out"), "--preset", "tiny"])
+    again = capfd.readouterr()
     # the same command again resumes: nothing is left to do, nothing is doubled
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "resumed: 0 processed now" in again.stdout
+    assert code == 0, again.err[-3000:]
+    assert "resumed: 0 processed now" in again.out
     rows, rejects, manifest_json = read_output(tmp_path / "out")
     assert_accounted(rows, rejects, manifest_json, EXPECTED)
 

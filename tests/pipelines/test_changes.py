@@ -5,6 +5,7 @@ run the model-free stage chain (tests/pipelines/model_free.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -179,17 +180,26 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def wake(pids: list[int]) -> None:
+    """SIGCONT to each of PIDS that still runs."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
 @pytest.mark.slow
-def test_a_run_stopped_past_its_lease_stops_with_one_line_and_its_own_exit_code(tmp_path):
-    """SIGSTOP a run mid-way for longer than its lease's TTL; another run takes OUTPUT over; SIGCONT: the
-    first stops with 'lease lost to RUN at HOST' and exit 7, the second finishes, every id once."""
+def test_a_run_stopped_past_its_lease_stops_with_one_line_and_its_own_exit_code(tmp_path, model_free, ray_local,
+                                                                                 capfd):
+    """SIGSTOP a run mid-way for longer than its lease's TTL; another run (here, on the session's Ray) takes OUTPUT
+    over; SIGCONT: the first stops with 'lease lost to RUN at HOST' and exit 7, the second finishes, every id once."""
+    import threading
+
     manifest = many_images(tmp_path / "in", 60)
     out = tmp_path / "out"
-    env = job_env()
-    command = job_command(str(manifest), str(out), "--set", "input.unit_rows=4", "--set", "output.lease_ttl_s=3",
-                          "--set", "label.delay_s=0.1", "--set", "label.batch_size=1")  # a run of some seconds
-    first = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+    args = [str(manifest), str(out), "--set", "input.unit_rows=4", "--set", "output.lease_ttl_s=3",
+            "--set", "label.delay_s=0.1", "--set", "label.batch_size=1"]  # a run of some seconds
+    first = subprocess.Popen(job_command(*args), cwd=REPO, env=job_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and first.poll() is None and not list((out / "_vesl" / "units").glob("*.json")):
         time.sleep(0.1)
@@ -197,23 +207,29 @@ def test_a_run_stopped_past_its_lease_stops_with_one_line_and_its_own_exit_code(
     frozen = session_pids(first.pid)
     for pid in frozen:
         os.kill(pid, signal.SIGSTOP)
+    successor_lease = out / "_lease" / "00000002.json"
+
+    def wake_the_first() -> None:  # once the second run holds OUTPUT
+        while time.time() < deadline and not successor_lease.exists():
+            time.sleep(0.1)
+        wake(frozen)
+
+    waker = threading.Thread(target=wake_the_first, daemon=True)
     try:
         time.sleep(4)  # silent for longer than its TTL
-        second = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, start_new_session=True)
-        while time.time() < deadline and second.poll() is None and not (out / "_lease" / "00000002.json").exists():
-            time.sleep(0.1)
-        assert (out / "_lease" / "00000002.json").exists(), second.communicate()[1][-2000:]
+        waker.start()
+        code, _, err_second = annotate(capfd, *args)
     finally:
-        for pid in frozen:
-            os.kill(pid, signal.SIGCONT)
+        waker.join(timeout=60)
+        wake(frozen)
+    assert successor_lease.exists()
+    assert code == EXIT_OK, err_second[-3000:]
     code, err = first.wait(timeout=300), first.communicate()[1]
     assert code == EXIT_LEASE_LOST, err[-3000:]
-    successor = json.loads((out / "_lease" / "00000002.json").read_text())
+    successor = json.loads(successor_lease.read_text())
     assert error_line(err).startswith(f"vesl annotate: error: lease lost to run {successor['run_id']} at "
                                       f"{successor['host']}")
     assert "Traceback" not in err.split("vesl annotate: error:")[-1]
-    assert second.wait(timeout=400) == EXIT_OK, second.communicate()[1][-3000:]
     rows, rejects, result = read_output(out)
     assert len(rows) == 60 and rows.image_id.is_unique and len(rejects) == 0 and result["counts"]["accounted"]
 

@@ -136,15 +136,19 @@ def freeze_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
         time.sleep(0.02)
 
 
-def test_kill_the_run_with_units_in_flight_then_rerun_redoes_only_those(tmp_path, tiny_dir):
+def test_kill_the_run_with_units_in_flight_then_rerun_redoes_only_those(tmp_path, tiny_dir, ray_local, capfd):
+    """The killed run is a process of its own (its driver, Ray and workers die at once); the rerun, at full speed
+    (batch sizes are speed settings: the same run resumes), runs here on the session's Ray."""
+    from vesl.annotate.job import main
+
     manifest = many_images(tmp_path / "in", 40)
     out = tmp_path / "out"
-    cmd = [sys.executable, SCRIPT, str(manifest), str(out), "--preset", "tiny", "--set", "input.unit_rows=5",
-           "--set", "output.rows_per_part=1", "--set", "decode.batch_size=1", "--set", "caption.batch_size=1",
-           "--set", "fuse.batch_size=1", "--set", "phrases.batch_size=1", "--set", "detect.batch_size=1",
-           "--set", "input.block_rows=1"]
-    first = subprocess.Popen(cmd, env=script_env(tiny_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    args = [str(manifest), str(out), "--preset", "tiny", "--set", "input.unit_rows=5",
+            "--set", "output.rows_per_part=1", "--set", "input.block_rows=1"]
+    stages = ("decode", "caption", "fuse", "phrases", "detect")
+    slow = [x for stage in stages for x in ("--set", f"{stage}.batch_size=1")]
+    first = subprocess.Popen([sys.executable, SCRIPT, *args, *slow], env=script_env(tiny_dir),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     freeze_when(first, lambda: records(out) and len(in_flight(out)) >= 2)  # some units committed, several in flight
     frozen = records(out), in_flight(out)
     signal_session(first.pid, signal.SIGKILL)  # the driver, its Ray and every worker die at once, mid-write
@@ -157,8 +161,10 @@ def test_kill_the_run_with_units_in_flight_then_rerun_redoes_only_those(tmp_path
     shards_before = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")
                      if int(p.stem[5:]) in done_before}
 
-    second = subprocess.run(cmd, env=script_env(tiny_dir), capture_output=True, text=True, timeout=400)
-    assert second.returncode == 0, second.stderr[-3000:]
+    capfd.readouterr()
+    code = main(args)
+    second = capfd.readouterr()
+    assert code == 0, second.err[-3000:]
     rows, rejects, result = read_output(out)
     assert len(rejects) == 0 and sorted(rows["image_id"]) == [f"img{i:03d}" for i in range(40)]
     assert result["mode"] == "resume" and result["counts"]["accounted"]
@@ -167,7 +173,7 @@ def test_kill_the_run_with_units_in_flight_then_rerun_redoes_only_those(tmp_path
     assert redone == set(range(8)) - set(done_before)  # exactly the units without a record: in flight or not begun
     assert flying <= redone and all(after[u] == r for u, r in done_before.items())
     assert result["this_run"]["units"] == len(redone) and result["this_run"]["inputs"] == 5 * len(redone)
-    assert f"resumed: {5 * len(redone)} processed now" in second.stdout
+    assert f"resumed: {5 * len(redone)} processed now" in second.out
     assert {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")
             if p.name in shards_before} == shards_before  # committed shards untouched
     assert not staged(out)  # staged parts of the killed run were discarded, none left

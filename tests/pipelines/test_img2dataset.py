@@ -152,11 +152,13 @@ def test_an_input_that_yields_nothing_is_an_error_before_output_is_touched(tmp_p
 
 @pytest.mark.parametrize("layout", ["webdataset", "parquet"])
 def test_annotate_filter_write_train_without_the_image_server(layout, img2dataset_outputs, served, tiny_dir,
-                                                              ray_local, tmp_path):
+                                                              model_free, ray_local, tmp_path):
     """img2dataset output -> `vesl annotate` -> a pandas filter -> `write_regions` -> `vesl train`, with the
     image server stopped: every image is read where img2dataset stored it (a tar member by its byte range, an
     image file, or the bytes the shard carries for the parquet layout), and no request reaches the server.
-    (The files layout's image files are its rows' locations: the test above checks them.)"""
+    (The files layout's image files are its rows' locations: the test above checks them. The annotate run is the
+    model-free chain's: where each image is read from is the run machinery's, and the test above runs each layout
+    with the tiny models.)"""
     import vesl
     from vesl.cloc.config import load_train_config
     from vesl.cloc.train import run_training
@@ -164,7 +166,7 @@ def test_annotate_filter_write_train_without_the_image_server(layout, img2datase
     SERVER["stopped"] = True
     before = SERVER["requests"]
     folder = img2dataset_outputs[layout]
-    run_annotate(str(folder), str(tmp_path / "out"), load_config(preset_name="tiny"))
+    run_annotate(str(folder), str(tmp_path / "out"), load_config())
     df = vesl.read_regions(str(tmp_path / "out"), explode=False)
     assert len(df) == 7 and df["image_uri"].str.startswith("http://127.0.0.1").all()  # provenance kept
     shard = pq.read_table(next((tmp_path / "out" / "data").glob("*.parquet")))

@@ -65,7 +65,7 @@ def ray_head(tmp_path):
     yield address, env, gcs
     proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=10)  # `ray start --block` takes about 30 s to stop gracefully: the rest is killed
+        proc.wait(timeout=2)  # `ray start --block` takes about 30 s to stop gracefully: the rest is killed
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     forget_head(gcs)
