@@ -1,7 +1,7 @@
 """Speed and memory of the annotate pipeline on this machine's CPU, each figure measured side by side.
 
     python benchmarks/speed.py [--sections preprocess,phrases,pipeline,memory] [--json FILE]
-    python benchmarks/speed.py --small    # every section on a few images (about 2 minutes; a test runs it)
+    python benchmarks/speed.py --small    # every section on a few images (under a minute; a test runs it)
 
 1. preprocess: our torch OWLv2 preprocessing vs HF's processor (the PIL/SciPy path), one thread
    each, the same images; images/s, ratio, and the largest difference of any output value.
@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                    "benchmark runs, not a measurement")
     args = p.parse_args(argv)
     if args.small:
-        # the memory runs are the pipeline's own two runs (12 and 48 images), not two more
-        args.preprocess_images, args.phrase_texts, args.pipeline_images, args.memory_images = 8, 100, 48, "12,48"
+        # the memory runs are the pipeline's own two runs (4 and 16 images), not two more
+        args.preprocess_images, args.phrase_texts, args.pipeline_images, args.memory_images = 2, 100, 16, "4,16"
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     work = Path(args.work or tempfile.mkdtemp(prefix="vesl-bench-speed-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -45,7 +45,7 @@ def test_speed_small(tmp_path, tiny_dir, capsys):
     for heading in ("1. OWLv2 preprocessing", "2. phrase stage", "3. whole pipeline", "4. peak memory"):
         assert heading in out
     figures = json.loads((tmp_path / "speed.json").read_text())
-    assert figures["pipeline"]["sequential"]["rows"] == figures["pipeline"]["images"] == 48
+    assert figures["pipeline"]["sequential"]["rows"] == figures["pipeline"]["images"] == 16
     assert figures["phrases"]["naive_texts_s"] > 0 and figures["preprocess"]["640x480"]["max_abs_diff"] < 1e-5
 
 
