@@ -226,8 +226,9 @@ def preset(name: str) -> dict[str, Any]:
     if "{tiny}" in text:
         from vesl.fixtures.tiny import build_tiny_models, tiny_models_dir
 
-        build_tiny_models(tiny_models_dir())
-        text = text.replace("{tiny}", str(tiny_models_dir()))
+        root = tiny_models_dir()
+        build_tiny_models(root)
+        text = text.replace("{tiny}", str(root))
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ValueError(f"preset {path} must be a YAML mapping")
