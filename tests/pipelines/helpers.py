@@ -75,3 +75,14 @@ def assert_accounted(rows: pd.DataFrame, rejects: pd.DataFrame, manifest: dict, 
     assert counts["inputs"] == len(expected) == counts["rows"] + counts["rejects"]
     assert counts["accounted"] is True
     assert counts["funnel"][0]["entered"] == len(expected) and counts["funnel"][-1]["passed"] == len(rows)
+
+
+def annotate_here(capfd, *args: str) -> tuple[int, str, str]:
+    """`vesl annotate ARGS` in this process, on the session's Ray (with the stages the registry holds): its exit code
+    and what it printed on stdout and stderr."""
+    from vesl.annotate.job import main
+
+    capfd.readouterr()
+    code = main(list(args))
+    out, err = capfd.readouterr()
+    return code, out, err

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO, SAMPLE, encode, photo
-from tests.pipelines.helpers import EXPECTED, assert_accounted, make_manifest, read_output
+from tests.pipelines.helpers import EXPECTED, annotate_here, assert_accounted, make_manifest, read_output
 from vesl.annotate.config import load_config
-from vesl.annotate.job import main, run_annotate
+from vesl.annotate.job import run_annotate
 from vesl.errors import OutputConflictError
 
 pytestmark = pytest.mark.slow
@@ -136,12 +136,10 @@ def test_the_script_entry_point_on_a_manifest(tmp_path, tiny_dir, ray_local, cap
     assert "9 inputs -> 5 rows" in proc.stdout, proc.stdout
     rows, rejects, manifest_json = read_output(tmp_path / "out")
     assert_accounted(rows, rejects, manifest_json, EXPECTED)
-    capfd.readouterr()
-    code = main([str(manifest), str(tmp_path / "out"), "--preset", "tiny"])
-    again = capfd.readouterr()
+    code, printed, err = annotate_here(capfd, str(manifest), str(tmp_path / "out"), "--preset", "tiny")
     # the same command again resumes: nothing is left to do, nothing is doubled
-    assert code == 0, again.err[-3000:]
-    assert "resumed: 0 processed now" in again.out
+    assert code == 0, err[-3000:]
+    assert "resumed: 0 processed now" in printed
     rows, rejects, manifest_json = read_output(tmp_path / "out")
     assert_accounted(rows, rejects, manifest_json, EXPECTED)
 

@@ -19,10 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO, encode, photo
-from tests.pipelines.helpers import read_output
+from tests.pipelines.helpers import annotate_here, read_output
 from tests.pipelines.model_free import job_command, job_env
 from tests.pipelines.test_failures import many_images
-from vesl.annotate.job import main
 from vesl.errors import EXIT_FAILED, EXIT_LEASE_LOST, EXIT_OK, EXIT_USAGE
 
 
@@ -32,14 +31,6 @@ def error_line(err: str) -> str:
     return lines[0]
 
 
-def annotate(capfd, *args: str) -> tuple[int, str, str]:
-    """`vesl annotate ARGS` in this process (the model-free chain: the `model_free` fixture): (exit code, stdout,
-    stderr)."""
-    code = main(list(args))
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
 def test_an_output_that_is_the_input_is_refused_before_anything_is_deleted(tmp_path, model_free, capfd):
     images = tmp_path / "photos"
     images.mkdir()
@@ -47,7 +38,7 @@ def test_an_output_that_is_the_input_is_refused_before_anything_is_deleted(tmp_p
         (images / f"{k}.jpg").write_bytes(encode(photo(20, 16, seed=k)))
     before = sorted(p.name for p in images.iterdir())
     for output in (str(images), str(images) + "/", str(tmp_path)):
-        code, _, err = annotate(capfd, str(images), output, "--overwrite")
+        code, _, err = annotate_here(capfd, str(images), output, "--overwrite")
         assert code == EXIT_USAGE, err[-2000:]
         assert "Choose an OUTPUT outside the input" in error_line(err)
         assert sorted(p.name for p in images.iterdir()) == before  # nothing deleted, nothing written
@@ -59,9 +50,9 @@ def test_a_changed_manifest_is_refused_and_overwrite_labels_it_as_it_is(tmp_path
     out = str(tmp_path / "out")
     monkeypatch.chdir(tmp_path)
     unit_rows = ("--set", "input.unit_rows=3")
-    assert annotate(capfd, "in/manifest.jsonl", out, *unit_rows)[0] == EXIT_OK
+    assert annotate_here(capfd, "in/manifest.jsonl", out, *unit_rows)[0] == EXIT_OK
     # the same file by another spelling is the same input: a resume with nothing to do
-    code, stdout, err = annotate(capfd, str(manifest), out, *unit_rows)
+    code, stdout, err = annotate_here(capfd, str(manifest), out, *unit_rows)
     assert code == EXIT_OK and "resumed: 0 processed now" in stdout, err[-2000:]
     original = manifest.read_bytes()
     stat = manifest.stat()
@@ -70,24 +61,24 @@ def test_a_changed_manifest_is_refused_and_overwrite_labels_it_as_it_is(tmp_path
              "append": lines + [line.replace('"img', '"more') for line in lines[:5]]}
     for name, edited in edits.items():
         manifest.write_text("".join(edited))
-        code, _, err = annotate(capfd, "in/manifest.jsonl", out, *unit_rows)
+        code, _, err = annotate_here(capfd, "in/manifest.jsonl", out, *unit_rows)
         line = error_line(err)
         assert code == EXIT_USAGE, (name, line)
         assert f"{manifest}: " in line and ("shrunk" in line or "grown" in line) and "--overwrite" in line, line
     manifest.unlink()
-    code, _, err = annotate(capfd, "in/manifest.jsonl", out, *unit_rows)
+    code, _, err = annotate_here(capfd, "in/manifest.jsonl", out, *unit_rows)
     assert code == EXIT_USAGE and "in/manifest.jsonl is gone: OUTPUT's plan was made from it" in error_line(err)
     manifest.write_bytes(original)  # restored as it was, with its time: resumes
     os.utime(manifest, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert annotate(capfd, "in/manifest.jsonl", out, *unit_rows)[0] == EXIT_OK
+    assert annotate_here(capfd, "in/manifest.jsonl", out, *unit_rows)[0] == EXIT_OK
     (tmp_path / "elsewhere" / "in").mkdir(parents=True)  # the same string from another folder: another file
     shutil.copy(manifest, tmp_path / "elsewhere" / "in" / "manifest.jsonl")
     monkeypatch.chdir(tmp_path / "elsewhere")
-    code, _, err = annotate(capfd, "in/manifest.jsonl", out, *unit_rows)
+    code, _, err = annotate_here(capfd, "in/manifest.jsonl", out, *unit_rows)
     assert code == EXIT_USAGE and "was made for input" in error_line(err)
     monkeypatch.chdir(tmp_path)
     manifest.write_text("".join(edits["prepend and delete"]))
-    assert annotate(capfd, "in/manifest.jsonl", out, *unit_rows, "--overwrite")[0] == EXIT_OK
+    assert annotate_here(capfd, "in/manifest.jsonl", out, *unit_rows, "--overwrite")[0] == EXIT_OK
     rows, rejects, result = read_output(out)
     assert sorted(rows.image_id) == sorted(["new"] + [f"img{k:03d}" for k in (0, 1, 2, 5, 6, 7)])
     assert len(rejects) == 0 and result["counts"]["accounted"]
@@ -103,9 +94,9 @@ def test_an_edited_csv_or_parquet_manifest_is_refused(tmp_path, model_free, ray_
     write = (lambda t: t.to_pandas().to_csv(manifest, index=False)) if suffix == ".csv" else (
         lambda t: pq.write_table(t, manifest))
     write(table)
-    assert annotate(capfd, str(manifest), str(tmp_path / "out"))[0] == EXIT_OK
+    assert annotate_here(capfd, str(manifest), str(tmp_path / "out"))[0] == EXIT_OK
     write(table.slice(1))  # the first record deleted
-    code, _, err = annotate(capfd, str(manifest), str(tmp_path / "out"))
+    code, _, err = annotate_here(capfd, str(manifest), str(tmp_path / "out"))
     assert code == EXIT_USAGE and f"{manifest}: shrunk" in error_line(err)
 
 
@@ -116,7 +107,7 @@ def test_a_fifo_among_the_images_is_a_reject_and_the_rest_is_written(tmp_path, m
         (images / f"{k}.jpg").write_bytes(encode(photo(24, 16, seed=k)))
     os.mkfifo(images / "x.jpg")  # nobody writes to it: a plain read blocks for ever
     os.mkfifo(images / "1.txt")  # a FIFO sidecar too
-    code, _, err = annotate(capfd, str(images), str(tmp_path / "out"), "--set", "ray.no_progress_timeout_s=60")
+    code, _, err = annotate_here(capfd, str(images), str(tmp_path / "out"), "--set", "ray.no_progress_timeout_s=60")
     assert code == EXIT_OK, err[-2000:]
     rows, rejects, result = read_output(tmp_path / "out")
     assert len(rows) == 2 and result["counts"]["inputs"] == 4
@@ -130,18 +121,18 @@ def test_a_damaged_plan_or_record_is_named_and_a_replan_must_match_the_records(t
     manifest = many_images(tmp_path / "in", 8)
     out = tmp_path / "out"
     args = (str(manifest), str(out), "--set", "input.unit_rows=2")
-    assert annotate(capfd, *args)[0] == EXIT_OK
+    assert annotate_here(capfd, *args)[0] == EXIT_OK
     plan = out / "_vesl" / "plan"
     (plan / "plan.json").unlink()  # ... and re-run with other units: refused, nothing lost
-    code, _, err = annotate(capfd, str(manifest), str(out), "--set", "input.unit_rows=3")
+    code, _, err = annotate_here(capfd, str(manifest), str(out), "--set", "input.unit_rows=3")
     line = error_line(err)
     assert code == EXIT_USAGE and "plan.json is missing, and the plan made again (3 units" in line
     assert len(list((out / "data").glob("*.parquet"))) == 4
-    code, stdout, err = annotate(capfd, *args)  # the same units: the plan stands again, nothing redone
+    code, stdout, err = annotate_here(capfd, *args)  # the same units: the plan stands again, nothing redone
     assert code == EXIT_OK and "resumed: 0 processed now" in stdout, err[-2000:]
     units = (plan / "units.parquet").read_bytes()
     (plan / "units.parquet").write_bytes(b"garbage" * 10)
-    code, _, err = annotate(capfd, *args)
+    code, _, err = annotate_here(capfd, *args)
     assert code == EXIT_USAGE and f"{plan / 'units.parquet'} (the plan's units) is not a readable" in error_line(err)
     (plan / "units.parquet").write_bytes(units)
     records = out / "_vesl" / "units"
@@ -149,7 +140,7 @@ def test_a_damaged_plan_or_record_is_named_and_a_replan_must_match_the_records(t
     for text, name, says in (("{}", "000000001.json", "is not a completion record"),
                              (good, "000000009.json", "is named for unit 9 but records unit 1")):
         (records / name).write_text(text)
-        code, _, err = annotate(capfd, *args)
+        code, _, err = annotate_here(capfd, *args)
         assert code == EXIT_USAGE and f"{records / name} {says}" in error_line(err)
         assert "Delete it and re-run" in error_line(err)
         (records / name).unlink()
@@ -158,7 +149,7 @@ def test_a_damaged_plan_or_record_is_named_and_a_replan_must_match_the_records(t
     (out / "data" / ".part-000000001.parquet.0a1b2c3d").write_bytes(b"half a shard")
     (out / "_vesl" / "staging").mkdir()
     shutil.rmtree(plan)  # the documented fix for a damaged plan: made again, checked against the records
-    code, stdout, err = annotate(capfd, *args)
+    code, stdout, err = annotate_here(capfd, *args)
     assert code == EXIT_OK and "resumed: 0 processed now" in stdout, err[-2000:]
     assert "removed 1 temporary file(s) that interrupted writes left" in err
     assert not (out / "data" / ".part-000000001.parquet.0a1b2c3d").exists()
@@ -218,7 +209,7 @@ def test_a_run_stopped_past_its_lease_stops_with_one_line_and_its_own_exit_code(
     try:
         time.sleep(4)  # silent for longer than its TTL
         waker.start()
-        code, _, err_second = annotate(capfd, *args)
+        code, _, err_second = annotate_here(capfd, *args)
     finally:
         waker.join(timeout=60)
         wake(frozen)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, encode, photo
-from tests.pipelines.helpers import read_output
+from tests.pipelines.helpers import annotate_here, read_output
 from vesl.annotate.config import load_config
 from vesl.annotate.job import run_annotate
 from vesl.fixtures.hostile import EXTRA_REJECTS, write_hostile_sample
@@ -139,8 +139,6 @@ def freeze_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
 def test_kill_the_run_with_units_in_flight_then_rerun_redoes_only_those(tmp_path, tiny_dir, ray_local, capfd):
     """The killed run is a process of its own (its driver, Ray and workers die at once); the rerun, at full speed
     (batch sizes are speed settings: the same run resumes), runs here on the session's Ray."""
-    from vesl.annotate.job import main
-
     manifest = many_images(tmp_path / "in", 40)
     out = tmp_path / "out"
     args = [str(manifest), str(out), "--preset", "tiny", "--set", "input.unit_rows=5",
@@ -161,10 +159,8 @@ def test_kill_the_run_with_units_in_flight_then_rerun_redoes_only_those(tmp_path
     shards_before = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")
                      if int(p.stem[5:]) in done_before}
 
-    capfd.readouterr()
-    code = main(args)
-    second = capfd.readouterr()
-    assert code == 0, second.err[-3000:]
+    code, printed, err = annotate_here(capfd, *args)
+    assert code == 0, err[-3000:]
     rows, rejects, result = read_output(out)
     assert len(rejects) == 0 and sorted(rows["image_id"]) == [f"img{i:03d}" for i in range(40)]
     assert result["mode"] == "resume" and result["counts"]["accounted"]
@@ -173,7 +169,7 @@ def test_kill_the_run_with_units_in_flight_then_rerun_redoes_only_those(tmp_path
     assert redone == set(range(8)) - set(done_before)  # exactly the units without a record: in flight or not begun
     assert flying <= redone and all(after[u] == r for u, r in done_before.items())
     assert result["this_run"]["units"] == len(redone) and result["this_run"]["inputs"] == 5 * len(redone)
-    assert f"resumed: {5 * len(redone)} processed now" in second.out
+    assert f"resumed: {5 * len(redone)} processed now" in printed
     assert {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")
             if p.name in shards_before} == shards_before  # committed shards untouched
     assert not staged(out)  # staged parts of the killed run were discarded, none left

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.conftest import REPO, settle_ray
-from tests.pipelines.helpers import read_output
+from tests.pipelines.helpers import annotate_here, read_output
 from tests.pipelines.model_free import job_command, job_env
 from tests.pipelines.test_failures import many_images
 from vesl.annotate.config import load_config
@@ -94,9 +94,7 @@ def test_two_runs_into_one_output_one_is_refused_nothing_doubled(tmp_path, held_
         while not (out / "_lease").exists() and time.time() < deadline and first.poll() is None:
             time.sleep(0.2)
         assert (out / "_lease").exists() and first.poll() is None, first.communicate()[1][-2000:]
-        capfd.readouterr()
-        code = main([str(manifest), str(out)])
-        refused = capfd.readouterr().err
+        code, _, refused = annotate_here(capfd, str(manifest), str(out))
         release.set()
         assert code == EXIT_USAGE, refused[-1500:]
         assert first.wait(timeout=400) == 0, first.communicate()[1][-1500:]  # the late one is refused, the first ends

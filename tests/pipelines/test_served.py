@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, SAMPLE, settle_ray
+from tests.pipelines import helpers
 from tests.pipelines.helpers import read_output
 
 pytestmark = pytest.mark.slow
@@ -157,16 +158,12 @@ def annotate(out: Path, flags: list[str], env: dict | None = None, manifest: Pat
                           capture_output=True, timeout=600)
 
 
-def annotate_here(capfd, out: Path, flags: list[str], manifest: Path = SAMPLE / "manifest.jsonl"):
+def annotate_tiny_here(capfd, out: Path, flags: list[str], manifest: Path = SAMPLE / "manifest.jsonl"):
     """The same job in this process, on the session's Ray: what `annotate` returns (returncode, stdout, stderr)."""
-    from vesl.annotate.job import main
-
-    capfd.readouterr()
-    code = main([str(manifest), str(out), "--preset", "tiny", *flags])
-    printed = capfd.readouterr()
+    code, printed, err = helpers.annotate_here(capfd, str(manifest), str(out), "--preset", "tiny", *flags)
     if code != 0:
         settle_ray()  # a pipeline that failed may leave its actors holding the session's CPUs
-    return subprocess.CompletedProcess([], code, printed.out, printed.err)
+    return subprocess.CompletedProcess([], code, printed, err)
 
 
 def test_served_run_matches_local_retries_429_and_500_and_keeps_the_key_secret(tmp_path, tiny_dir, server, ray_local,
@@ -200,7 +197,7 @@ def test_served_run_matches_local_retries_429_and_500_and_keeps_the_key_secret(t
     texts += [p.read_bytes().decode("latin-1") for p in logs]
     assert logs and not any(key in text for text in texts)
     # the same tiny weights in process, greedy: the served captions are the local ones
-    local = annotate_here(capfd, tmp_path / "local", [x for flag in [
+    local = annotate_tiny_here(capfd, tmp_path / "local", [x for flag in [
         f"caption.model={tiny_dir / 'smolvlm'}", "caption.prompt_style=chat", "caption.repetition_penalty=1.0",
         "caption.min_new_tokens=0", "caption.processor_kwargs={}", f"fuse.model={tiny_dir / 'fuser'}",
         "fuse.repetition_penalty=1.0", "fuse.min_new_tokens=0"] for x in ("--set", flag)])
@@ -238,7 +235,7 @@ def test_the_server_killed_mid_run_and_started_again(tmp_path, tiny_dir, ray_loc
         proxy.on_forward = kill_then_restart
         # and one request refused (a 400: that row's reject) and one answered with no text (empty output)
         proxy.faults = [(400, ""), (200, "", {"choices": [{"message": {"role": "assistant", "content": ""}}]})]
-        done = annotate_here(capfd, tmp_path / "back", served(tiny_dir, proxy.url, "input.unit_rows=2",
+        done = annotate_tiny_here(capfd, tmp_path / "back", served(tiny_dir, proxy.url, "input.unit_rows=2",
                                                               "caption.max_concurrency=1"), manifest=manifest)
         assert done.returncode == 0, done.stderr[-4000:]
         rows, rejects, run = read_output(tmp_path / "back")
@@ -250,13 +247,13 @@ def test_the_server_killed_mid_run_and_started_again(tmp_path, tiny_dir, ray_loc
 
         proxy.forwarded, proxy.on_forward = 0, lambda count: server.kill() if count == 6 else None
         flags = served(tiny_dir, proxy.url, "input.unit_rows=2", "caption.max_retries=2", "fuse.max_retries=2")
-        first = annotate_here(capfd, tmp_path / "down", flags, manifest=manifest)
+        first = annotate_tiny_here(capfd, tmp_path / "down", flags, manifest=manifest)
         assert first.returncode == 8, first.stderr[-4000:]
         assert "the inference server stayed unavailable through 3 tries" in first.stderr
         assert not list((tmp_path / "down").glob("rejects/*.parquet"))  # no row was rejected for the outage
         proxy.on_forward = None
         server.start()
-        second = annotate_here(capfd, tmp_path / "down", flags, manifest=manifest)
+        second = annotate_tiny_here(capfd, tmp_path / "down", flags, manifest=manifest)
         assert second.returncode == 0, second.stderr[-4000:]
         rows, rejects, run = read_output(tmp_path / "down")
         assert len(rows) == 12 and rejects.empty and run["counts"]["accounted"]
@@ -267,14 +264,14 @@ def test_the_server_killed_mid_run_and_started_again(tmp_path, tiny_dir, ray_loc
 def test_a_dead_endpoint_or_an_unserved_model_is_refused_before_any_work(tmp_path, tiny_dir, server, ray_local,
                                                                          capfd):
     dead = f"http://127.0.0.1:{free_port()}"
-    done = annotate_here(capfd, tmp_path / "dead", served(tiny_dir, dead))
+    done = annotate_tiny_here(capfd, tmp_path / "dead", served(tiny_dir, dead))
     assert done.returncode == 2 and f"caption.endpoint {dead}/v1 is unreachable" in done.stderr
     assert not (tmp_path / "dead" / "data").exists()
     # the server answers, but not for a model it cannot load (transformers serve: HTTP 500 on every try)
-    done = annotate_here(capfd, tmp_path / "unserved", served(tiny_dir, server.url,
+    done = annotate_tiny_here(capfd, tmp_path / "unserved", served(tiny_dir, server.url,
                                                               f"fuse.model={tmp_path / 'no-such-model'}"))
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"fuse.endpoint {server.url}/v1 does not answer a request for '{tmp_path / 'no-such-model'}'" in done.stderr
     # a sampling field this server does not take is found by the preflight, not by every row
-    done = annotate_here(capfd, tmp_path / "penalty", served(tiny_dir, server.url, "fuse.repetition_penalty=1.05"))
+    done = annotate_tiny_here(capfd, tmp_path / "penalty", served(tiny_dir, server.url, "fuse.repetition_penalty=1.05"))
     assert done.returncode == 2 and "repetition_penalty" in done.stderr
