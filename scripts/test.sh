@@ -11,10 +11,19 @@ if [ "${1:-}" = "--fast" ]; then
   fast=1
   shift
 fi
-bash scripts/setup.sh
-if [ "$fast" = 0 ]; then
-  bash scripts/setup-browser.sh   # headless Chromium for the HTML report test
-  bash scripts/setup-img2dataset.sh   # .venv-img2dataset: the real img2dataset, for the hand-off test
+if [ "$fast" = 1 ]; then
+  bash scripts/setup.sh
+else
+  # the three set-ups at once (each mostly one process unpacking wheels): a fresh clone's set-up takes the
+  # longest one's time, not the sum; each one's failure fails the suite
+  bash scripts/setup.sh & main_setup=$!
+  bash scripts/setup-browser.sh & browser=$!   # headless Chromium for the HTML report test
+  bash scripts/setup-img2dataset.sh & img2dataset=$!   # .venv-img2dataset: the real img2dataset, for the hand-off test
+  failed=0
+  for job in "$main_setup" "$browser" "$img2dataset"; do
+    wait "$job" || failed=1
+  done
+  [ "$failed" = 0 ] || { echo "test: a set-up step failed (its lines above say which)" >&2; exit 1; }
 fi
 .venv/bin/ruff check .   # lint + import order (pyproject.toml [tool.ruff.lint])
 .venv/bin/lint-imports --no-cache   # the layers only point down, no cycles (pyproject.toml [tool.importlinter])
