@@ -329,10 +329,13 @@ def naive_loop(stage: str, config, items: list, device: str) -> tuple[float, str
     return len(items) / seconds, processor
 
 
-def continuous_vs_static(op, pairs: list[tuple[str, str]], batch: int, device: str) -> dict:
+def continuous_vs_static(op, pairs: list[tuple[str, str]], batch: int, device: str, tiny: bool = False) -> dict:
     """The fuser's static batched generate (chunks of BATCH, left-padded) against transformers' continuous
-    batching (`generate_batch`: paged attention, a sequence leaves as it ends) on the same PAIRS."""
+    batching (`generate_batch`: paged attention, a sequence leaves as it ends) on the same PAIRS. TINY: a small
+    paged cache (left to itself, transformers sizes it from the free memory, on a CPU several GB, zeroed at
+    every step: seconds of page faults for four tiny prompts)."""
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     cfg, tokenizer, model = op.config, op.tokenizer, op.model
     counts: list[dict] = []
@@ -344,11 +347,13 @@ def continuous_vs_static(op, pairs: list[tuple[str, str]], batch: int, device: s
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in op.prompts(pairs)]
     config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens, do_sample=False,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    cache = ContinuousBatchingConfig(num_blocks=16, max_batch_tokens=512) if tiny else None
     try:
-        model.generate_batch(inputs=ids, generation_config=config, persistent_manager=True)  # warm-up, graphs
+        model.generate_batch(inputs=ids, generation_config=config, continuous_batching_config=cache,
+                             persistent_manager=True)  # warm-up, graphs
         outputs: dict = {}
-        seconds, peak = timed(lambda: outputs.update(model.generate_batch(inputs=ids, generation_config=config,
-                                                                          persistent_manager=True)), device)
+        seconds, peak = timed(lambda: outputs.update(model.generate_batch(
+            inputs=ids, generation_config=config, continuous_batching_config=cache, persistent_manager=True)), device)
     finally:
         model.destroy_cached_continuous_batching_manager()
     if len(outputs) != len(ids) or any(o.error for o in outputs.values()):
@@ -423,7 +428,7 @@ def stage_extras(stage: str, op, items: list, out: dict, results: dict, tiny: bo
     if stage == "fuse" and out["chosen_batch"]:
         prompts = 4 if tiny else 2 * max(32, out["chosen_batch"])
         attempt(results, f"{stage}.batching", lambda: out.update(batching=continuous_vs_static(
-            op, stage_items("fuse", prompts), out["chosen_batch"], device)))
+            op, stage_items("fuse", prompts), out["chosen_batch"], device, tiny)))
     if stage == "caption":
         inputs = op.processor(images=[items[0]], text=op._prompt_texts(1), return_tensors="pt",
                               input_data_format="channels_last")
