@@ -80,10 +80,11 @@ class ModelStageConfig(StageConfig):
 
 
 # a generative stage's settings that change how fast it runs, not what it writes (left out of the label hash)
-GENERATIVE_SPEED_SETTINGS = ("batch_size", "device", "max_concurrency", "timeout_s", "max_retries", "api_key_env")
+GENERATIVE_SPEED_SETTINGS = ("batch_size", "device", "max_concurrency", "timeout_s", "max_retries", "backoff_s",
+                             "api_key_env")
 # the settings only the openai backend reads
 SERVED_ONLY = frozenset({"backend", "endpoint", "api_key_env", "max_concurrency", "timeout_s", "max_retries",
-                         "request_params", "image_max_side", "image_quality"})
+                         "backoff_s", "request_params", "image_max_side", "image_quality"})
 
 
 class GenerativeStageConfig(ModelStageConfig):
@@ -105,8 +106,12 @@ class GenerativeStageConfig(ModelStageConfig):
     timeout_s: float = Field(default=120.0, gt=0, description="backend openai: one request's time limit.")
     max_retries: int = Field(
         default=8, ge=0, description="backend openai: retries of a request that failed transiently (no connection, "
-        "timeout, 429, 5xx), with backoff (1, 2, 4, ... 30 s, or the server's Retry-After). Past them the server is "
-        "down: the job stops (exit 8) and a re-run finishes it.")
+        "timeout, 429, 5xx), with backoff (backoff_s, doubled at each retry up to 30 s, or the server's "
+        "Retry-After). Past them the server is down: the job stops (exit 8) and a re-run finishes it.")
+    backoff_s: float = Field(
+        default=1.0, gt=0, le=30, description="backend openai: the wait before the first retry (1, 2, 4, ... 30 s "
+        "by default); a server near the job that restarts in seconds is met sooner with less. A speed setting: "
+        "it does not change the labels.")
     request_params: dict[str, Any] = Field(
         default_factory=dict, description="backend openai: extra fields of every request (a server's own sampling "
         "parameters), e.g. {top_k: 1}.")
@@ -149,7 +154,7 @@ class GenerativeStageConfig(ModelStageConfig):
 
         return ChatClient(self.endpoints(), self.model, api_key_env=self.api_key_env,
                           max_concurrency=self.max_concurrency, timeout_s=self.timeout_s,
-                          max_retries=self.max_retries, label=label)
+                          max_retries=self.max_retries, backoff_s=self.backoff_s, label=label)
 
     def label_exclude(self) -> tuple[str, ...]:
         """Settings left out of the label hash: the openai backend's own while the backend is local (so a

@@ -158,9 +158,10 @@ def annotate(out: Path, flags: list[str], env: dict | None = None, manifest: Pat
                           capture_output=True, timeout=600)
 
 
-def annotate_tiny_here(capfd, out: Path, flags: list[str], manifest: Path = SAMPLE / "manifest.jsonl"):
+def annotate_tiny_here(capfd, out: Path, flags: list[str], manifest: Path = SAMPLE / "manifest.jsonl",
+                       preset: list[str] = ("--preset", "tiny")):
     """The same job in this process, on the session's Ray: what `annotate` returns (returncode, stdout, stderr)."""
-    code, printed, err = helpers.annotate_here(capfd, str(manifest), str(out), "--preset", "tiny", *flags)
+    code, printed, err = helpers.annotate_here(capfd, str(manifest), str(out), *preset, *flags)
     if code != 0:
         settle_ray()  # a pipeline that failed may leave its actors holding the session's CPUs
     return subprocess.CompletedProcess([], code, printed, err)
@@ -218,7 +219,29 @@ def sample_of(n: int, root: Path) -> Path:
     return manifest
 
 
-def test_the_server_killed_mid_run_and_started_again(tmp_path, tiny_dir, ray_local, capfd):
+@pytest.fixture
+def served_chain(monkeypatch):
+    """The stage registry for the outage tests: decode, then caption and fuse (on the server), then the model-free
+    chain's boxes (tests/pipelines/model_free.py) for phrases and regions: what an outage does to a run is the
+    served stages' and the run's, not spaCy's or OWLv2's (the test above runs the whole tiny chain served)."""
+    from operators import registry
+    from operators.caption import CaptionImages
+    from operators.decode import DecodeImages
+    from operators.fuse import FuseCaptions
+    from tests.pipelines.model_free import BoxesFromPixels
+
+    monkeypatch.setattr(registry, "STAGES", [DecodeImages, CaptionImages, FuseCaptions, BoxesFromPixels])
+
+
+def annotate_chain_here(capfd, out: Path, flags: list[str], manifest: Path):
+    """`annotate_tiny_here` on `served_chain`, with the tiny preset's generation lengths (the preset itself has
+    sections for the stages this chain leaves out)."""
+    lengths = ["caption.max_new_tokens=12", "fuse.max_new_tokens=16"]
+    return annotate_tiny_here(capfd, out, [*flags, *(x for flag in lengths for x in ("--set", flag))], manifest,
+                              preset=())
+
+
+def test_the_server_killed_mid_run_and_started_again(tmp_path, tiny_dir, served_chain, ray_local, capfd):
     """Killed after 6 answers and started again 3 s later, while requests are failing: they are retried and
     the run completes, no row rejected. Killed and left down: the run stops with exit 8 and rejects nothing;
     once the server is back, the same command finishes the rest."""
@@ -235,8 +258,10 @@ def test_the_server_killed_mid_run_and_started_again(tmp_path, tiny_dir, ray_loc
         proxy.on_forward = kill_then_restart
         # and one request refused (a 400: that row's reject) and one answered with no text (empty output)
         proxy.faults = [(400, ""), (200, "", {"choices": [{"message": {"role": "assistant", "content": ""}}]})]
-        done = annotate_tiny_here(capfd, tmp_path / "back", served(tiny_dir, proxy.url, "input.unit_rows=2",
-                                                              "caption.max_concurrency=1"), manifest=manifest)
+        soon = ("caption.backoff_s=0.25", "fuse.backoff_s=0.25")  # retried within a second of the server's return
+        done = annotate_chain_here(capfd, tmp_path / "back", served(tiny_dir, proxy.url, "input.unit_rows=2",
+                                                                    "caption.max_concurrency=1", *soon),
+                                   manifest=manifest)
         assert done.returncode == 0, done.stderr[-4000:]
         rows, rejects, run = read_output(tmp_path / "back")
         assert proxy.forwarded > 6 and len(rows) + len(rejects) == 12 and run["counts"]["accounted"]
@@ -246,14 +271,14 @@ def test_the_server_killed_mid_run_and_started_again(tmp_path, tiny_dir, ray_loc
         assert refused["stage"] == "caption" and "HTTP 400: injected 400" in refused["message"]
 
         proxy.forwarded, proxy.on_forward = 0, lambda count: server.kill() if count == 6 else None
-        flags = served(tiny_dir, proxy.url, "input.unit_rows=2", "caption.max_retries=2", "fuse.max_retries=2")
-        first = annotate_tiny_here(capfd, tmp_path / "down", flags, manifest=manifest)
+        flags = served(tiny_dir, proxy.url, "input.unit_rows=2", "caption.max_retries=2", "fuse.max_retries=2", *soon)
+        first = annotate_chain_here(capfd, tmp_path / "down", flags, manifest=manifest)
         assert first.returncode == 8, first.stderr[-4000:]
         assert "the inference server stayed unavailable through 3 tries" in first.stderr
         assert not list((tmp_path / "down").glob("rejects/*.parquet"))  # no row was rejected for the outage
         proxy.on_forward = None
         server.start()
-        second = annotate_tiny_here(capfd, tmp_path / "down", flags, manifest=manifest)
+        second = annotate_chain_here(capfd, tmp_path / "down", flags, manifest=manifest)
         assert second.returncode == 0, second.stderr[-4000:]
         rows, rejects, run = read_output(tmp_path / "down")
         assert len(rows) == 12 and rejects.empty and run["counts"]["accounted"]

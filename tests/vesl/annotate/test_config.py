@@ -71,6 +71,9 @@ def test_presets_ship_as_yaml_and_the_paper_recipe_is_the_default(tiny_dir):
         default.caption.model, default.fuse.model, default.caption.prompt)
     assert served.detect == default.detect and served.phrases == default.phrases
     assert len({c.label_hash() for c in (default, fast, ngram, tiny, served)}) == 5
+    sooner = load_config(preset_name="paper-served", overrides=["caption.backoff_s=0.25", "fuse.max_retries=2"])
+    assert sooner.label_hash() == served.label_hash()  # how soon and how often a request is retried: speed
+    assert (sooner.caption.client("caption").backoff_s, served.caption.client("caption").backoff_s) == (0.25, 1.0)
     with pytest.raises(ValueError, match="unknown preset 'nope'; known: alt-ngram, fast, paper, paper-served, tiny"):
         load_config(preset_name="nope")
 
