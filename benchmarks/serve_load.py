@@ -3,11 +3,12 @@
     python benchmarks/serve_load.py [--requests 96] [--concurrency 1,4,16] [--json FILE]
     python benchmarks/serve_load.py --small       # 8 requests, concurrency 1 and 4 (a test runs it)
 
-First the batch job (`vesl annotate --preset tiny`) runs over a manifest of REQUESTS rows (the built-in sample's
-images, cycled, each under its own id): its rows/s over the whole job (Ray start and model loads included) and
-over its stages' own seconds. Then `vesl serve --preset tiny` starts on 127.0.0.1 (a subprocess, its own Ray) and
-gets REQUESTS requests of one image each at every concurrency C (C client threads, each sending its next request
-when the last one is answered): throughput, p50/p95/p99 latency and the answers by status (503: backpressure).
+First the batch job (`vesl annotate --preset tiny`, in this process) runs over a manifest of REQUESTS rows (the
+built-in sample's images, cycled, each under its own id): its rows/s over the whole job (model loads included, and
+Ray's start unless the caller has a Ray running) and over its stages' own seconds. Then `vesl serve --preset
+tiny` starts on 127.0.0.1 (a subprocess, its own Ray) and gets REQUESTS requests of one image each at every
+concurrency C (C client threads, each sending its next request when the last one is answered): throughput,
+p50/p95/p99 latency and the answers by status (503: backpressure).
 The tiny models make the numbers the service's own overhead (HTTP, the hop between deployments, batching),
 not a real model's speed.
 """
@@ -40,13 +41,27 @@ def sample_items(n: int) -> list[dict]:
 
 
 def batch_job(items: list[dict], work: Path) -> dict:
-    """The annotate job over ITEMS: rows/s over its wall time and over its stages' seconds."""
+    """The annotate job over ITEMS, in this process (on its Ray when it has one, else on a local Ray started for
+    the job and stopped after it, so the service's figures share the machine with no idle Ray): rows/s over its
+    wall time and over its stages' seconds."""
+    import contextlib
+    import io
+
+    import ray
+
+    from vesl.cli import main as vesl
+
     manifest = work / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(i) + "\n" for i in items))
+    had_ray = ray.is_initialized()
     start = time.perf_counter()
-    subprocess.run([*VESL, "annotate", str(manifest), str(work / "out"), "--preset", "tiny", "--overwrite"],
-                   check=True, capture_output=True, cwd=REPO)
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = vesl(["annotate", str(manifest), str(work / "out"), "--preset", "tiny", "--overwrite"])
     wall = time.perf_counter() - start
+    if not had_ray:
+        ray.shutdown()
+    if code != 0:
+        raise RuntimeError(f"vesl annotate failed with exit code {code}")
     done = json.loads((work / "out" / "manifest.json").read_text())
     stage_s = sum(s["seconds"] for s in done["stages"].values())
     rows = done["counts"]["rows"]

@@ -78,7 +78,7 @@ def ray_local():
     ray.shutdown()
 
 
-def settle_ray(wait_s: float = 10.0) -> bool:
+def settle_ray(wait_s: float = 3.0) -> bool:
     """After a pipeline that failed in this process: wait until the session's Ray has every CPU free again, and
     restart it when it does not within WAIT_S (returns whether it did). A Ray Data pipeline that fails is shut down
     without killing its actors; one whose task waits on an output nobody will take keeps its CPU, and the next
@@ -88,12 +88,15 @@ def settle_ray(wait_s: float = 10.0) -> bool:
     import ray
 
     deadline = time.monotonic() + wait_s
+    t0 = time.monotonic()
     while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0):
         if time.monotonic() > deadline:
+            open("/tmp/settle.log", "a").write("restart\n")
             ray.shutdown()
             _start_ray()
             return True
         time.sleep(0.2)
+    open("/tmp/settle.log", "a").write(f"settled in {time.monotonic()-t0:.1f}\n")
     return False
 
 

@@ -168,9 +168,9 @@ def test_real_size_tokenizers_cost_english_prompts_about_what_real_ones_do():
     assert len(qwen.decode(list(range(150000, 150010))).split()) == 10  # every filler id decodes to a word
 
 
-def test_serve_load_small(tmp_path, tiny_dir, capsys):
-    """benchmarks/serve_load.py's small mode: the batch job and `vesl serve` (a real subprocess on loopback) on the
-    same 8 images, the service at two concurrencies, every request answered 200."""
+def test_serve_load_small(tmp_path, tiny_dir, ray_local, capsys):
+    """benchmarks/serve_load.py's small mode: the batch job (on the session's Ray) and `vesl serve` (a real
+    subprocess on loopback) on the same 8 images, the service at two concurrencies, every request answered 200."""
     out = run_benchmark("serve_load", capsys, "--small", "--json", str(tmp_path / "serve_load.json"))
     result = json.loads((tmp_path / "serve_load.json").read_text())
     assert result["batch"]["rows"] == 8 and result["batch"]["rows_per_s_wall"] > 0

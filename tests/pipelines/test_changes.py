@@ -188,7 +188,8 @@ def test_a_run_stopped_past_its_lease_stops_with_one_line_and_its_own_exit_code(
     manifest = many_images(tmp_path / "in", 60)
     out = tmp_path / "out"
     args = [str(manifest), str(out), "--set", "input.unit_rows=4", "--set", "output.lease_ttl_s=3",
-            "--set", "label.delay_s=0.1", "--set", "label.batch_size=1"]  # a run of some seconds
+            "--set", "label.delay_s=0.1", "--set", "label.batch_size=1",  # a run of some seconds
+            "--set", "input.block_rows=4", "--set", "output.rows_per_part=4"]  # whose units commit one by one
     first = subprocess.Popen(job_command(*args), cwd=REPO, env=job_env(), stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 240
@@ -209,7 +210,7 @@ def test_a_run_stopped_past_its_lease_stops_with_one_line_and_its_own_exit_code(
     try:
         time.sleep(4)  # silent for longer than its TTL
         waker.start()
-        code, _, err_second = annotate_here(capfd, *args)
+        code, _, err_second = annotate_here(capfd, *args, "--set", "label.delay_s=0")  # full speed: a speed setting
     finally:
         waker.join(timeout=60)
         wake(frozen)
@@ -241,13 +242,13 @@ def test_the_watchdog_stops_a_read_that_hangs_and_says_where(tmp_path):
     try:
         started = time.monotonic()
         proc = subprocess.run(job_command(str(manifest), str(tmp_path / "out"), "--set", "decode.fetch_timeout_s=600",
-                                          "--set", "ray.no_progress_timeout_s=10"),
+                                          "--set", "ray.no_progress_timeout_s=6"),
                               cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=300)
         took = time.monotonic() - started
     finally:
         silent.close()
     assert proc.returncode == EXIT_FAILED, proc.stderr[-3000:]
     line = error_line(proc.stderr)
-    assert "no progress for 10 s (ray.no_progress_timeout_s)" in line
+    assert "no progress for 6 s (ray.no_progress_timeout_s)" in line
     assert "Still running: MapBatches(DecodeImages): 1 active task(s)" in line, line
     assert took < 150, took

@@ -141,10 +141,10 @@ def test_kill_the_run_with_units_in_flight_then_rerun_redoes_only_those(tmp_path
     (batch sizes are speed settings: the same run resumes), runs here on the session's Ray."""
     manifest = many_images(tmp_path / "in", 40)
     out = tmp_path / "out"
-    args = [str(manifest), str(out), "--preset", "tiny", "--set", "input.unit_rows=5",
-            "--set", "output.rows_per_part=1", "--set", "input.block_rows=1"]
+    args = [str(manifest), str(out), "--preset", "tiny", "--set", "input.unit_rows=5"]
     stages = ("decode", "caption", "fuse", "phrases", "detect")
-    slow = [x for stage in stages for x in ("--set", f"{stage}.batch_size=1")]
+    slow = ["--set", "output.rows_per_part=1", "--set", "input.block_rows=1",  # a row at a time: units in flight
+            *(x for stage in stages for x in ("--set", f"{stage}.batch_size=1"))]
     first = subprocess.Popen([sys.executable, SCRIPT, *args, *slow], env=script_env(tiny_dir),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     freeze_when(first, lambda: records(out) and len(in_flight(out)) >= 2)  # some units committed, several in flight
