@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -101,18 +102,24 @@ def test_ray_job_submit_runs_the_annotate_entrypoint(tmp_path, tiny_dir, ray_hea
     # the job joined the cluster started above, not a fresh local instance
     assert manifest_json["resources"]["gcs_address"].endswith(f":{gcs_port}")
 
+    # the two refusals below are submitted at once (two jobs on the head, each failing on its own)
+    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    bare = subprocess.run([base, "-c", "import PIL"], capture_output=True).returncode != 0
+    with ThreadPoolExecutor(2) as pool:
+        relative = pool.submit(submit, address, env, tiny_dir, str(REPO / ".venv" / "bin" / "python"),
+                               "pipelines/annotate.py", str(manifest), "out/relative-run", "--preset", "tiny")
+        without_deps = bare and pool.submit(submit, address, env, tiny_dir, base, "pipelines/annotate.py",
+                                            str(manifest), str(tmp_path / "o2"))
     # a relative OUTPUT would land in Ray's temporary copy of the working dir: refused, saying why
-    proc = submit(address, env, tiny_dir, str(REPO / ".venv" / "bin" / "python"), "pipelines/annotate.py",
-                  str(manifest), "out/relative-run", "--preset", "tiny")
+    proc = relative.result()
     assert proc.returncode != 0
     assert "OUTPUT 'out/relative-run' is a relative path" in proc.stdout + proc.stderr
     assert "Ray deletes when the job ends" in proc.stdout + proc.stderr
     assert not (REPO / "out" / "relative-run").exists()
 
     # an interpreter without vesl's dependencies says what to do instead of `No module named 'PIL'`
-    base = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-    if subprocess.run([base, "-c", "import PIL"], capture_output=True).returncode == 0:
+    if not bare:
         pytest.skip(f"{base} has PIL: cannot show the message for an interpreter without vesl's dependencies")
-    proc = submit(address, env, tiny_dir, base, "pipelines/annotate.py", str(manifest), str(tmp_path / "o2"))
+    proc = without_deps.result()
     assert proc.returncode != 0
     assert "cannot import PIL" in proc.stdout + proc.stderr and ".venv/bin/python pipelines/annotate.py" in proc.stdout
