@@ -88,15 +88,12 @@ def settle_ray(wait_s: float = 3.0) -> bool:
     import ray
 
     deadline = time.monotonic() + wait_s
-    t0 = time.monotonic()
     while ray.available_resources().get("CPU", 0.0) < ray.cluster_resources().get("CPU", 0.0):
         if time.monotonic() > deadline:
-            open("/tmp/settle.log", "a").write("restart\n")
             ray.shutdown()
             _start_ray()
             return True
         time.sleep(0.2)
-    open("/tmp/settle.log", "a").write(f"settled in {time.monotonic()-t0:.1f}\n")
     return False
 
 

@@ -108,8 +108,8 @@ def test_ray_job_submit_runs_the_annotate_entrypoint(tmp_path, tiny_dir, ray_hea
     with ThreadPoolExecutor(2) as pool:
         relative = pool.submit(submit, address, env, tiny_dir, str(REPO / ".venv" / "bin" / "python"),
                                "pipelines/annotate.py", str(manifest), "out/relative-run", "--preset", "tiny")
-        without_deps = bare and pool.submit(submit, address, env, tiny_dir, base, "pipelines/annotate.py",
-                                            str(manifest), str(tmp_path / "o2"))
+        without_deps = pool.submit(submit, address, env, tiny_dir, base, "pipelines/annotate.py", str(manifest),
+                                   str(tmp_path / "o2")) if bare else None
     # a relative OUTPUT would land in Ray's temporary copy of the working dir: refused, saying why
     proc = relative.result()
     assert proc.returncode != 0

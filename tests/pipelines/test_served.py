@@ -159,7 +159,7 @@ def annotate(out: Path, flags: list[str], env: dict | None = None, manifest: Pat
 
 
 def annotate_tiny_here(capfd, out: Path, flags: list[str], manifest: Path = SAMPLE / "manifest.jsonl",
-                       preset: list[str] = ("--preset", "tiny")):
+                       preset: tuple[str, ...] = ("--preset", "tiny")):
     """The same job in this process, on the session's Ray: what `annotate` returns (returncode, stdout, stderr)."""
     code, printed, err = helpers.annotate_here(capfd, str(manifest), str(out), *preset, *flags)
     if code != 0:
@@ -294,7 +294,7 @@ def test_a_dead_endpoint_or_an_unserved_model_is_refused_before_any_work(tmp_pat
     assert not (tmp_path / "dead" / "data").exists()
     # the server answers, but not for a model it cannot load (transformers serve: HTTP 500 on every try)
     done = annotate_tiny_here(capfd, tmp_path / "unserved", served(tiny_dir, server.url,
-                                                              f"fuse.model={tmp_path / 'no-such-model'}"))
+                                                                   f"fuse.model={tmp_path / 'no-such-model'}"))
     assert done.returncode == 2, done.stderr[-3000:]
     assert f"fuse.endpoint {server.url}/v1 does not answer a request for '{tmp_path / 'no-such-model'}'" in done.stderr
     # a sampling field this server does not take is found by the preflight, not by every row
