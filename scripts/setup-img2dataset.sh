@@ -15,7 +15,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/img2dat
 fi
 [ -x "$venv/bin/python" ] || "$PYTHON" -m venv "$venv"
 echo "setup-img2dataset: img2dataset and its pinned dependencies into $venv" >&2
-"$venv/bin/python" -m pip --disable-pip-version-check install -q -r requirements/img2dataset.txt 2>&1 \
-  | grep -v "is ignored: it is neither" || true
+source scripts/install-lib.sh   # install_into: uv where it can be had, else pip
+install_into "$venv" -r requirements/img2dataset.txt
 NO_ALBUMENTATIONS_UPDATE=1 "$venv/bin/python" -c "import img2dataset" && [ -x "$venv/bin/img2dataset" ]
 echo "$want" > "$stamp"

