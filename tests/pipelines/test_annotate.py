@@ -23,37 +23,6 @@ from vesl.errors import OutputConflictError
 pytestmark = pytest.mark.slow
 
 
-def test_manifest_with_broken_inputs_every_input_a_row_or_a_reject(tmp_path, tiny_dir, ray_local):
-    manifest = make_manifest(tmp_path / "in")
-    config = load_config(preset_name="tiny", overrides=["output.rows_per_part=4"])
-    result = run_annotate(str(manifest), str(tmp_path / "out"), config)
-    rows, rejects, written = read_output(tmp_path / "out")
-    assert written == json.loads(json.dumps(result, default=str))
-    assert_accounted(rows, rejects, written, EXPECTED)
-    assert set(rejects["stage"]) == {"decode"}
-    sizes = rows.set_index("image_id")[["width", "height"]].to_dict("index")
-    assert sizes["wide"] == {"width": 120, "height": 60} and sizes["tall"] == {"width": 50, "height": 140}
-    assert all(len(p) > 0 for p in rows["phrases"])  # alt-text phrases at least
-    assert rows["regions"].map(len).sum() == written["counts"]["regions"] > 0
-    assert all(r["source"] in ("caption", "alt_text") and r["phrase"] in set(p)
-               for regions, p in zip(rows["regions"], rows["phrases"]) for r in regions)
-    from operators.phrases import phrase_of_text
-
-    spans = [(row[r["source"]], r["phrase"], s) for row in rows.to_dict("records") for r in row["regions"]
-             for s in r["spans"]]  # schema 1.3: every region says where its phrase stands in its text
-    assert spans and all(phrase_of_text(text[a:b]) == phrase for text, phrase, (a, b) in spans)
-    assert all(len(r["spans"]) >= 1 for regions in rows["regions"] for r in regions)
-    meta = pq.read_schema(written["files"][0]).metadata
-    models = json.loads(meta[b"vesl.models"])
-    assert models["detector"]["id"] == str(tiny_dir / "detector")
-    assert json.loads(meta[b"vesl.thresholds"])["detect_threshold"] == 0.1
-    assert meta[b"vesl.config_hash"].decode() == config.label_hash()
-    assert not [p for p in (tmp_path / "out" / "_vesl").rglob("*") if "staging" in p.parts and p.is_file()]
-    record = json.loads((tmp_path / "out" / "_vesl" / "units" / "000000000.json").read_text())
-    assert (record["inputs"], record["rows"], record["rejects"]) == (9, 5, 4)  # the unit's own check, recorded
-    assert_stage_figures_add_up_to_the_funnel(written, config)
-
-
 def assert_stage_figures_add_up_to_the_funnel(manifest, config):
     """`stages.<name>` (summed on the workers, per unit, then over the records) has rows, rejects and seconds
     for every active stage, and they are the funnel's: rows in = entered, rejects = rejected."""
@@ -123,25 +92,52 @@ def test_an_existing_output_is_refused_unless_overwrite(tmp_path, model_free, ra
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]  # as it was: not even a lease left
 
 
-def test_the_script_entry_point_on_a_manifest(tmp_path, tiny_dir, ray_local, capfd):
-    """`python pipelines/annotate.py MANIFEST OUT --preset tiny`, as a user runs it (own Ray instance); then the
-    same command line again, here on the session's Ray."""
-
+def test_the_script_entry_point_on_a_manifest_with_broken_inputs(tmp_path, tiny_dir, ray_local, capfd):
+    """`python pipelines/annotate.py MANIFEST OUT --preset tiny`, as a user runs it (own Ray instance), on valid and
+    broken inputs: every input a row or a specific reject, the labels traceable to their models and text. Then the
+    same command line again, here on the session's Ray: it resumes, nothing is left to do, nothing is doubled."""
     manifest = make_manifest(tmp_path / "in")
+    flags = ["--preset", "tiny", "--set", "output.rows_per_part=4"]
+    config = load_config(preset_name="tiny", overrides=["output.rows_per_part=4"])
     env = {**os.environ, "VESL_TINY_DIR": str(tiny_dir), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
     proc = subprocess.run([sys.executable, str(REPO / "pipelines" / "annotate.py"), str(manifest),
-                           str(tmp_path / "out"), "--preset", "tiny"],
+                           str(tmp_path / "out"), *flags],
                           env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "9 inputs -> 5 rows" in proc.stdout, proc.stdout
-    rows, rejects, manifest_json = read_output(tmp_path / "out")
-    assert_accounted(rows, rejects, manifest_json, EXPECTED)
-    code, printed, err = annotate_here(capfd, str(manifest), str(tmp_path / "out"), "--preset", "tiny")
+    rows, rejects, written = read_output(tmp_path / "out")
+    assert_accounted(rows, rejects, written, EXPECTED)
+    assert set(rejects["stage"]) == {"decode"}
+    sizes = rows.set_index("image_id")[["width", "height"]].to_dict("index")
+    assert sizes["wide"] == {"width": 120, "height": 60} and sizes["tall"] == {"width": 50, "height": 140}
+    assert all(len(p) > 0 for p in rows["phrases"])  # alt-text phrases at least
+    assert rows["regions"].map(len).sum() == written["counts"]["regions"] > 0
+    assert all(r["source"] in ("caption", "alt_text") and r["phrase"] in set(p)
+               for regions, p in zip(rows["regions"], rows["phrases"]) for r in regions)
+    from operators.phrases import phrase_of_text
+
+    spans = [(row[r["source"]], r["phrase"], s) for row in rows.to_dict("records") for r in row["regions"]
+             for s in r["spans"]]  # schema 1.3: every region says where its phrase stands in its text
+    assert spans and all(phrase_of_text(text[a:b]) == phrase for text, phrase, (a, b) in spans)
+    assert all(len(r["spans"]) >= 1 for regions in rows["regions"] for r in regions)
+    meta = pq.read_schema(written["files"][0]).metadata
+    models = json.loads(meta[b"vesl.models"])
+    assert models["detector"]["id"] == str(tiny_dir / "detector")
+    assert json.loads(meta[b"vesl.thresholds"])["detect_threshold"] == 0.1
+    assert meta[b"vesl.config_hash"].decode() == config.label_hash()
+    assert not [p for p in (tmp_path / "out" / "_vesl").rglob("*") if "staging" in p.parts and p.is_file()]
+    record = json.loads((tmp_path / "out" / "_vesl" / "units" / "000000000.json").read_text())
+    assert (record["inputs"], record["rows"], record["rejects"]) == (9, 5, 4)  # the unit's own check, recorded
+    assert_stage_figures_add_up_to_the_funnel(written, config)
+
+    code, printed, err = annotate_here(capfd, str(manifest), str(tmp_path / "out"), *flags)
     # the same command again resumes: nothing is left to do, nothing is doubled
     assert code == 0, err[-3000:]
     assert "resumed: 0 processed now" in printed
     rows, rejects, manifest_json = read_output(tmp_path / "out")
     assert_accounted(rows, rejects, manifest_json, EXPECTED)
+    result = run_annotate(str(manifest), str(tmp_path / "out"), config)  # what the job returns is what it wrote
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == json.loads(json.dumps(result, default=str))
 
 
 def test_a_missing_input_leaves_output_untouched(tmp_path, model_free, ray_local):
