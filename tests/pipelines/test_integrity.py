@@ -276,33 +276,41 @@ def _wait_for_data(out: Path, proc: subprocess.Popen, timeout: float = 240) -> N
     raise AssertionError(f"no shard appeared; exit {proc.poll()}: {proc.communicate()[1][-2000:]}")
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)])
-def test_ctrl_c_and_sigterm_stop_cleanly(tmp_path, sig, code, model_free, ray_local):
-    manifest = many_images(tmp_path / "in", 300)
-    out = tmp_path / "out"
+def test_ctrl_c_and_sigterm_stop_cleanly(tmp_path, model_free, ray_local):
+    """Two runs at once, each a process of its own (its own Ray instance): one gets Ctrl-C (SIGINT), the other
+    SIGTERM, once each has written a shard. Each stops with its own exit code and one line, leaves no Ray process
+    behind and nothing half-written where readers look, and its OUTPUT then resumes here, at full speed."""
+    import shutil
     import tempfile
 
-    # every process of this run's Ray instance has it on its command line (short: Ray's socket paths live in it)
-    ray_tmp = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))
-    env = job_env(RAY_TMPDIR=str(ray_tmp))
     units = ("--set", "output.rows_per_part=25", "--set", "input.unit_rows=25")
-    proc = start(manifest, out, env, *units, "--set", "label.delay_s=0.03")  # 9 s of labelling: signalled mid-way
-    _wait_for_data(out, proc)
-    proc.send_signal(sig)
-    assert proc.wait(timeout=60) == code
-    err = error_line(proc.communicate()[1])
-    assert err.startswith(f"vesl annotate: error: {'interrupted' if sig == signal.SIGINT else 'terminated'}")
-    deadline = time.time() + 15
-    while time.time() < deadline and subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True).stdout:
-        time.sleep(0.5)
-    assert not subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True).stdout, "orphaned Ray processes"
-    for f in (out / "data").glob("*.parquet"):
-        pq.read_metadata(f)  # nothing half-written where readers look
-    assert main([str(manifest), str(out), *units]) == 0  # here, at full speed (a speed setting: the run resumes)
-    assert_complete(out, 300)
-    import shutil
-
-    shutil.rmtree(ray_tmp, ignore_errors=True)
+    runs = []
+    for sig, code in ((signal.SIGINT, EXIT_INTERRUPTED), (signal.SIGTERM, EXIT_TERMINATED)):
+        manifest = many_images(tmp_path / sig.name / "in", 300)
+        out = tmp_path / sig.name / "out"
+        # every process of this run's Ray instance has it on its command line (short: Ray's socket paths live in it)
+        ray_tmp = Path(tempfile.mkdtemp(prefix="vr", dir="/tmp"))
+        proc = start(manifest, out, job_env(RAY_TMPDIR=str(ray_tmp)), *units,
+                     "--set", "label.delay_s=0.03")  # 9 s of labelling: signalled mid-way
+        runs.append((sig, code, manifest, out, ray_tmp, proc))
+    for sig, _, _, out, _, proc in runs:
+        _wait_for_data(out, proc)
+        proc.send_signal(sig)
+    for sig, code, manifest, out, ray_tmp, proc in runs:
+        assert proc.wait(timeout=60) == code, sig.name
+        err = error_line(proc.communicate()[1])
+        assert err.startswith(f"vesl annotate: error: {'interrupted' if sig == signal.SIGINT else 'terminated'}")
+        deadline = time.time() + 15
+        while time.time() < deadline and subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True).stdout:
+            time.sleep(0.5)
+        assert not subprocess.run(["pgrep", "-f", str(ray_tmp)], capture_output=True).stdout, \
+            f"orphaned Ray processes after {sig.name}"
+        for f in (out / "data").glob("*.parquet"):
+            pq.read_metadata(f)  # nothing half-written where readers look
+    for _, _, manifest, out, ray_tmp, _ in runs:
+        assert main([str(manifest), str(out), *units]) == 0  # here, at full speed (a speed setting: the run resumes)
+        assert_complete(out, 300)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_image_bytes_in_an_image_column_are_decoded_not_read_as_a_path(tmp_path, model_free, ray_local):
