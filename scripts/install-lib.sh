@@ -45,14 +45,23 @@ _have_uv() {
   fi
 }
 
+_INSTALLER_OF=""   # "VENV=uv" or "VENV=pip": decided (and uv installed, pip's config read) once per VENV
+_UV_FLAGS=()
+
 install_into() {
   local venv=$1
   shift
-  if _have_uv "$venv"; then
-    local flags=()
-    mapfile -t flags < <(_uv_flags_from_pip_config "$venv")
+  if [ "${_INSTALLER_OF%%=*}" != "$venv" ]; then
+    if _have_uv "$venv"; then
+      _INSTALLER_OF="$venv=uv"
+      mapfile -t _UV_FLAGS < <(_uv_flags_from_pip_config "$venv")
+    else
+      _INSTALLER_OF="$venv=pip"
+    fi
+  fi
+  if [ "${_INSTALLER_OF#*=}" = uv ]; then
     "$venv/bin/uv" pip install --quiet --python "$venv/bin/python" --compile-bytecode \
-      --index-strategy unsafe-best-match "${flags[@]}" "$@"
+      --index-strategy unsafe-best-match "${_UV_FLAGS[@]}" "$@"
   else
     _pip "$venv" install -q "$@"
   fi
